@@ -1,1 +1,51 @@
-"""redray: a lightweight, Redis-backed task and actor runtime with Ray core's API."""
+"""redray: a lightweight, Redis-backed task and actor runtime with Ray core's API.
+
+    import redray as ray
+
+    @ray.remote
+    def square(x):
+        return x * x
+
+    print(ray.get([square.remote(i) for i in range(10)]))
+"""
+
+from redray import exceptions
+from redray.api import (
+    available_resources,
+    cancel,
+    cluster_resources,
+    get,
+    get_gpu_ids,
+    init,
+    is_initialized,
+    nodes,
+    put,
+    remote,
+    shutdown,
+    timeline,
+    wait,
+)
+from redray.object_ref import ObjectID, ObjectRef
+from redray.runtime_context import get_runtime_context
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ObjectID",
+    "ObjectRef",
+    "available_resources",
+    "cancel",
+    "cluster_resources",
+    "exceptions",
+    "get",
+    "get_gpu_ids",
+    "get_runtime_context",
+    "init",
+    "is_initialized",
+    "nodes",
+    "put",
+    "remote",
+    "shutdown",
+    "timeline",
+    "wait",
+]

@@ -1,0 +1,449 @@
+"""The public API: init, shutdown, remote, get, put, wait, cancel and cluster queries."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from redray import context, exceptions
+from redray.object_ref import ObjectRef
+
+log = logging.getLogger("redray")
+
+_init_lock = threading.RLock()
+_private_node: Any = None  # the node init() started for a private cluster
+
+
+class RayContext(dict):
+    """What `init()` returns: connection facts; usable as a context manager."""
+
+    def __init__(self, info: dict[str, Any]):
+        super().__init__(info)
+        self.address_info = info
+        self.dashboard_url = None
+
+    def __enter__(self) -> RayContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutdown()
+
+    def disconnect(self) -> None:
+        shutdown()
+
+
+def is_initialized() -> bool:
+    """True when this process is connected to a cluster."""
+    return context.current is not None
+
+
+def init(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    resources: dict[str, float] | None = None,
+    labels: dict[str, str] | None = None,
+    object_store_memory: int | None = None,
+    local_mode: bool = False,
+    ignore_reinit_error: bool = False,
+    include_dashboard: bool | None = None,
+    dashboard_host: str = "127.0.0.1",
+    dashboard_port: int | None = None,
+    job_config: Any = None,
+    configure_logging: bool = True,
+    logging_level: int = logging.INFO,
+    logging_format: str | None = None,
+    log_to_driver: bool = True,
+    namespace: str | None = None,
+    runtime_env: dict[str, Any] | None = None,
+    _node_ip_address: str | None = None,
+    _temp_dir: str | None = None,
+    _system_config: dict[str, Any] | None = None,
+) -> RayContext:
+    """Connect to a cluster, or start a private one on this machine.
+
+    With no address (and no REDRAY_ADDRESS), a private cluster is started (Redis on a free
+    port, one raylet with a worker pool) and torn down by `shutdown()` or at exit. "auto"
+    connects to the cluster `redray start` runs on this machine; "redis://..." connects to
+    the cluster whose GCS lives there.
+    """
+    global _private_node
+    with _init_lock:
+        if context.current is not None:
+            if ignore_reinit_error:
+                log.info("Calling redray.init() again after it has already been called.")
+                return RayContext(_context_info())
+            raise RuntimeError(
+                "Maybe you called redray.init twice by accident? This error can be suppressed "
+                "by passing in 'ignore_reinit_error=True' or by calling 'redray.shutdown()' "
+                "prior to 'redray.init()'."
+            )
+        if local_mode:
+            raise ValueError("local_mode is not supported by redray (it is deprecated in Ray).")
+        from redray import options
+
+        options.validate_runtime_env(runtime_env)
+        address = address or os.environ.get("REDRAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
+        if address is None or address == "local":
+            connection = _start_private_cluster(
+                num_cpus, num_gpus, resources, object_store_memory, _node_ip_address
+            )
+        else:
+            if any(v is not None for v in (num_cpus, num_gpus, resources, object_store_memory)):
+                raise ValueError(
+                    "When connecting to an existing cluster, num_cpus, num_gpus, resources "
+                    "and object_store_memory must not be provided."
+                )
+            connection = _connect_existing(address)
+        try:
+            _start_driver(connection, namespace, log_to_driver, runtime_env)
+        except BaseException:
+            if _private_node is not None:
+                _private_node.stop()
+                _private_node = None
+            raise
+        return RayContext(_context_info())
+
+
+def _start_private_cluster(num_cpus, num_gpus, resources, object_store_memory, node_ip):
+    global _private_node
+    from redray import node
+
+    if resources is not None:
+        if not isinstance(resources, dict):
+            raise TypeError("resources must be a dict of resource name to amount")
+        for name in ("CPU", "GPU"):
+            if name in resources:
+                raise ValueError(
+                    "Use the 'num_cpus' and 'num_gpus' keywords instead of 'CPU' and 'GPU' "
+                    "in 'resources'."
+                )
+    node_ip = node_ip or "127.0.0.1"
+    token = secrets.token_bytes(32)
+    started = node.start_node(
+        head=True,
+        token=token,
+        cluster="default",
+        resources=node.default_resources(num_cpus, num_gpus, resources, node_ip, head=True),
+        object_store_memory=int(object_store_memory or node.default_object_store_memory()),
+        node_ip_address=node_ip,
+        redis_password=secrets.token_hex(16),
+        private=True,
+    )
+    _private_node = started
+    info = started.info
+    return {
+        "gcs_url": info["gcs_url"],
+        "cluster": "default",
+        "token": token,
+        "raylet_address": tuple(info["raylet_address"]),
+        "node_ip_address": info["node_ip_address"],
+    }
+
+
+def _connect_existing(address: str) -> dict[str, Any]:
+    from redray import node
+    from redray.gcs import DEFAULT_CLUSTER, Gcs
+
+    cluster = DEFAULT_CLUSTER
+    if address == "auto":
+        current = node.read_current_cluster()
+        if current is None:
+            raise ConnectionError(
+                "Could not find any running redray instance. Please specify the one to "
+                "connect to by setting `address` (redis://HOST:PORT), or start one with "
+                "`redray start --head`."
+            )
+        address, cluster = current["gcs_url"], current.get("cluster", DEFAULT_CLUSTER)
+    if not address.startswith(("redis://", "rediss://", "unix://")):
+        address = "redis://" + address
+    gcs = Gcs(address, cluster)
+    try:
+        token = gcs.cluster_token()
+        alive = [n for n in gcs.nodes() if n["alive"]]
+    finally:
+        gcs.close()
+    if token is None:
+        raise ConnectionError(f"No redray cluster {cluster!r} is registered in Redis at {address}")
+    if not alive:
+        raise ConnectionError("The cluster has no live node to connect to.")
+    local = _pick_local_node(alive)
+    return {
+        "gcs_url": address,
+        "cluster": cluster,
+        "token": token,
+        "raylet_address": tuple(local["raylet_address"]),
+        "node_ip_address": local["node_ip_address"],
+    }
+
+
+def _pick_local_node(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    import socket
+
+    hostname = socket.gethostname()
+    for info in nodes:
+        if info.get("hostname") == hostname and info.get("is_head"):
+            return info
+    for info in nodes:
+        if info.get("hostname") == hostname:
+            return info
+    return nodes[0]
+
+
+def _start_driver(connection, namespace, log_to_driver, runtime_env) -> None:
+    from redray.worker import CoreWorker
+
+    from redray.gcs import Gcs
+
+    gcs = Gcs(connection["gcs_url"], connection["cluster"])
+    job_number = gcs.next_job_id()
+    gcs.close()
+    job_id = job_number.to_bytes(4, "little").hex()
+    worker = CoreWorker(
+        mode="driver",
+        token=connection["token"],
+        raylet_address=connection["raylet_address"],
+        gcs_url=connection["gcs_url"],
+        cluster=connection["cluster"],
+        worker_id=os.urandom(16),
+        job_id=job_id,
+        namespace=namespace or f"anonymous-{job_id}",
+        listen_host=connection["node_ip_address"],
+        log_to_driver=log_to_driver,
+    )
+    worker.runtime_env = runtime_env
+    worker.gcs.add_job(
+        job_id, {"driver_pid": os.getpid(), "driver_address": list(worker.address[:2])}
+    )
+    context.current = worker
+
+
+def _context_info() -> dict[str, Any]:
+    worker = context.current
+    return {
+        "node_ip_address": worker.node.get("node_ip_address"),
+        "gcs_address": worker.gcs.url,
+        "address": worker.gcs.url,
+        "node_id": worker.node_id,
+        "session_dir": worker.node.get("session_dir"),
+        "job_id": worker.job_id,
+    }
+
+
+def shutdown(_exiting_interpreter: bool = False) -> None:
+    """Disconnect; if init() started a private cluster, stop it and everything in it."""
+    global _private_node
+    with _init_lock:
+        worker = context.current
+        if worker is not None:
+            context.current = None
+            try:
+                worker.gcs.finish_job(worker.job_id)
+            except Exception:
+                pass
+            worker.shutdown()
+        if _private_node is not None:
+            started, _private_node = _private_node, None
+            started.stop()
+            from redray import node
+
+            node.remove_session_dir(started.session_dir)
+
+
+atexit.register(shutdown, True)
+
+
+def remote(*args: Any, **options: Any) -> Any:
+    """Make a function a remote task or a class an actor: `@remote` or `@remote(**options)`."""
+    if len(args) == 1 and not options and callable(args[0]):
+        return _make_remote(args[0], {})
+    if args:
+        raise TypeError(
+            "The @remote decorator must be applied either with no arguments and no "
+            "parentheses, or with keyword arguments only, e.g. @remote(num_cpus=1)."
+        )
+    return lambda target: _make_remote(target, options)
+
+
+def _make_remote(target: Any, options: dict[str, Any]) -> Any:
+    import inspect
+
+    if inspect.isclass(target):
+        from redray.actor import ActorClass
+
+        return ActorClass.create(target, options)
+    if callable(target):
+        from redray.remote_function import RemoteFunction
+
+        return RemoteFunction(target, options)
+    raise TypeError("The @remote decorator must be applied to either a function or a class.")
+
+
+def get(object_refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None = None) -> Any:
+    """The value(s) of one ref or a list of refs, in order; raises the task's error if it failed."""
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+        raise ValueError("'timeout' must be a non-negative number or None")
+    worker = context.worker()
+    if type(object_refs) is ObjectRef:
+        return worker.get_objects([object_refs], timeout)[0]
+    if isinstance(object_refs, (list, tuple)):
+        for ref in object_refs:
+            if type(ref) is not ObjectRef:
+                raise TypeError(
+                    f"Invalid type of object refs, {type(ref)}, is given. 'object_refs' must "
+                    "either be an ObjectRef or a list of ObjectRefs."
+                )
+        return worker.get_objects(list(object_refs), timeout)
+    raise ValueError(
+        f"Invalid type of object refs, {type(object_refs)}, is given. 'object_refs' must "
+        "either be an ObjectRef or a list of ObjectRefs."
+    )
+
+
+def put(value: Any, *, _owner: Any = None) -> ObjectRef:
+    """Store a value in the cluster; returns a ref to it."""
+    return context.worker().put_object(value)
+
+
+def wait(
+    object_refs: list[ObjectRef],
+    *,
+    num_returns: int = 1,
+    timeout: float | None = None,
+    fetch_local: bool = True,
+) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Split refs into (ready, not ready) once num_returns are ready or timeout passes."""
+    if isinstance(object_refs, ObjectRef):
+        raise TypeError("wait() expected a list of ray.ObjectRef, got a single ray.ObjectRef")
+    if not isinstance(object_refs, list):
+        raise TypeError(f"wait() expected a list of ray.ObjectRef, got {type(object_refs)}")
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"The 'timeout' argument must be nonnegative. Received {timeout}")
+    for ref in object_refs:
+        if type(ref) is not ObjectRef:
+            raise TypeError(f"wait() expected a list of ray.ObjectRef, got list containing {type(ref)}")
+    if len(object_refs) != len(set(object_refs)):
+        raise ValueError("Wait requires a list of unique object refs.")
+    if num_returns <= 0:
+        raise ValueError(f"Invalid number of objects to return {num_returns}.")
+    if num_returns > len(object_refs):
+        raise ValueError(
+            "num_returns cannot be greater than the number of objects provided to ray.wait."
+        )
+    if not object_refs:
+        return [], []
+    worker = context.worker()
+    worker.process_released()
+    worker.wait_ready(object_refs, num_returns, timeout)
+    ready, not_ready = [], []
+    for ref in object_refs:
+        if len(ready) < num_returns and worker.payload_of(ref._id) is not None:
+            ready.append(ref)
+        else:
+            not_ready.append(ref)
+    if fetch_local and ready:
+        worker.prefetch(ready)
+    return ready, not_ready
+
+
+def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task that makes object_ref: queued tasks never run, running ones are
+    interrupted (KeyboardInterrupt), force=True kills the worker. Cancelled tasks are not
+    retried; `get` raises TaskCancelledError (WorkerCrashedError with force)."""
+    if type(object_ref) is not ObjectRef:
+        raise TypeError(
+            f"ray.cancel() only supported for object refs. For actors, try ray.kill(). "
+            f"Got: {type(object_ref)}."
+        )
+    worker = context.worker()
+    from redray.ids import task_of
+
+    actor_cancel = getattr(worker, "cancel_actor_task", None)
+    if actor_cancel is not None and actor_cancel(object_ref, force, recursive):
+        return
+    worker.submitter.cancel(task_of(object_ref._id), force, recursive)
+
+
+def nodes() -> list[dict[str, Any]]:
+    """Every node of the cluster with Ray's fields (NodeID, Alive, Resources, ...)."""
+    worker = context.worker()
+    result = []
+    for info in worker.gcs.nodes():
+        host, port = info["raylet_address"]
+        result.append(
+            {
+                "NodeID": info["node_id"],
+                "Alive": info["alive"],
+                "alive": info["alive"],
+                "NodeManagerAddress": info.get("node_ip_address", host),
+                "NodeManagerHostname": info.get("hostname", ""),
+                "NodeManagerPort": port,
+                "ObjectManagerPort": port,
+                "ObjectStoreSocketName": "",
+                "RayletSocketName": "",
+                "MetricsExportPort": 0,
+                "NodeName": info.get("node_ip_address", host),
+                "Resources": info.get("resources", {}) if info["alive"] else {},
+                "Labels": {},
+                "IsHead": info.get("is_head", False),
+                "state": info.get("state"),
+                "DeathReason": info.get("death_cause", ""),
+                "object_store_memory": info.get("object_store_memory"),
+            }
+        )
+    return result
+
+
+def cluster_resources() -> dict[str, float]:
+    """The total resources of every live node."""
+    return _sum_resources("resources")
+
+
+def available_resources() -> dict[str, float]:
+    """What live nodes report as free right now (from their last heartbeat)."""
+    return _sum_resources("available")
+
+
+def _sum_resources(key: str) -> dict[str, float]:
+    worker = context.worker()
+    total: dict[str, float] = {}
+    for info in worker.gcs.nodes():
+        if not info["alive"]:
+            continue
+        for name, amount in (info.get(key) or {}).items():
+            total[name] = total.get(name, 0.0) + amount
+    return {k: v for k, v in total.items() if v > 1e-9 or key == "resources"}
+
+
+def get_gpu_ids() -> list[int]:
+    """GPU ids assigned to the calling task or actor."""
+    from redray.runtime_context import get_runtime_context
+
+    return [int(g) for g in get_runtime_context().get_accelerator_ids()["GPU"]]
+
+
+def timeline(filename: str | None = None) -> list:
+    raise NotImplementedError("timeline() is not supported by redray yet.")
+
+
+__all__ = [
+    "available_resources",
+    "cancel",
+    "cluster_resources",
+    "get",
+    "get_gpu_ids",
+    "init",
+    "is_initialized",
+    "nodes",
+    "put",
+    "remote",
+    "shutdown",
+    "wait",
+    "exceptions",
+]

@@ -1,0 +1,292 @@
+"""Running pushed tasks inside a worker process.
+
+Tasks arrive on the reactor thread and run one at a time on the process's main thread, so a
+cancellation can interrupt them with a real signal (`KeyboardInterrupt` in the task, even in
+the middle of `time.sleep`). A task's prints go to its driver, prefixed as Ray does.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from redray import context, exceptions
+from redray.reactor import Connection
+
+if TYPE_CHECKING:
+    from redray.worker import CoreWorker
+
+
+class TaskContext:
+    """What `get_runtime_context()` reports while a task runs."""
+
+    __slots__ = ("task_id", "name", "job_id", "grant", "conn", "actor_id", "prefix")
+
+    def __init__(self, task_id, name, job_id, grant, conn, actor_id=None):
+        self.task_id = task_id
+        self.name = name
+        self.job_id = job_id
+        self.grant = grant
+        self.conn = conn
+        self.actor_id = actor_id
+        self.prefix = f"({name} pid={os.getpid()})"
+
+
+class Executor:
+    """The task loop of a worker process."""
+
+    def __init__(self, worker: CoreWorker):
+        self.worker = worker
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.current: TaskContext | None = None
+        self._cancelled: set[bytes] = set()
+        self._interrupt: bytes | None = None
+        self._main_thread = threading.get_ident()
+        self._applied_grant: Any = None
+        worker.handle("task", self._on_task)
+        worker.handle("cancel", self._on_cancel)
+        worker.handle("exit", lambda conn, message: os._exit(0))
+        signal.signal(signal.SIGINT, self._on_sigint)
+        sys.stdout = TaskStream(self, 1, sys.stdout)
+        sys.stderr = TaskStream(self, 2, sys.stderr)
+
+    def running_task(self) -> bool:
+        return self.current is not None
+
+    def current_task_id(self) -> bytes | None:
+        current = self.current
+        return current.task_id if current is not None else None
+
+    # -- reactor thread ---------------------------------------------------------------------
+    def _on_task(self, conn: Connection, message: tuple) -> None:
+        self.inbox.put((conn, message))
+
+    def _on_cancel(self, conn: Connection, message: tuple) -> None:
+        _, task_id, force, recursive = message
+        if recursive:
+            self.worker.submitter.cancel_children(task_id, force)
+        current = self.current
+        if current is not None and current.task_id == task_id:
+            if force:
+                os._exit(1)
+            self._interrupt = task_id
+            signal.pthread_kill(self._main_thread, signal.SIGINT)
+        else:
+            self._cancelled.add(task_id)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        current = self.current
+        if current is not None and self._interrupt == current.task_id:
+            raise KeyboardInterrupt
+
+    def on_connection_lost(self, conn: Connection) -> None:
+        pass
+
+    # -- main thread ------------------------------------------------------------------------
+    def run(self) -> None:
+        inbox = self.inbox
+        while True:
+            try:
+                conn, message = inbox.get()
+                self.execute(conn, message)
+            except KeyboardInterrupt:
+                continue  # a cancellation that arrived just after its task ended
+
+    def execute(self, conn: Connection, message: tuple) -> None:
+        _, task_id, fn_key, name, args, kwargs, num_returns, grant = message
+        worker = self.worker
+        if task_id in self._cancelled:
+            self._cancelled.discard(task_id)
+            error = exceptions.TaskCancelledError(task_id.hex())
+            conn.send(("done", task_id, [_error_payload(error)] * num_returns, []))
+            return
+        if grant != self._applied_grant:
+            self._apply_grant(grant)
+        job_id = conn.info.get("job_id", "")
+        self.current = TaskContext(task_id, name, job_id, grant, conn)
+        try:
+            try:
+                fn = worker.load_function(fn_key)
+                call_args, call_kwargs = self.materialize_args(args, kwargs)
+                result = fn(*call_args, **call_kwargs)
+                call_args = call_kwargs = None
+                payloads = self.return_payloads(result, num_returns, task_id, conn, name)
+            except KeyboardInterrupt:
+                if self._interrupt != task_id:
+                    raise
+                error = exceptions.TaskCancelledError(task_id.hex())
+                payloads = [_error_payload(error)] * num_returns
+            except Exception as exc:
+                payloads = [_error_payload(task_error(name, exc))] * num_returns
+        finally:
+            self._interrupt = None
+            _flush_streams()
+            self.current = None
+        borrowed = worker.take_task_borrows()
+        conn.send(("done", task_id, payloads, borrowed))
+
+    def materialize_args(self, args: tuple, kwargs: dict) -> tuple[list, dict]:
+        """Arguments as the function sees them; refs that arrive inside them are borrowed."""
+        worker = self.worker
+        with context.deserializing() as scope:
+            call_args = [self._arg(a) for a in args]
+            call_kwargs = {k: self._arg(v) for k, v in kwargs.items()}
+        if scope.refs:
+            worker.register_borrows(scope.refs, via_task=True)
+        return call_args, call_kwargs
+
+    def _arg(self, item: Any) -> Any:
+        if type(item) is bytes:
+            from redray.serialization import loads
+
+            return loads(item)
+        oid, payload = item
+        return self.worker.materialize(oid, payload)
+
+    def return_payloads(
+        self, result: Any, num_returns: int, task_id: bytes, conn: Connection, name: str
+    ) -> list[tuple]:
+        """Serialize a task's return values for its caller (who owns them)."""
+        from redray.ids import return_id
+
+        if num_returns == 1:
+            values = [result]
+        elif num_returns == 0:
+            if result is not None:
+                raise ValueError(f"Task {name} has num_returns=0 but returned {result!r}.")
+            values = []
+        else:
+            if not isinstance(result, (tuple, list)) or len(result) != num_returns:
+                got = len(result) if isinstance(result, (tuple, list)) else 1
+                raise ValueError(
+                    f"Task {name} returned {got} objects, but num_returns={num_returns}."
+                )
+            values = list(result)
+        caller = conn.info.get("peer_id")
+        payloads = []
+        for index, value in enumerate(values):
+            oid = return_id(task_id, index)
+            payload, refs = self.worker.serialize_value(
+                value, oid, "the return value", owner_id=caller
+            )
+            if refs:
+                self._lend_to_caller(refs, caller)
+            payloads.append(payload)
+        return payloads
+
+    def _lend_to_caller(self, refs: list, caller: bytes | None) -> None:
+        """Refs inside a return value: the caller becomes a borrower before it sees them."""
+        worker = self.worker
+        mine = [r._id for r in refs if r._owner == worker.address]
+        if mine:
+            worker._on_borrow(None, ("borrow", mine, caller))
+        others: dict[tuple, list[bytes]] = {}
+        for ref in refs:
+            if ref._owner != worker.address:
+                others.setdefault(tuple(ref._owner), []).append(ref._id)
+        for owner, oids in others.items():
+            worker.send_to_owner(owner, ("borrow", oids, caller))
+
+    def _apply_grant(self, grant: Any) -> None:
+        """Make the lease's resources visible to user code (GPU ids as CUDA_VISIBLE_DEVICES)."""
+        self._applied_grant = grant
+        gpu_ids = (grant or {}).get("gpu_ids")
+        if gpu_ids:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+        else:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+
+
+def task_error(name: str, exc: BaseException) -> exceptions.RayTaskError:
+    """The error a caller sees for an exception raised by task `name`."""
+    if isinstance(exc, exceptions.RayTaskError):
+        return exc  # a failed dependency or nested get: keep the original error
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        import cloudpickle
+
+        cloudpickle.dumps(exc)
+        cause = exc
+    except Exception:
+        cause = None
+    return exceptions.RayTaskError(name, tb, cause, proctitle=f"ray::{name}()")
+
+
+def _error_payload(error: BaseException) -> tuple:
+    from redray.worker import pickle_error
+
+    return ("e", pickle_error(error))
+
+
+class TaskStream:
+    """sys.stdout/sys.stderr of a worker: lines printed by a task go to its driver."""
+
+    def __init__(self, executor: Executor, fd: int, original: Any):
+        self._executor = executor
+        self._fd = fd
+        self._original = original
+        self._buffer: list[str] = []
+        self._lock = threading.Lock()
+        self.encoding = getattr(original, "encoding", "utf-8")
+
+    def write(self, text: str) -> int:
+        if self._executor.current is None:
+            return self._original.write(text)
+        with self._lock:
+            self._buffer.append(text)
+        if "\n" in text:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        current = self._executor.current
+        with self._lock:
+            if not self._buffer:
+                self._original.flush()
+                return
+            text, self._buffer = "".join(self._buffer), []
+        if current is None:
+            self._original.write(text)
+            self._original.flush()
+            return
+        send_log(self._executor.worker, current, self._fd, text, self._original)
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._original.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._original, name)
+
+
+def send_log(worker: CoreWorker, current: TaskContext, fd: int, text: str, fallback: Any) -> None:
+    """Send printed text to the job's driver: on the task's connection when that is the driver."""
+    conn = current.conn
+    info = conn.info
+    if not info.get("log_to_driver", True):
+        fallback.write(text)
+        return
+    entry = ("log", [(fd, current.prefix, text)])
+    driver = info.get("driver")
+    if driver is None or info.get("peer") == driver:
+        conn.send(entry)
+        return
+    try:
+        worker.peer(tuple(driver)).send(entry)
+    except OSError:
+        fallback.write(text)
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass

@@ -1,0 +1,45 @@
+"""Identifiers. Raw bytes inside the runtime, hex strings at the API and in Redis.
+
+A task id is the submitting worker's 8-byte prefix and a 6-byte counter; an object id is its
+task id and a 2-byte index (0 for `put`, 1..n for a task's returns), so an object's id tells
+which task made it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+
+TASK_ID_BYTES = 14
+OBJECT_ID_BYTES = 16
+
+
+class IdSource:
+    """Unique task and object ids for one process."""
+
+    def __init__(self, prefix: bytes | None = None):
+        self.prefix = prefix or os.urandom(8)
+        self._counter = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def task_id(self) -> bytes:
+        with self._lock:
+            n = next(self._counter)
+        return self.prefix + n.to_bytes(6, "big")
+
+    def put_id(self) -> bytes:
+        return self.task_id() + b"\x00\x00"
+
+
+def return_id(task_id: bytes, index: int) -> bytes:
+    """The id of a task's index-th return value (index from 0)."""
+    return task_id + (index + 1).to_bytes(2, "big")
+
+
+def task_of(object_id: bytes) -> bytes:
+    return object_id[:TASK_ID_BYTES]
+
+
+def new_id(n: int = 16) -> bytes:
+    return os.urandom(n)

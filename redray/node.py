@@ -1,0 +1,212 @@
+"""Starting a node (a raylet process, plus Redis on a head) and finding running clusters.
+
+Used by `redray.init()` for a private cluster and by the `redray start` / `redray node`
+commands. A started node prints one JSON line describing itself; that line is all a caller
+needs to connect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+ROOT_DIR = os.path.join(tempfile.gettempdir(), "redray")
+CURRENT_CLUSTER = os.path.join(ROOT_DIR, "current_cluster.json")
+DEFAULT_NODE_TIMEOUT = float(os.environ.get("REDRAY_NODE_TIMEOUT", "5"))
+
+
+def default_resources(
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    resources: dict[str, float] | None = None,
+    node_ip_address: str = "127.0.0.1",
+    head: bool = False,
+    memory: float | None = None,
+) -> dict[str, float]:
+    """This machine's resources, as Ray reports them, overridable by the caller."""
+    if num_cpus is None:
+        try:
+            num_cpus = len(os.sched_getaffinity(0))
+        except AttributeError:
+            num_cpus = os.cpu_count() or 1
+    total = {"CPU": float(num_cpus)}
+    if num_gpus:
+        total["GPU"] = float(num_gpus)
+    total["memory"] = float(memory if memory is not None else _memory_default())
+    total[f"node:{node_ip_address}"] = 1.0
+    if head:
+        total["node:__internal_head__"] = 1.0
+    for name, amount in (resources or {}).items():
+        total[name] = float(amount)
+    return total
+
+
+def _memory_default() -> int:
+    return int(psutil.virtual_memory().available * 0.7)
+
+
+def default_object_store_memory() -> int:
+    """30% of the machine's memory, as Ray."""
+    return int(psutil.virtual_memory().total * 0.3)
+
+
+def new_session_dir() -> str:
+    os.makedirs(ROOT_DIR, mode=0o700, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return tempfile.mkdtemp(prefix=f"session_{stamp}_{os.getpid()}_", dir=ROOT_DIR)
+
+
+@dataclass
+class StartedNode:
+    """A raylet process we started and what it reported about itself."""
+
+    process: subprocess.Popen
+    info: dict[str, Any]
+    session_dir: str
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the node and wait until it (and with it every worker) is gone."""
+        if self.process.poll() is None:
+            try:
+                self.process.terminate()
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+
+def start_node(
+    *,
+    head: bool,
+    token: bytes,
+    cluster: str,
+    resources: dict[str, float],
+    object_store_memory: int,
+    node_ip_address: str = "127.0.0.1",
+    gcs_url: str | None = None,
+    redis_port: int = 0,
+    redis_password: str | None = None,
+    port: int = 0,
+    session_dir: str | None = None,
+    private: bool = False,
+    node_id: str | None = None,
+    timeout: float = 30.0,
+) -> StartedNode:
+    """Start a raylet (and, on a head without `gcs_url`, its Redis); wait until it is ready.
+
+    private=True ties the node to this process: it exits when our end of its stdin closes.
+    Otherwise it runs in its own session and outlives us (as `redray start` wants).
+    """
+    session_dir = session_dir or new_session_dir()
+    os.makedirs(os.path.join(session_dir, "logs"), exist_ok=True)
+    config = {
+        "node_id": node_id or os.urandom(16).hex(),
+        "token": token.hex(),
+        "cluster": cluster,
+        "head": head,
+        "gcs_url": gcs_url,
+        "start_redis": head and gcs_url is None,
+        "redis_port": redis_port,
+        "redis_password": redis_password,
+        "node_ip_address": node_ip_address,
+        "port": port,
+        "resources": resources,
+        "object_store_memory": object_store_memory,
+        "session_dir": session_dir,
+        "spill_dir": os.path.join(session_dir, "spill"),
+        "node_timeout": DEFAULT_NODE_TIMEOUT,
+        "watch_stdin": private,
+    }
+    log_file = open(os.path.join(session_dir, "logs", "raylet.log"), "ab")
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "redray.raylet"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            start_new_session=not private,
+            close_fds=True,
+        )
+    finally:
+        log_file.close()
+    process.stdin.write((json.dumps(config) + "\n").encode())
+    process.stdin.flush()
+    if not private:
+        process.stdin.close()
+    line = _read_line(process, timeout)
+    if not line:
+        process.kill()
+        process.wait()
+        raise RuntimeError(
+            "The raylet failed to start; see " + os.path.join(session_dir, "logs", "raylet.log")
+        )
+    info = json.loads(line)
+    if not private:
+        process.stdout.close()
+    return StartedNode(process, info, session_dir)
+
+
+def _read_line(process: subprocess.Popen, timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    fd = process.stdout.fileno()
+    data = b""
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return b""
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b""
+            data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+def remove_session_dir(session_dir: str) -> None:
+    shutil.rmtree(session_dir, ignore_errors=True)
+
+
+# -- the cluster `redray start` runs on this machine ----------------------------------------
+def write_current_cluster(info: dict[str, Any]) -> None:
+    os.makedirs(ROOT_DIR, mode=0o700, exist_ok=True)
+    tmp = CURRENT_CLUSTER + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, CURRENT_CLUSTER)
+
+
+def read_current_cluster() -> dict[str, Any] | None:
+    try:
+        with open(CURRENT_CLUSTER) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    pids = info.get("pids", [])
+    if pids and not any(psutil.pid_exists(pid) for pid in pids):
+        return None
+    return info
+
+
+def clear_current_cluster() -> None:
+    try:
+        os.unlink(CURRENT_CLUSTER)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,96 @@
+"""Wire format and trust: length-prefixed pickle frames behind an HMAC handshake.
+
+Every TCP connection between redray processes starts with a mutual challenge-response on the
+cluster token. Until it succeeds the listener reads exactly the handshake's raw bytes and never
+unpickles anything, so a peer without the token cannot make a listener run code.
+
+Handshake (all raw bytes):
+    server -> client   32-byte server nonce
+    client -> server   HMAC(token, "client" + server nonce) || 32-byte client nonce
+    server -> client   HMAC(token, "server" + client nonce)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import pickle
+import socket
+import struct
+
+HEADER = struct.Struct("<I")
+NONCE_BYTES = 32
+MAC_BYTES = 32
+CLIENT_PROOF_BYTES = MAC_BYTES + NONCE_BYTES
+MAX_FRAME = 2**31
+
+
+class AuthenticationError(ConnectionError):
+    """The peer does not hold the cluster token."""
+
+
+def new_token() -> bytes:
+    """A fresh random cluster token."""
+    return os.urandom(32)
+
+
+def encode(message: object) -> bytes:
+    """One frame: 4-byte little-endian length, then the pickled message."""
+    payload = pickle.dumps(message, protocol=5)
+    return HEADER.pack(len(payload)) + payload
+
+
+def _mac(token: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.new(token, role + nonce, hashlib.sha256).digest()
+
+
+def server_challenge() -> bytes:
+    return os.urandom(NONCE_BYTES)
+
+
+def server_verify(token: bytes, nonce: bytes, client_proof: bytes) -> bytes | None:
+    """The server's answer to a valid client proof, or None when the proof is wrong."""
+    mac, client_nonce = client_proof[:MAC_BYTES], client_proof[MAC_BYTES:]
+    if not hmac.compare_digest(mac, _mac(token, b"client", nonce)):
+        return None
+    return _mac(token, b"server", client_nonce)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < n:
+        chunk = sock.recv(n - len(chunks))
+        if not chunk:
+            raise ConnectionError("connection closed during handshake")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def client_handshake(sock: socket.socket, token: bytes, timeout: float = 10.0) -> None:
+    """Prove we hold the token and check that the server does too (blocking)."""
+    previous = sock.gettimeout()
+    sock.settimeout(timeout)
+    try:
+        nonce = _recv_exactly(sock, NONCE_BYTES)
+        client_nonce = os.urandom(NONCE_BYTES)
+        sock.sendall(_mac(token, b"client", nonce) + client_nonce)
+        answer = _recv_exactly(sock, MAC_BYTES)
+        if not hmac.compare_digest(answer, _mac(token, b"server", client_nonce)):
+            raise AuthenticationError("the server failed to prove it holds the cluster token")
+    except TimeoutError as exc:
+        raise AuthenticationError("handshake timed out (wrong cluster token?)") from exc
+    finally:
+        sock.settimeout(previous)
+
+
+def connect(address: tuple[str, int], token: bytes, timeout: float = 10.0) -> socket.socket:
+    """An authenticated, blocking TCP connection to a redray listener."""
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        client_handshake(sock, token, timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

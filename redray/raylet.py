@@ -1,0 +1,586 @@
+"""The raylet: one per node. Resources, the worker pool, leases, and the object store.
+
+Owners ask it for a lease on a worker for a scheduling shape; it grants one when the shape's
+resources are free here, answers "try node X" (spillback) when another node fits better, or
+keeps the request pending (warning when no node could ever fit it). A worker blocked in
+`get` lends its CPU back so nested tasks cannot deadlock. It also owns the node's
+shared-memory store and reports its state to the GCS with heartbeats.
+
+Run as a process: ``python -m redray.raylet`` reading its JSON configuration on stdin.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from redray import exceptions, protocol, scheduling
+from redray.gcs import Gcs
+from redray.reactor import Connection, Reactor
+
+log = logging.getLogger("redray.raylet")
+
+HEARTBEAT_SECONDS = 0.5
+IDLE_WORKER_SECONDS = 10.0
+
+
+@dataclass
+class _Worker:
+    worker_id: bytes
+    env_key: tuple
+    pid: int = 0
+    conn: Connection | None = None
+    address: tuple | None = None
+    lease: _Lease | None = None
+    ready: bool = False
+    idle_since: float = 0.0
+    dead: bool = False
+
+
+@dataclass
+class _Lease:
+    lease_id: int
+    worker: _Worker
+    resources: dict[str, float]
+    holder: Connection
+    gpu_ids: list[int] = field(default_factory=list)
+    lent_cpu: float = 0.0
+
+
+@dataclass
+class _Request:
+    conn: Connection
+    call_id: int
+    resources: dict[str, float]
+    env_vars: dict[str, str]
+    env_key: tuple
+    name: str
+    reclaim_sent: bool = False
+
+
+class Raylet:
+    """The node manager of one node."""
+
+    def __init__(self, config: dict[str, Any], zygote: tuple[int, socket.socket]):
+        self.config = config
+        self.node_id: str = config["node_id"]
+        self.token: bytes = bytes.fromhex(config["token"])
+        self.host: str = config["node_ip_address"]
+        self.total = scheduling.normalize(config["resources"])
+        self.available = dict(self.total)
+        self.gpu_free = list(range(int(self.total.get("GPU", 0))))
+        self.workers: dict[bytes, _Worker] = {}
+        self.by_pid: dict[int, _Worker] = {}
+        self.idle: dict[tuple, list[_Worker]] = {}
+        self.starting: Counter = Counter()
+        self.leases: dict[int, _Lease] = {}
+        self.pending: list[_Request] = []
+        self.clients: dict[Connection, bytes] = {}
+        self.lease_ids = itertools.count(1)
+        self.cluster_view: list[scheduling.NodeView] = []
+        self.stopping = threading.Event()
+        self.zygote_pid, zygote_sock = zygote
+        self.redis_server = None
+
+        from redray.objstore.arena import SharedArena
+        from redray.objstore.store import ObjectStore
+
+        capacity = int(config["object_store_memory"])
+        self.arena = SharedArena.create(capacity)
+        self.store = ObjectStore(self.arena, capacity, config["spill_dir"])
+        self.creating: dict[bytes, set[bytes]] = {}
+
+        self.gcs = Gcs(config["gcs_url"], config["cluster"])
+        self.reactor = Reactor(self.token, name="redray-raylet")
+        self.zygote = self.reactor.adopt(zygote_sock, self._on_zygote, self._on_zygote_lost)
+        self.address = self.reactor.listen(
+            self.host, int(config.get("port", 0)), self._on_message, self._on_conn_closed
+        )
+        self._handlers = {
+            "register": self._on_register,
+            "ready": self._on_ready,
+            "lease": self._on_lease,
+            "lease_return": self._on_lease_return,
+            "blocked": self._on_blocked,
+            "unblocked": self._on_unblocked,
+            "alloc": self._on_alloc,
+            "seal": self._on_seal,
+            "pin": self._on_pin,
+            "unpin": self._on_unpin,
+            "free": self._on_free,
+            "kill_worker": self._on_kill_worker,
+            "store_stats": self._on_store_stats,
+            "shutdown": lambda conn, message: self.reactor.call_soon(self.stop),
+            "hello_client": lambda conn, message: None,
+        }
+
+    # -- start / stop -----------------------------------------------------------------------
+    def start(self) -> dict[str, Any]:
+        info = {
+            "raylet_address": list(self.address),
+            "node_ip_address": self.host,
+            "resources": self.total,
+            "is_head": bool(self.config.get("head")),
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "object_store_memory": self.store.capacity,
+            "session_dir": self.config["session_dir"],
+            "available": self.available,
+        }
+        if self.redis_server is not None:
+            self.redis_server.wait_ready()
+            self.gcs.init_cluster(self.token, {"created_by": self.node_id})
+        self.gcs.register_node(self.node_id, info, ttl=self.config["node_timeout"])
+        for _ in range(int(self.config.get("prestart_workers", self.total.get("CPU", 0)))):
+            self._start_worker(())
+        threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
+        self.reactor.call_later(IDLE_WORKER_SECONDS, self._reap_idle_workers)
+        return {"node_id": self.node_id, "gcs_url": self.config["gcs_url"], **info}
+
+    def stop(self) -> None:
+        """Kill the workers, free the store, leave the cluster."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        pids = [w.pid for w in self.workers.values() if w.pid]
+        _kill(self.zygote_pid)
+        for pid in pids:
+            _kill(pid)
+        deadline = time.monotonic() + 5
+        for pid in [self.zygote_pid, *pids]:
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        try:
+            self.gcs.mark_node_dead(self.node_id, "node stopped")
+        except Exception:
+            pass
+        self.store.close()
+        self.arena.close()
+        if self.redis_server is not None:
+            self.redis_server.stop()
+        self.reactor.stop()
+
+    # -- messages ---------------------------------------------------------------------------
+    def _on_message(self, conn: Connection, message: tuple) -> None:
+        handler = self._handlers.get(message[0])
+        if handler is None:
+            log.warning("unknown message %r", message[0])
+            return
+        handler(conn, message)
+
+    def _on_register(self, conn: Connection, message: tuple) -> None:
+        _, call_id, mode, worker_id, pid, address, job_id = message
+        self.clients[conn] = worker_id
+        conn.info.update(mode=mode, worker_id=worker_id, pins=Counter())
+        if mode == "worker":
+            worker = self.workers.get(worker_id)
+            if worker is None:
+                conn.send(("exit",))
+                return
+            worker.conn, worker.address, worker.pid = conn, tuple(address), pid
+            self.by_pid[pid] = worker
+        conn.send(("reply", call_id, self.node_info()))
+
+    def node_info(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "store": list(self.arena.descriptor()),
+            "node_ip_address": self.host,
+            "raylet_address": list(self.address),
+            "resources": self.total,
+            "session_dir": self.config["session_dir"],
+        }
+
+    def _on_ready(self, conn: Connection, message: tuple) -> None:
+        worker = self.workers.get(conn.info.get("worker_id"))
+        if worker is None:
+            return
+        worker.ready = True
+        self.starting[worker.env_key] -= 1
+        self._make_idle(worker)
+        self._schedule()
+
+    def _on_conn_closed(self, conn: Connection) -> None:
+        client_id = self.clients.pop(conn, None)
+        for oid, count in conn.info.get("pins", {}).items():
+            for _ in range(count):
+                self._release_pin(oid)
+        for oid in self.creating.pop(client_id, ()):
+            self.store.abort(oid)
+        self.pending = [r for r in self.pending if r.conn is not conn]
+        for lease in [lease for lease in self.leases.values() if lease.holder is conn]:
+            # The owner is gone: its workers may be running its tasks; they go too.
+            self._end_lease(lease)
+            self._kill_worker(lease.worker)
+        if client_id is not None:
+            self.store.delete_owned_by(client_id)
+            worker = self.workers.get(client_id)
+            if worker is not None:
+                self._worker_died(worker)
+        self._schedule()
+
+    # -- worker pool ------------------------------------------------------------------------
+    def _start_worker(self, env_key: tuple) -> None:
+        worker_id = os.urandom(16)
+        self.workers[worker_id] = _Worker(worker_id, env_key)
+        self.starting[env_key] += 1
+        self.zygote.send(("spawn", worker_id, dict(env_key), self.address))
+
+    def _on_zygote(self, conn: Connection, message: tuple) -> None:
+        if message[0] == "spawned":
+            _, worker_id, pid = message
+            worker = self.workers.get(worker_id)
+            if worker is not None:
+                worker.pid = pid
+                self.by_pid[pid] = worker
+        elif message[0] == "exited":
+            worker = self.by_pid.pop(message[1], None)
+            if worker is not None:
+                self._worker_died(worker)
+                self._schedule()
+
+    def _on_zygote_lost(self, conn: Connection) -> None:
+        if not self.stopping.is_set():
+            log.error("the worker fork server died; stopping the node")
+            self.reactor.call_soon(self.stop)
+
+    def _worker_died(self, worker: _Worker) -> None:
+        if worker.dead:
+            return
+        worker.dead = True
+        self.workers.pop(worker.worker_id, None)
+        if not worker.ready:
+            self.starting[worker.env_key] -= 1
+        idle = self.idle.get(worker.env_key)
+        if idle and worker in idle:
+            idle.remove(worker)
+        if worker.lease is not None:
+            self._end_lease(worker.lease)
+        if worker.conn is not None:
+            worker.conn.close()
+
+    def _make_idle(self, worker: _Worker) -> None:
+        worker.idle_since = time.monotonic()
+        self.idle.setdefault(worker.env_key, []).append(worker)
+
+    def _kill_worker(self, worker: _Worker) -> None:
+        if worker.pid:
+            _kill(worker.pid)
+        self._worker_died(worker)
+
+    def _reap_idle_workers(self) -> None:
+        """Stop workers idle for a while, keeping as many as there are CPUs."""
+        if self.stopping.is_set():
+            return
+        keep = int(self.total.get("CPU", 0))
+        now = time.monotonic()
+        alive = sum(1 for w in self.workers.values() if not w.dead)
+        for env_key, idle in self.idle.items():
+            for worker in list(idle):
+                if alive <= keep and env_key == ():
+                    break
+                if now - worker.idle_since > IDLE_WORKER_SECONDS:
+                    idle.remove(worker)
+                    self._kill_worker(worker)
+                    alive -= 1
+        self.reactor.call_later(IDLE_WORKER_SECONDS / 2, self._reap_idle_workers)
+
+    def _on_kill_worker(self, conn: Connection, message: tuple) -> None:
+        worker = self.workers.get(message[1])
+        if worker is not None:
+            self._kill_worker(worker)
+
+    # -- leases -----------------------------------------------------------------------------
+    def _on_lease(self, conn: Connection, message: tuple) -> None:
+        _, call_id, request = message
+        resources = scheduling.normalize(request["resources"])
+        env_vars = request.get("env_vars") or {}
+        decision = scheduling.decide(
+            resources,
+            request.get("strategy"),
+            self._local_view(),
+            self.cluster_view,
+            spilled=request.get("spilled", False),
+        )
+        if decision.kind == "spill":
+            node = decision.node
+            conn.send(("reply", call_id, ("spillback", node.node_id, node.raylet_address)))
+            return
+        if decision.kind == "error":
+            error = exceptions.TaskUnschedulableError(decision.message)
+            conn.send(("reply", call_id, ("error", error)))
+            return
+        if decision.kind == "infeasible":
+            self._warn_infeasible(conn, request.get("name", ""), resources)
+        env_key = tuple(sorted(env_vars.items()))
+        self.pending.append(_Request(conn, call_id, resources, env_vars, env_key, request["name"]))
+        self._schedule()
+
+    def _warn_infeasible(self, conn: Connection, name: str, resources: dict[str, float]) -> None:
+        short = scheduling.missing(resources, self.total)
+        conn.send(
+            (
+                "warn",
+                f"WARNING: The following resource request cannot be scheduled right now: "
+                f"{resources} (for {name}). No node in the cluster has {short}; the request "
+                "stays pending until a node that fits joins the cluster.",
+            )
+        )
+
+    def _local_view(self) -> scheduling.NodeView:
+        return scheduling.NodeView(self.node_id, self.address, self.total, self.available)
+
+    def _schedule(self) -> None:
+        """Grant what fits, in arrival order; start workers for what waits on one."""
+        if self.stopping.is_set():
+            return
+        waiting_for_worker: Counter = Counter()
+        for request in list(self.pending):
+            if request.conn.closed:
+                self.pending.remove(request)
+                continue
+            if not scheduling.fits(request.resources, self.available):
+                if not request.reclaim_sent and scheduling.fits(request.resources, self.total):
+                    request.reclaim_sent = True
+                    self._ask_idle_leases_back(request.conn)
+                continue
+            idle = self.idle.get(request.env_key)
+            if not idle:
+                waiting_for_worker[request.env_key] += 1
+                continue
+            worker = idle.pop()
+            self.pending.remove(request)
+            self._grant(request, worker)
+        for env_key, needed in waiting_for_worker.items():
+            for _ in range(needed - self.starting[env_key]):
+                self._start_worker(env_key)
+
+    def _grant(self, request: _Request, worker: _Worker) -> None:
+        for name, amount in request.resources.items():
+            self.available[name] = self.available.get(name, 0.0) - amount
+        gpu_ids = []
+        gpus = request.resources.get("GPU", 0)
+        if gpus:
+            count = max(1, int(gpus))
+            gpu_ids, self.gpu_free = self.gpu_free[:count], self.gpu_free[count:]
+        lease = _Lease(next(self.lease_ids), worker, request.resources, request.conn, gpu_ids)
+        self.leases[lease.lease_id] = lease
+        worker.lease = lease
+        grant = {"lease_id": lease.lease_id, "gpu_ids": gpu_ids, "resources": request.resources}
+        request.conn.send(
+            ("reply", request.call_id, ("granted", lease.lease_id, worker.address, grant))
+        )
+
+    def _ask_idle_leases_back(self, requester: Connection) -> None:
+        for lease in self.leases.values():
+            if lease.holder is not requester or True:
+                lease.holder.send(("lease_reclaim", lease.lease_id))
+
+    def _end_lease(self, lease: _Lease) -> None:
+        if self.leases.pop(lease.lease_id, None) is None:
+            return
+        for name, amount in lease.resources.items():
+            if name == "CPU":
+                amount -= lease.lent_cpu
+            self.available[name] = self.available.get(name, 0.0) + amount
+        self.gpu_free.extend(lease.gpu_ids)
+        lease.worker.lease = None
+
+    def _on_lease_return(self, conn: Connection, message: tuple) -> None:
+        _, lease_id, kill = message
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return
+        self._end_lease(lease)
+        worker = lease.worker
+        if kill:
+            self._kill_worker(worker)
+        elif not worker.dead:
+            self._make_idle(worker)
+        self._schedule()
+
+    def _on_blocked(self, conn: Connection, message: tuple) -> None:
+        worker = self.workers.get(conn.info.get("worker_id"))
+        lease = worker.lease if worker is not None else None
+        if lease is None or lease.lent_cpu:
+            return
+        lease.lent_cpu = lease.resources.get("CPU", 0.0)
+        if lease.lent_cpu:
+            self.available["CPU"] = self.available.get("CPU", 0.0) + lease.lent_cpu
+            self._schedule()
+
+    def _on_unblocked(self, conn: Connection, message: tuple) -> None:
+        worker = self.workers.get(conn.info.get("worker_id"))
+        lease = worker.lease if worker is not None else None
+        if lease is None or not lease.lent_cpu:
+            return
+        self.available["CPU"] = self.available.get("CPU", 0.0) - lease.lent_cpu
+        lease.lent_cpu = 0.0
+
+    # -- object store -----------------------------------------------------------------------
+    def _on_alloc(self, conn: Connection, message: tuple) -> None:
+        _, call_id, oid, size, owner = message
+        try:
+            offset = self.store.create(oid, size, owner)
+        except (exceptions.ObjectStoreFullError, ValueError) as exc:
+            conn.send(("reply", call_id, exc))
+            return
+        self.creating.setdefault(conn.info.get("worker_id"), set()).add(oid)
+        conn.send(("reply", call_id, offset))
+
+    def _on_seal(self, conn: Connection, message: tuple) -> None:
+        oid = message[1]
+        self.creating.get(conn.info.get("worker_id"), set()).discard(oid)
+        self.store.seal(oid)
+
+    def _on_pin(self, conn: Connection, message: tuple) -> None:
+        _, call_id, oid, node_id = message
+        try:
+            location = self.store.get(oid)
+        except exceptions.ObjectStoreFullError as exc:
+            conn.send(("reply", call_id, exc))
+            return
+        if location is None:
+            error = exceptions.ObjectLostError(oid.hex())
+            conn.send(("reply", call_id, error))
+            return
+        conn.info["pins"][oid] += 1
+        conn.send(("reply", call_id, location))
+
+    def _on_unpin(self, conn: Connection, message: tuple) -> None:
+        oid = message[1]
+        pins = conn.info.get("pins")
+        if pins is None or pins[oid] <= 0:
+            return
+        pins[oid] -= 1
+        if not pins[oid]:
+            del pins[oid]
+        self._release_pin(oid)
+
+    def _release_pin(self, oid: bytes) -> None:
+        try:
+            self.store.release(oid)
+        except (ValueError, KeyError):
+            pass
+
+    def _on_free(self, conn: Connection, message: tuple) -> None:
+        for oid in message[1]:
+            self.store.delete(oid)
+
+    def _on_store_stats(self, conn: Connection, message: tuple) -> None:
+        conn.send(("reply", message[1], self.store.stats()))
+
+    # -- heartbeats -------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        ttl = self.config["node_timeout"]
+        while not self.stopping.wait(HEARTBEAT_SECONDS):
+            try:
+                stats = self.store.stats()
+                load = {
+                    "pending": len(self.pending),
+                    "store_used": stats["used"],
+                    "store_capacity": stats["capacity"],
+                    "spilled_bytes": stats["spilled_bytes"],
+                }
+                self.gcs.heartbeat(self.node_id, dict(self.available), ttl, load)
+                self.cluster_view = [
+                    scheduling.NodeView(
+                        n["node_id"],
+                        tuple(n["raylet_address"]),
+                        n.get("resources", {}),
+                        n.get("available", {}),
+                        n["alive"],
+                    )
+                    for n in self.gcs.nodes()
+                    if n["node_id"] != self.node_id
+                ]
+            except Exception:
+                log.exception("heartbeat failed")
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def main() -> None:
+    """Run a raylet: read config from stdin, print node info as one JSON line when ready."""
+    from redray import worker_pool
+
+    config = json.loads(sys.stdin.readline())
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if config.get("die_with_parent"):
+        worker_pool.die_with_parent()
+    redis_server = None
+    if config.get("start_redis"):
+        from redray.redis_server import RedisServer
+
+        redis_server = RedisServer.start(
+            host=config["node_ip_address"],
+            port=config.get("redis_port", 0),
+            password=config.get("redis_password"),
+            directory=config["session_dir"],
+        )
+        config["gcs_url"] = redis_server.url
+    worker_config = {
+        "token": bytes.fromhex(config["token"]),
+        "gcs_url": config["gcs_url"],
+        "cluster": config["cluster"],
+        "listen_host": config["node_ip_address"],
+    }
+    zygote = worker_pool.start_zygote(worker_config)
+    raylet = Raylet(config, zygote)
+    raylet.redis_server = redis_server
+    info = raylet.start()
+    print(json.dumps(info), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: raylet.reactor.call_soon(raylet.stop))
+    if config.get("watch_stdin"):
+        threading.Thread(target=_exit_on_eof, args=(raylet,), daemon=True).start()
+    raylet.reactor.thread.join()
+    sys.exit(0)
+
+
+def _exit_on_eof(raylet: Raylet) -> None:
+    """A private cluster ends with its driver: stdin closes when the driver exits."""
+    try:
+        sys.stdin.read()
+    except Exception:
+        pass
+    raylet.reactor.call_soon(raylet.stop)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""One I/O thread per process that owns every socket: frames in, handlers out, timers.
+
+Senders write straight to the socket from whatever thread they are on (the common case costs
+one syscall and no thread hand-off); only what the kernel would not take is queued for the
+reactor to flush. Incoming frames are decoded and handed to the connection's handler on the
+reactor thread, in order, so handlers must not block.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import os
+import pickle
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redray import protocol
+
+log = logging.getLogger(__name__)
+
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+_RECV_SIZE = 1 << 18
+
+Handler = Callable[["Connection", Any], None]
+
+
+class Connection:
+    """A framed, authenticated socket registered with a `Reactor`."""
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        sock: socket.socket,
+        handler: Handler,
+        on_close: Callable[[Connection], None] | None = None,
+        pending_auth: bytes | None = None,
+    ):
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reactor = reactor
+        self.sock = sock
+        self.fileno = sock.fileno()
+        self.handler = handler
+        self.on_close = on_close
+        self.closed = False
+        self.info: dict[str, Any] = {}
+        self._out = bytearray()
+        self._send_lock = threading.Lock()
+        self._in = bytearray()
+        self._nonce = pending_auth  # set while a server-side handshake is pending
+
+    def __repr__(self) -> str:
+        return f"<Connection fd={self.fileno} {self.info.get('peer', '')}>"
+
+    def send(self, message: object) -> bool:
+        """Queue one message; False when the connection is already closed."""
+        return self.send_bytes(protocol.encode(message))
+
+    def send_bytes(self, data: bytes) -> bool:
+        with self._send_lock:
+            if self.closed:
+                return False
+            if self._out:
+                self._out += data
+                return True
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.reactor.call_soon(self.close)
+                return False
+            if sent < len(data):
+                self._out += memoryview(data)[sent:]
+                self.reactor.call_soon(self.reactor._watch_write, self)
+            return True
+
+    def close(self) -> None:
+        """Close the socket and run `on_close` once (on the reactor thread)."""
+        if not self.reactor.in_reactor():
+            self.reactor.call_soon(self.close)
+            return
+        with self._send_lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.reactor._forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.on_close is not None:
+            try:
+                self.on_close(self)
+            except Exception:
+                log.exception("on_close handler failed for %r", self)
+
+    # -- reactor side -------------------------------------------------------------------
+    def _flush(self) -> bool:
+        """Write queued bytes; True when nothing is left."""
+        with self._send_lock:
+            if self.closed:
+                return True
+            while self._out:
+                try:
+                    sent = self.sock.send(self._out)
+                except (BlockingIOError, InterruptedError):
+                    return False
+                except OSError:
+                    self.reactor.call_soon(self.close)
+                    return True
+                del self._out[:sent]
+            return True
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        buf = self._in
+        buf += data
+        if self._nonce is not None and not self._finish_handshake():
+            return
+        offset, size = 0, len(buf)
+        unpack = protocol.HEADER.unpack_from
+        header = protocol.HEADER.size
+        while size - offset >= header:
+            (length,) = unpack(buf, offset)
+            end = offset + header + length
+            if end > size:
+                break
+            try:
+                message = pickle.loads(memoryview(buf)[offset + header : end])
+            except Exception:
+                log.exception("undecodable frame from %r; closing", self)
+                self.close()
+                return
+            offset = end
+            try:
+                self.handler(self, message)
+            except Exception:
+                log.exception("handler failed on %r for %.200r", self, message)
+            if self.closed:
+                return
+        if offset:
+            del buf[:offset]
+
+    def _finish_handshake(self) -> bool:
+        """Server side: check the client's proof before any frame is decoded."""
+        if len(self._in) < protocol.CLIENT_PROOF_BYTES:
+            return False
+        proof = bytes(self._in[: protocol.CLIENT_PROOF_BYTES])
+        answer = protocol.server_verify(self.reactor.token, self._nonce, proof)
+        if answer is None:
+            log.warning("rejected a connection without the cluster token")
+            self.close()
+            return False
+        del self._in[: protocol.CLIENT_PROOF_BYTES]
+        self._nonce = None
+        self.send_bytes(answer)
+        return True
+
+
+class Reactor:
+    """The process's I/O thread: sockets, timers and cross-thread calls."""
+
+    def __init__(self, token: bytes, name: str = "redray-io"):
+        self.token = token
+        self._selector = selectors.DefaultSelector()
+        self._calls: collections.deque[tuple[Callable, tuple]] = collections.deque()
+        self._timers: list[tuple[float, int, Callable, tuple]] = []
+        self._seq = itertools.count()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._woken = False
+        self._selector.register(self._wake_r, _READ, None)
+        self._connections: dict[int, Connection] = {}
+        self._listeners: dict[int, tuple[socket.socket, Callable]] = {}
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    # -- public -------------------------------------------------------------------------
+    def call_soon(self, fn: Callable, *args: Any) -> None:
+        """Run fn(*args) on the reactor thread."""
+        self._calls.append((fn, args))
+        if not self._woken:
+            self._woken = True
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass
+
+    def call_later(self, delay: float, fn: Callable, *args: Any) -> None:
+        """Run fn(*args) on the reactor thread after `delay` seconds."""
+        entry = (time.monotonic() + delay, next(self._seq), fn, args)
+        self.call_soon(heapq.heappush, self._timers, entry)
+
+    def in_reactor(self) -> bool:
+        return threading.current_thread() is self.thread
+
+    def listen(
+        self,
+        host: str,
+        port: int,
+        handler: Handler,
+        on_close: Callable[[Connection], None] | None = None,
+        on_accept: Callable[[Connection], None] | None = None,
+    ) -> tuple[str, int]:
+        """Accept authenticated connections on host:port (0 = any free port)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+
+        def accept() -> None:
+            while True:
+                try:
+                    client, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    return
+                nonce = protocol.server_challenge()
+                conn = Connection(self, client, handler, on_close, pending_auth=nonce)
+                self._register(conn)
+                conn.send_bytes(nonce)
+                if on_accept is not None:
+                    on_accept(conn)
+
+        self.call_soon(self._add_listener, sock, accept)
+        return sock.getsockname()[:2]
+
+    def connect(
+        self,
+        address: tuple[str, int],
+        handler: Handler,
+        on_close: Callable[[Connection], None] | None = None,
+        timeout: float = 10.0,
+    ) -> Connection:
+        """Open an authenticated connection (blocking handshake) and start reading it."""
+        sock = protocol.connect(tuple(address), self.token, timeout)
+        conn = Connection(self, sock, handler, on_close)
+        self.call_soon(self._register, conn)
+        return conn
+
+    def adopt(
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        on_close: Callable[[Connection], None] | None = None,
+    ) -> Connection:
+        """Register an already-trusted socket (e.g. one end of a socketpair)."""
+        conn = Connection(self, sock, handler, on_close)
+        self.call_soon(self._register, conn)
+        return conn
+
+    def stop(self) -> None:
+        """Close every socket and end the thread."""
+        self._stopping = True
+        self.call_soon(lambda: None)
+        if not self.in_reactor():
+            self.thread.join(timeout=5)
+
+    # -- reactor thread -----------------------------------------------------------------
+    def _add_listener(self, sock: socket.socket, accept: Callable) -> None:
+        self._listeners[sock.fileno()] = (sock, accept)
+        self._selector.register(sock, _READ, accept)
+
+    def _register(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        self._connections[conn.fileno] = conn
+        self._selector.register(conn.fileno, _READ, conn)
+
+    def _watch_write(self, conn: Connection) -> None:
+        if conn.closed or conn.fileno not in self._connections:
+            return
+        if conn._flush():
+            return
+        self._selector.modify(conn.fileno, _READ | _WRITE, conn)
+
+    def _forget(self, conn: Connection) -> None:
+        if self._connections.pop(conn.fileno, None) is not None:
+            try:
+                self._selector.unregister(conn.fileno)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _run(self) -> None:
+        select = self._selector.select
+        calls = self._calls
+        timers = self._timers
+        while not self._stopping:
+            if calls:
+                timeout = 0.0
+            elif timers:
+                timeout = max(0.0, timers[0][0] - time.monotonic())
+            else:
+                timeout = None
+            for key, events in select(timeout):
+                target = key.data
+                if target is None:
+                    self._woken = False
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                elif isinstance(target, Connection):
+                    if events & _WRITE and target._flush() and not target.closed:
+                        self._selector.modify(target.fileno, _READ, target)
+                    if events & _READ and not target.closed:
+                        target._on_readable()
+                else:
+                    target()
+            while calls:
+                fn, args = calls.popleft()
+                try:
+                    fn(*args)
+                except Exception:
+                    log.exception("reactor call %r failed", fn)
+            if timers:
+                now = time.monotonic()
+                while timers and timers[0][0] <= now:
+                    _, _, fn, args = heapq.heappop(timers)
+                    try:
+                        fn(*args)
+                    except Exception:
+                        log.exception("reactor timer %r failed", fn)
+        for conn in list(self._connections.values()):
+            conn.on_close = None
+            conn.close()
+        for sock, _ in self._listeners.values():
+            sock.close()
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)

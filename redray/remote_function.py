@@ -1,0 +1,93 @@
+"""`@remote` on a function: a `RemoteFunction` whose `.remote()` submits a task."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any
+
+from redray import context, options as opts, serialization
+from redray.submitter import TaskOptions
+from redray.util import scheduling_strategies
+
+
+class RemoteFunction:
+    """A function that runs as a task in the cluster: call `.remote(...)`, not `(...)`."""
+
+    def __init__(self, function: Any, task_options: dict[str, Any]):
+        self._function = function
+        self._options = opts.validate(dict(task_options), "task")
+        self._name = getattr(function, "__qualname__", getattr(function, "__name__", "task"))
+        self._key: str | None = None
+        self._blob: bytes | None = None
+        self._task_options: TaskOptions | None = None
+        functools.update_wrapper(self, function)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = getattr(self._function, "__module__", "__main__")
+        raise TypeError(
+            "Remote functions cannot be called directly. Instead of running "
+            f"'{module}.{self._name}()', try '{module}.{self._name}.remote()'."
+        )
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Submit the task; returns an ObjectRef (a list of them for num_returns > 1)."""
+        if self._task_options is None:
+            self._task_options = self._build(self._options)
+        return self._submit(args, kwargs, self._task_options)
+
+    def options(self, **task_options: Any) -> _BoundOptions:
+        """The same function with some options overridden for the next calls."""
+        merged = {**self._options, **opts.validate(dict(task_options), "task")}
+        return _BoundOptions(self, self._build(merged))
+
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("Ray DAGs (.bind) are not supported by redray.")
+
+    def _build(self, options: dict[str, Any]) -> TaskOptions:
+        retry = options.get("retry_exceptions", False)
+        return TaskOptions(
+            name=options.get("name") or self._name,
+            num_returns=options.get("num_returns", 1),
+            resources=opts.task_resources(options),
+            max_retries=options.get("max_retries", 3),
+            retry_exceptions=tuple(retry) if isinstance(retry, (list, tuple)) else bool(retry),
+            runtime_env=options.get("runtime_env"),
+            strategy=scheduling_strategies.wire(options.get("scheduling_strategy")),
+        )
+
+    def _export(self, worker: Any) -> str:
+        if self._key is None:
+            try:
+                self._blob = serialization.dumps_function(self._function)
+            except Exception as exc:
+                raise serialization.describe_failure(
+                    self._function, exc, "the remote function"
+                ) from exc
+            self._key = hashlib.sha1(self._blob).hexdigest()
+        worker.export_function(self._key, lambda: self._blob)
+        return self._key
+
+    def _submit(self, args: tuple, kwargs: dict, task_options: TaskOptions) -> Any:
+        worker = context.worker()
+        key = self._export(worker)
+        refs = worker.submitter.submit(key, args, kwargs, task_options)
+        if task_options.num_returns == 1:
+            return refs[0]
+        if task_options.num_returns == 0:
+            return None
+        return refs
+
+
+class _BoundOptions:
+    """What `.options(...)` returns: `.remote()` with those options."""
+
+    def __init__(self, function: RemoteFunction, task_options: TaskOptions):
+        self._function = function
+        self._task_options = task_options
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function._submit(args, kwargs, self._task_options)
+
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function.bind(*args, **kwargs)

@@ -1,0 +1,541 @@
+"""Submitting normal tasks: dependencies, leases, pushes, retries and cancellation.
+
+The owner of a task waits for its `ObjectRef` arguments without holding a worker, then asks
+its raylet for a *lease* on a worker for the task's scheduling shape (resources, runtime env,
+strategy). It pushes tasks straight to leased workers over one connection and keeps a lease
+while tasks of that shape are queued, returning it shortly after it goes idle (or at once
+when the raylet asks for it back). Redis is never involved.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from redray import exceptions, serialization
+from redray.ids import return_id
+from redray.object_ref import ObjectRef
+from redray.reactor import Connection
+
+if TYPE_CHECKING:
+    from redray.worker import CoreWorker
+
+log = logging.getLogger(__name__)
+
+PIPELINE_DEPTH = int(os.environ.get("REDRAY_PIPELINE_DEPTH", "1"))
+LEASE_IDLE_SECONDS = float(os.environ.get("REDRAY_LEASE_IDLE_SECONDS", "0.05"))
+MAX_LEASE_REQUESTS = 16
+
+
+@dataclass
+class TaskOptions:
+    """What the owner needs to schedule, retry and describe a normal task."""
+
+    name: str
+    num_returns: int = 1
+    resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    max_retries: int = 3
+    retry_exceptions: bool | tuple = False
+    runtime_env: dict | None = None
+    strategy: Any = None  # None/"DEFAULT", "SPREAD", or a strategy object's wire form
+
+    def shape_key(self) -> tuple:
+        env = self.runtime_env or {}
+        return (
+            tuple(sorted(self.resources.items())),
+            tuple(sorted((env.get("env_vars") or {}).items())),
+            repr(self.strategy),
+        )
+
+
+class _Task:
+    __slots__ = (
+        "task_id",
+        "fn_key",
+        "options",
+        "args",
+        "kwargs",
+        "keep",
+        "return_ids",
+        "retries_left",
+        "unresolved",
+        "cancelled",
+        "force",
+        "lease",
+        "shape",
+        "parent",
+    )
+
+    def __init__(self, task_id, fn_key, options, args, kwargs, keep, return_ids, parent):
+        self.task_id = task_id
+        self.fn_key = fn_key
+        self.options: TaskOptions = options
+        self.args = args
+        self.kwargs = kwargs
+        self.keep = keep  # ObjectRefs the arguments need alive until the task is done
+        self.return_ids = return_ids
+        self.retries_left = options.max_retries
+        self.unresolved = 0
+        self.cancelled = False
+        self.force = False
+        self.lease: _Lease | None = None
+        self.shape: _Shape | None = None
+        self.parent = parent
+
+
+class _Lease:
+    __slots__ = ("lease_id", "conn", "raylet", "inflight", "grant", "idle_epoch", "returned")
+
+    def __init__(self, lease_id, conn, raylet, grant):
+        self.lease_id = lease_id
+        self.conn: Connection = conn
+        self.raylet: Connection = raylet
+        self.inflight: dict[bytes, _Task] = {}
+        self.grant = grant  # what the worker needs to know about its lease (GPU ids, ...)
+        self.idle_epoch = 0
+        self.returned = False
+
+
+class _Shape:
+    __slots__ = ("key", "options", "queue", "leases", "requesting", "warned")
+
+    def __init__(self, key, options):
+        self.key = key
+        self.options: TaskOptions = options
+        self.queue: collections.deque[_Task] = collections.deque()
+        self.leases: list[_Lease] = []
+        self.requesting = 0
+        self.warned = False
+
+
+class TaskSubmitter:
+    """Owner-side bookkeeping of the normal tasks this process submitted."""
+
+    def __init__(self, worker: CoreWorker):
+        self.worker = worker
+        self._lock = threading.RLock()
+        self._tasks: dict[bytes, _Task] = {}
+        self._shapes: dict[tuple, _Shape] = {}
+        self._children: dict[bytes, list[bytes]] = {}
+        self._raylets: dict[str, Connection] = {}
+        self._epochs = itertools.count(1)
+        worker.handle("done", self._on_done)
+        worker.handle("lease_reclaim", self._on_reclaim)
+
+    # -- submission -------------------------------------------------------------------------
+    def submit(self, fn_key: str, args: tuple, kwargs: dict, options: TaskOptions) -> list:
+        worker = self.worker
+        worker.process_released()
+        task_id = worker.ids.task_id()
+        keep: list[ObjectRef] = []
+        deps: list[ObjectRef] = []
+        wire_args = tuple(self._wire_arg(a, keep, deps, options.name) for a in args)
+        wire_kwargs = {k: self._wire_arg(v, keep, deps, options.name) for k, v in kwargs.items()}
+        return_ids = [return_id(task_id, i) for i in range(options.num_returns)]
+        for rid in return_ids:
+            worker.new_owned(rid)
+        refs = [ObjectRef(rid, worker.address) for rid in return_ids]
+        parent = worker.executor.current_task_id() if worker.executor is not None else None
+        task = _Task(task_id, fn_key, options, wire_args, wire_kwargs, keep, return_ids, parent)
+        with self._lock:
+            self._tasks[task_id] = task
+            if parent is not None:
+                self._children.setdefault(parent, []).append(task_id)
+            task.unresolved = len(deps) + 1
+        for dep in deps:
+            worker.on_ready(dep, lambda t=task: self._dependency_ready(t))
+        self._dependency_ready(task)
+        return refs
+
+    def _wire_arg(self, value: Any, keep: list, deps: list, name: str) -> Any:
+        """An argument as sent: pickled bytes, or a ref marker resolved before the push."""
+        if type(value) is ObjectRef:
+            keep.append(value)
+            deps.append(value)
+            return [value._id, None]
+        try:
+            data, refs = serialization.dumps(value)
+        except Exception as exc:
+            raise serialization.describe_failure(
+                value, exc, f"the argument for task or actor {name}:"
+            ) from exc
+        if len(data) > serialization.INLINE_LIMIT:
+            ref = self.worker.put_object(value)
+            keep.append(ref)
+            deps.append(ref)
+            return [ref._id, None]
+        keep.extend(refs)
+        return data
+
+    def _dependency_ready(self, task: _Task) -> None:
+        with self._lock:
+            task.unresolved -= 1
+            if task.unresolved:
+                return
+        failure = self._resolve_args(task)
+        if failure is not None:
+            self._finish(task, [failure] * len(task.return_ids))
+            return
+        if task.cancelled:
+            self._finish_cancelled(task)
+            return
+        self._enqueue(task)
+
+    def _resolve_args(self, task: _Task) -> tuple | None:
+        """Fill each ref argument with its payload; return an error payload to propagate."""
+        for items in (task.args, task.kwargs.values()):
+            for item in items:
+                if type(item) is list:
+                    payload = self.worker.payload_of(item[0])
+                    if payload[0] == "e":
+                        return payload
+                    item[1] = payload
+        return None
+
+    def _enqueue(self, task: _Task) -> None:
+        options = task.options
+        key = options.shape_key()
+        with self._lock:
+            shape = self._shapes.get(key)
+            if shape is None:
+                shape = self._shapes[key] = _Shape(key, options)
+            task.shape = shape
+            shape.queue.append(task)
+            self._dispatch(shape)
+
+    def _dispatch(self, shape: _Shape) -> None:
+        """Push queued tasks to leases with room; ask for more leases if still queued (lock held)."""
+        queue = shape.queue
+        while queue:
+            best = None
+            for lease in shape.leases:
+                if len(lease.inflight) < PIPELINE_DEPTH and (
+                    best is None or len(lease.inflight) < len(best.inflight)
+                ):
+                    best = lease
+                    if not lease.inflight:
+                        break
+            if best is None:
+                break
+            task = queue.popleft()
+            self._push(best, task)
+        wanted = min(len(queue), MAX_LEASE_REQUESTS)
+        while shape.requesting < wanted:
+            shape.requesting += 1
+            self._request_lease(shape, self.worker.raylet)
+        if not queue:
+            for lease in shape.leases:
+                if not lease.inflight:
+                    self._schedule_return(lease)
+
+    def _push(self, lease: _Lease, task: _Task) -> None:
+        task.lease = lease
+        lease.inflight[task.task_id] = task
+        lease.idle_epoch = 0
+        message = (
+            "task",
+            task.task_id,
+            task.fn_key,
+            task.options.name,
+            task.args,
+            task.kwargs,
+            len(task.return_ids),
+            lease.grant,
+        )
+        if not lease.conn.send(message):
+            # The worker is gone; on_connection_lost retries or fails what was in flight.
+            pass
+
+    # -- leases -----------------------------------------------------------------------------
+    def _request_lease(self, shape: _Shape, raylet: Connection) -> None:
+        options = shape.options
+        request = {
+            "resources": options.resources,
+            "env_vars": (options.runtime_env or {}).get("env_vars") or {},
+            "strategy": options.strategy,
+            "name": options.name,
+        }
+        self.worker.call_async(
+            raylet, "lease", (request,), lambda reply: self._on_lease_reply(shape, raylet, reply)
+        )
+
+    def _on_lease_reply(self, shape: _Shape, raylet: Connection, reply: Any) -> None:
+        from redray.worker import CONNECTION_LOST
+
+        if reply is CONNECTION_LOST:
+            with self._lock:
+                shape.requesting -= 1
+                if self.worker.shutting_down:
+                    return
+                failed = list(shape.queue)
+                shape.queue.clear()
+            error = exceptions.LocalRayletDiedError("the raylet handling this task died")
+            for task in failed:
+                self._fail(task, error)
+            return
+        kind = reply[0]
+        if kind == "granted":
+            _, lease_id, address, grant = reply
+
+            def connected(conn: Connection | None) -> None:
+                with self._lock:
+                    shape.requesting -= 1
+                    if conn is None:
+                        raylet.send(("lease_return", lease_id, True))
+                        self._dispatch(shape)
+                        return
+                    lease = _Lease(lease_id, conn, raylet, grant)
+                    conn.info.setdefault("leases", []).append(lease)
+                    shape.leases.append(lease)
+                    self._dispatch(shape)
+
+            self.worker.peer_async(tuple(address), connected)
+        elif kind == "spillback":
+            _, node_id, raylet_address = reply
+
+            def forward(conn: Connection | None) -> None:
+                if conn is None:
+                    with self._lock:
+                        shape.requesting -= 1
+                        self._dispatch(shape)
+                    return
+                self._request_lease(shape, conn)
+
+            self._raylet_async(node_id, raylet_address, forward)
+        elif kind == "error":
+            with self._lock:
+                shape.requesting -= 1
+                failed = list(shape.queue)
+                shape.queue.clear()
+            for task in failed:
+                self._fail(task, reply[1])
+
+    def _schedule_return(self, lease: _Lease) -> None:
+        epoch = lease.idle_epoch = next(self._epochs)
+        self.worker.reactor.call_later(LEASE_IDLE_SECONDS, self._return_if_idle, lease, epoch)
+
+    def _return_if_idle(self, lease: _Lease, epoch: int | None = None) -> None:
+        with self._lock:
+            if lease.returned or lease.inflight:
+                return
+            if epoch is not None and lease.idle_epoch != epoch:
+                return
+            shape = next((s for s in self._shapes.values() if lease in s.leases), None)
+            if shape is not None and shape.queue:
+                return
+            self._drop_lease(lease, shape)
+            lease.raylet.send(("lease_return", lease.lease_id, False))
+
+    def _drop_lease(self, lease: _Lease, shape: _Shape | None) -> None:
+        lease.returned = True
+        if shape is not None and lease in shape.leases:
+            shape.leases.remove(lease)
+        leases = lease.conn.info.get("leases")
+        if leases and lease in leases:
+            leases.remove(lease)
+
+    def _on_reclaim(self, conn: Connection, message: tuple) -> None:
+        lease_id = message[1]
+        with self._lock:
+            for shape in self._shapes.values():
+                for lease in shape.leases:
+                    if lease.lease_id == lease_id:
+                        self._return_if_idle(lease)
+                        return
+
+    # -- results ----------------------------------------------------------------------------
+    def _on_done(self, conn: Connection, message: tuple) -> None:
+        _, task_id, results, borrowed = message
+        with self._lock:
+            task = self._tasks.get(task_id)
+            lease = task.lease if task is not None else None
+            if lease is not None:
+                lease.inflight.pop(task_id, None)
+                task.lease = None
+        if task is None:
+            return
+        if borrowed:
+            self._adopt_borrows(borrowed, conn.info.get("peer_id"))
+        first = results[0] if results else None
+        if first is not None and first[0] == "e" and self._should_retry_error(task, first):
+            task.retries_left -= 1 if task.retries_left > 0 else 0
+            with self._lock:
+                task.shape.queue.appendleft(task)
+                self._dispatch(task.shape)
+            return
+        self._finish(task, results)
+        if lease is not None:
+            with self._lock:
+                self._dispatch(task.shape)
+
+    def _adopt_borrows(self, borrowed: list, borrower: bytes | None) -> None:
+        """The worker kept refs it got as arguments: it now borrows them from their owners."""
+        if borrower is None:
+            return
+        mine = [oid for oid, owner in borrowed if owner is None]
+        if mine:
+            self.worker._on_borrow(None, ("borrow", mine, borrower))
+        others: dict[tuple, list[bytes]] = {}
+        for oid, owner in borrowed:
+            if owner is not None:
+                others.setdefault(tuple(owner), []).append(oid)
+        for owner, oids in others.items():
+            if owner == self.worker.address:
+                self.worker._on_borrow(None, ("borrow", oids, borrower))
+            else:
+                self.worker.send_to_owner(owner, ("borrow", oids, borrower))
+
+    def _should_retry_error(self, task: _Task, payload: tuple) -> bool:
+        retry = task.options.retry_exceptions
+        if not retry or task.retries_left == 0 or task.cancelled:
+            return False
+        from redray.worker import _unpickle_error
+
+        error = _unpickle_error(payload[1])
+        if isinstance(error, exceptions.TaskCancelledError):
+            return False
+        if retry is True:
+            return isinstance(error, exceptions.RayTaskError)
+        cause = getattr(error, "cause", None)
+        return isinstance(cause, retry)
+
+    def _finish(self, task: _Task, results: list) -> None:
+        worker = self.worker
+        with self._lock:
+            self._tasks.pop(task.task_id, None)
+            if task.parent is not None:
+                siblings = self._children.get(task.parent)
+                if siblings is not None:
+                    try:
+                        siblings.remove(task.task_id)
+                    except ValueError:
+                        pass
+                    if not siblings:
+                        del self._children[task.parent]
+        for rid, payload in zip(task.return_ids, results, strict=False):
+            if payload[0] in ("v", "s") and payload[-1]:
+                nested = worker.pin_nested(payload[-1], registered=True)
+                if worker.set_value(rid, payload):
+                    with worker._lock:
+                        obj = worker._objects.get(rid)
+                        if obj is not None:
+                            obj.nested = nested
+                else:
+                    worker.unpin(nested)
+            else:
+                worker.set_value(rid, payload)
+        task.keep = None
+        task.args = task.kwargs = None
+
+    def _fail(self, task: _Task, error: BaseException) -> None:
+        from redray.worker import pickle_error
+
+        payload = ("e", pickle_error(error))
+        self._finish(task, [payload] * len(task.return_ids))
+
+    def _finish_cancelled(self, task: _Task) -> None:
+        self._fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
+
+    def on_connection_lost(self, conn: Connection) -> None:
+        """A leased worker died: retry what it was running, or fail it."""
+        leases = conn.info.get("leases")
+        if not leases:
+            return
+        crashed: list[_Task] = []
+        touched: set = set()
+        with self._lock:
+            for lease in list(leases):
+                shape = next((s for s in self._shapes.values() if lease in s.leases), None)
+                self._drop_lease(lease, shape)
+                if shape is not None:
+                    touched.add(shape.key)
+                crashed.extend(lease.inflight.values())
+                lease.inflight.clear()
+        for task in crashed:
+            task.lease = None
+            if task.cancelled:
+                error = (
+                    exceptions.WorkerCrashedError(
+                        "The worker was killed by cancel(force=True) while running this task."
+                    )
+                    if task.force
+                    else exceptions.TaskCancelledError(task.task_id.hex())
+                )
+                self._fail(task, error)
+            elif task.retries_left != 0:
+                if task.retries_left > 0:
+                    task.retries_left -= 1
+                with self._lock:
+                    task.shape.queue.appendleft(task)
+            else:
+                self._fail(task, exceptions.WorkerCrashedError())
+        with self._lock:
+            for key in touched:
+                self._dispatch(self._shapes[key])
+
+    # -- cancellation -----------------------------------------------------------------------
+    def cancel(self, task_id: bytes, force: bool, recursive: bool) -> None:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None or task.cancelled:
+                return
+            task.cancelled = True
+            task.force = force
+            queued = task.shape is not None and task in task.shape.queue
+            if queued:
+                task.shape.queue.remove(task)
+            lease = task.lease
+        if queued:
+            self._finish_cancelled(task)
+        elif lease is not None:
+            lease.conn.send(("cancel", task_id, force, recursive))
+        # else: still waiting for its arguments; dropped when they resolve.
+
+    def cancel_children(self, parent: bytes, force: bool) -> None:
+        with self._lock:
+            children = list(self._children.get(parent, ()))
+        for child in children:
+            self.cancel(child, force, True)
+
+    # -- misc -------------------------------------------------------------------------------
+    def forget_object(self, object_id: bytes) -> None:
+        """Hook for when an owned object is freed (lineage is dropped here later)."""
+
+    def _raylet_async(self, node_id: str, address, then) -> None:
+        conn = self._raylets.get(node_id)
+        if conn is not None and not conn.closed:
+            then(conn)
+            return
+
+        def connect() -> None:
+            try:
+                conn = self.worker.reactor.connect(
+                    tuple(address), self.worker._on_message, self.worker._on_conn_closed
+                )
+                conn.send(("hello_client", self.worker.address))
+                self._raylets[node_id] = conn
+            except OSError:
+                conn = None
+            self.worker.reactor.call_soon(then, conn)
+
+        threading.Thread(target=connect, daemon=True).start()
+
+    def send_to_raylet(self, node_id: str, message: tuple) -> None:
+        info = self.worker.gcs.node(node_id)
+        if info is None or info.get("state") != "ALIVE":
+            return
+        self._raylet_async(
+            node_id, info["raylet_address"], lambda c: c.send(message) if c else None
+        )
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for shape in self._shapes.values():
+                for lease in list(shape.leases):
+                    self._drop_lease(lease, shape)
+                    lease.raylet.send(("lease_return", lease.lease_id, False))

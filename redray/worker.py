@@ -1,0 +1,783 @@
+"""The core worker: what every driver and worker process runs.
+
+It owns the objects its process creates (the values of small ones, the whereabouts of large
+ones), counts references to them across processes, fetches objects it borrows from their
+owners, and talks to its raylet. Task submission lives in `submitter.py`, task execution in
+`executor.py`; both hang off this object.
+
+Threads: user threads call in (get/put/submit); the reactor thread handles every incoming
+message. Shared state is guarded by `self._lock`; nothing blocking happens while it is held.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from redray import context, exceptions, serialization
+from redray.gcs import Gcs
+from redray.ids import IdSource
+from redray.object_ref import Address, ObjectRef
+from redray.reactor import Connection, Reactor
+
+log = logging.getLogger(__name__)
+
+# An object's payload, as stored by its owner and sent to whoever asks for it:
+#   ("v", pickled bytes, nested)          the value inline
+#   ("s", node_id, size, nested)          the value is in node_id's shared-memory store
+#   ("e", pickled exception)              the task that should make it failed
+# nested: [(object_id, owner address)] of the refs the value contains.
+Payload = tuple
+
+CONNECTION_LOST = ConnectionError("connection lost")
+
+
+class _Obj:
+    """What this process knows of one object it owns or borrows."""
+
+    __slots__ = (
+        "owner",
+        "count",
+        "value",
+        "callbacks",
+        "borrowers",
+        "registered",
+        "via_task",
+        "nested",
+        "fetching",
+    )
+
+    def __init__(self, owner: Address | None):
+        self.owner = owner  # None when this process owns the object
+        self.count = 0  # live ObjectRefs here + pins (pending tasks, containing objects)
+        self.value: Payload | None = None
+        self.callbacks: list[Callable[[], None]] | None = None
+        self.borrowers: dict[bytes, int] | None = None  # owner side: worker id -> count
+        self.registered = 0  # borrower side: registrations the owner holds for us
+        self.via_task = False  # borrower side: arrived as an argument of the running task
+        self.nested: list[bytes] | None = None  # refs this value contains (pinned by it)
+        self.fetching = False
+
+
+class CoreWorker:
+    """The runtime inside one driver or worker process."""
+
+    def __init__(
+        self,
+        *,
+        mode: str,
+        token: bytes,
+        raylet_address: tuple[str, int],
+        gcs_url: str,
+        cluster: str,
+        worker_id: bytes,
+        job_id: str,
+        namespace: str,
+        listen_host: str = "127.0.0.1",
+        log_to_driver: bool = True,
+    ):
+        self.mode = mode
+        self.token = token
+        self.worker_id = worker_id
+        self.job_id = job_id
+        self.namespace = namespace
+        self.log_to_driver = log_to_driver
+        self.ids = IdSource(worker_id[:8])
+        self.reactor = Reactor(token, name=f"redray-io-{mode}")
+        host, port = self.reactor.listen(listen_host, 0, self._on_message, self._on_conn_closed)
+        self.address: Address = (host, port, worker_id)
+        self.gcs = Gcs(gcs_url, cluster)
+        self._lock = threading.Lock()
+        self._objects: dict[bytes, _Obj] = {}
+        self._released: collections.deque[bytes] = collections.deque()
+        self._calls: dict[int, Callable[[Any], None]] = {}
+        self._call_ids = itertools.count(1)
+        self._peers: dict[bytes, Connection] = {}
+        self._peer_lock = threading.Lock()
+        self._connecting: dict[bytes, list[Callable]] = {}
+        self._functions: dict[str, Any] = {}
+        self._exported: set[str] = set()
+        self._arena = None
+        self.shutting_down = False
+        self.driver_address: Address = self.address
+        self.executor = None  # set in worker processes
+        self.blocked_depth = 0
+
+        self._handlers: dict[str, Callable[[Connection, tuple], None]] = {
+            "reply": self._on_reply,
+            "hello": self._on_hello,
+            "get_obj": self._on_get_object,
+            "borrow": self._on_borrow,
+            "unborrow": self._on_unborrow,
+            "log": self._on_log,
+            "warn": self._on_warning,
+        }
+        from redray.submitter import TaskSubmitter
+
+        self.submitter = TaskSubmitter(self)
+        self.raylet = self.reactor.connect(raylet_address, self._on_message, self._on_raylet_lost)
+        node = self.call(
+            self.raylet,
+            "register",
+            mode,
+            worker_id,
+            os.getpid(),
+            self.address,
+            job_id,
+        )
+        if isinstance(node, BaseException):
+            raise exceptions.RaySystemError(f"could not register with the raylet: {node}")
+        self.node: dict[str, Any] = node
+        self.node_id: str = node["node_id"]
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def handle(self, kind: str, handler: Callable[[Connection, tuple], None]) -> None:
+        """Route incoming messages of `kind` to handler (on the reactor thread)."""
+        self._handlers[kind] = handler
+
+    def _on_message(self, conn: Connection, message: tuple) -> None:
+        handler = self._handlers.get(message[0])
+        if handler is None:
+            log.warning("unknown message %r from %r", message[0], conn)
+            return
+        handler(conn, message)
+
+    def call_async(self, conn: Connection, kind: str, args: tuple, callback: Callable) -> None:
+        """Send a request; callback(reply) runs on the reactor thread (CONNECTION_LOST on loss)."""
+        call_id = next(self._call_ids)
+        self._calls[call_id] = callback
+        conn.info.setdefault("calls", set()).add(call_id)
+        if not conn.send((kind, call_id, *args)):
+            conn.info["calls"].discard(call_id)
+            self._calls.pop(call_id, None)
+            callback(CONNECTION_LOST)
+
+    def call(self, conn: Connection, kind: str, *args: Any, timeout: float | None = None) -> Any:
+        """Send a request and wait for its reply (not on the reactor thread)."""
+        done = threading.Lock()
+        done.acquire()
+        result: list[Any] = []
+
+        def on_reply(reply: Any) -> None:
+            result.append(reply)
+            done.release()
+
+        self.call_async(conn, kind, args, on_reply)
+        if not done.acquire(timeout=-1 if timeout is None else timeout):
+            raise exceptions.GetTimeoutError(f"no reply to {kind} within {timeout} s")
+        return result[0]
+
+    def _on_reply(self, conn: Connection, message: tuple) -> None:
+        _, call_id, reply = message
+        conn.info.get("calls", set()).discard(call_id)
+        callback = self._calls.pop(call_id, None)
+        if callback is not None:
+            callback(reply)
+
+    def _on_conn_closed(self, conn: Connection) -> None:
+        for call_id in conn.info.get("calls", ()):
+            callback = self._calls.pop(call_id, None)
+            if callback is not None:
+                try:
+                    callback(CONNECTION_LOST)
+                except Exception:
+                    log.exception("callback failed on connection loss")
+        peer = conn.info.get("peer_id")
+        if peer is not None:
+            with self._peer_lock:
+                if self._peers.get(peer) is conn:
+                    del self._peers[peer]
+        self.submitter.on_connection_lost(conn)
+        if self.executor is not None:
+            self.executor.on_connection_lost(conn)
+
+    def _on_raylet_lost(self, conn: Connection) -> None:
+        self._on_conn_closed(conn)
+        if not self.shutting_down:
+            if self.mode == "worker":
+                os._exit(1)
+            log.error("lost the connection to the raylet; the cluster is gone")
+
+    def _on_hello(self, conn: Connection, message: tuple) -> None:
+        _, address, job_id, driver_address, log_to_driver = message
+        conn.info.update(
+            peer=address,
+            peer_id=address[2],
+            job_id=job_id,
+            driver=driver_address,
+            log_to_driver=log_to_driver,
+        )
+        with self._peer_lock:
+            self._peers.setdefault(address[2], conn)
+
+    def peer(self, address: Address) -> Connection:
+        """A connection to another core worker (made once, then reused)."""
+        with self._peer_lock:
+            conn = self._peers.get(address[2])
+        if conn is not None and not conn.closed:
+            return conn
+        conn = self.reactor.connect(address[:2], self._on_message, self._on_conn_closed)
+        conn.info.update(peer=address, peer_id=address[2])
+        conn.send(("hello", self.address, self.job_id, self.driver_address, self.log_to_driver))
+        with self._peer_lock:
+            current = self._peers.get(address[2])
+            if current is not None and not current.closed:
+                conn.close()
+                return current
+            self._peers[address[2]] = conn
+        return conn
+
+    def peer_async(self, address: Address, then: Callable[[Connection | None], None]) -> None:
+        """Like `peer`, without blocking the calling thread on a new connection.
+
+        Callbacks for one peer run in the order they were requested, so messages sent from
+        them keep their order even while the connection is still being made.
+        """
+        peer_id = address[2]
+        with self._peer_lock:
+            waiting = self._connecting.get(peer_id)
+            if waiting is not None:
+                waiting.append(then)
+                return
+            conn = self._peers.get(peer_id)
+            if conn is None or conn.closed:
+                self._connecting[peer_id] = [then]
+        if conn is not None and not conn.closed:
+            then(conn)
+            return
+
+        def connect() -> None:
+            try:
+                result = self.peer(address)
+            except OSError:
+                result = None
+            while True:
+                with self._peer_lock:
+                    callbacks = self._connecting[peer_id]
+                    if not callbacks:
+                        del self._connecting[peer_id]
+                        return
+                    self._connecting[peer_id] = []
+                for callback in callbacks:
+                    try:
+                        callback(result)
+                    except Exception:
+                        log.exception("peer callback failed")
+
+        threading.Thread(target=connect, daemon=True, name="redray-connect").start()
+
+    # -- reference counting -----------------------------------------------------------------
+    def add_local_ref(self, object_id: bytes, owner: Address | None) -> None:
+        with self._lock:
+            obj = self._objects.get(object_id)
+            if obj is None:
+                obj = self._objects[object_id] = _Obj(None if owner == self.address else owner)
+            obj.count += 1
+
+    def add_deserialized_ref(self, object_id: bytes, owner: Address | None) -> None:
+        """A ref was unpickled here: count it, and note a new borrow for registration."""
+        if owner == self.address:
+            owner = None
+        with self._lock:
+            obj = self._objects.get(object_id)
+            new = obj is None
+            if new:
+                obj = self._objects[object_id] = _Obj(owner)
+            obj.count += 1
+        if new and owner is not None:
+            scope = context.deserialize_scope()
+            if scope is not None:
+                scope.append(object_id)
+            else:
+                self.register_borrows([object_id])
+
+    def register_borrows(self, object_ids: Iterable[bytes], via_task: bool = False) -> None:
+        """Tell owners we hold refs to their objects (or, for task arguments, defer to the reply)."""
+        by_owner: dict[tuple, list[bytes]] = {}
+        with self._lock:
+            for oid in object_ids:
+                obj = self._objects.get(oid)
+                if obj is None or obj.owner is None:
+                    continue
+                if via_task:
+                    obj.via_task = True
+                else:
+                    obj.registered += 1
+                    by_owner.setdefault(obj.owner, []).append(oid)
+        for owner, oids in by_owner.items():
+            self.send_to_owner(owner, ("borrow", oids, self.worker_id))
+
+    def take_task_borrows(self) -> list[tuple[bytes, Address]]:
+        """Refs that arrived as task arguments and are still alive: the caller registers them."""
+        kept = []
+        with self._lock:
+            for oid, obj in self._objects.items():
+                if obj.via_task:
+                    obj.via_task = False
+                    obj.registered += 1
+                    kept.append((oid, obj.owner))
+        return kept
+
+    def pin(self, object_ids: Iterable[bytes]) -> None:
+        """Keep objects alive on behalf of something that is not an ObjectRef (a task, a value)."""
+        with self._lock:
+            for oid in object_ids:
+                obj = self._objects.get(oid)
+                if obj is not None:
+                    obj.count += 1
+
+    def pin_nested(self, nested: list[tuple[bytes, Address]], registered: bool) -> list[bytes]:
+        """Pin the refs a value contains; `registered`: their owners already count us."""
+        ids = []
+        with self._lock:
+            for oid, owner in nested:
+                if owner == self.address:
+                    owner = None
+                obj = self._objects.get(oid)
+                if obj is None:
+                    obj = self._objects[oid] = _Obj(owner)
+                obj.count += 1
+                if registered and owner is not None:
+                    obj.registered += 1
+                ids.append(oid)
+        return ids
+
+    def remove_local_ref(self, object_id: bytes) -> None:
+        released = self._released
+        released.append(object_id)
+        if len(released) == 1:
+            self.reactor.call_soon(self.process_released)
+
+    def unpin(self, object_ids: Iterable[bytes]) -> None:
+        self._released.extend(object_ids)
+        self.reactor.call_soon(self.process_released)
+
+    def process_released(self) -> None:
+        """Apply pending decrements; free objects nobody refers to any more."""
+        released = self._released
+        if not released:
+            return
+        frees: list[tuple[bytes, _Obj]] = []
+        with self._lock:
+            objects = self._objects
+            while released:
+                oid = released.popleft()
+                obj = objects.get(oid)
+                if obj is None:
+                    continue
+                obj.count -= 1
+                if obj.count <= 0 and not obj.borrowers:
+                    self._drop(oid, obj, frees)
+        if frees:
+            self._finish_frees(frees)
+
+    def _drop(self, oid: bytes, obj: _Obj, frees: list) -> None:
+        """Forget an object (lock held); what must be said to others goes to `frees`."""
+        del self._objects[oid]
+        frees.append((oid, obj))
+        for inner in obj.nested or ():
+            inner_obj = self._objects.get(inner)
+            if inner_obj is not None:
+                inner_obj.count -= 1
+                if inner_obj.count <= 0 and not inner_obj.borrowers:
+                    self._drop(inner, inner_obj, frees)
+
+    def _finish_frees(self, frees: list[tuple[bytes, _Obj]]) -> None:
+        store_frees: dict[str, list[bytes]] = {}
+        unborrows: dict[tuple, list[tuple[bytes, int]]] = {}
+        for oid, obj in frees:
+            if obj.owner is None:
+                value = obj.value
+                if value is not None and value[0] == "s":
+                    store_frees.setdefault(value[1], []).append(oid)
+                self.submitter.forget_object(oid)
+            elif obj.registered:
+                unborrows.setdefault(obj.owner, []).append((oid, obj.registered))
+        for node_id, oids in store_frees.items():
+            self.free_in_store(node_id, oids)
+        for owner, items in unborrows.items():
+            self.send_to_owner(owner, ("unborrow", items, self.worker_id))
+
+    def send_to_owner(self, owner: Address, message: tuple) -> None:
+        def send(conn: Connection | None) -> None:
+            if conn is not None:
+                conn.send(message)
+
+        self.peer_async(owner, send)
+
+    def _on_borrow(self, conn: Connection, message: tuple) -> None:
+        _, oids, borrower = message
+        with self._lock:
+            for oid in oids:
+                obj = self._objects.get(oid)
+                if obj is not None and obj.owner is None:
+                    if obj.borrowers is None:
+                        obj.borrowers = {}
+                    obj.borrowers[borrower] = obj.borrowers.get(borrower, 0) + 1
+
+    def _on_unborrow(self, conn: Connection, message: tuple) -> None:
+        _, items, borrower = message
+        frees: list = []
+        with self._lock:
+            for oid, n in items:
+                obj = self._objects.get(oid)
+                if obj is None or obj.borrowers is None:
+                    continue
+                left = obj.borrowers.get(borrower, 0) - n
+                if left:
+                    obj.borrowers[borrower] = left
+                else:
+                    obj.borrowers.pop(borrower, None)
+                if obj.count <= 0 and not obj.borrowers:
+                    self._drop(oid, obj, frees)
+        if frees:
+            self._finish_frees(frees)
+
+    def forget_borrower(self, borrower: bytes) -> None:
+        """A borrowing process died: drop what it held."""
+        frees: list = []
+        with self._lock:
+            for oid, obj in list(self._objects.items()):
+                if obj.borrowers and obj.borrowers.pop(borrower, None) is not None:
+                    if obj.count <= 0 and not obj.borrowers:
+                        self._drop(oid, obj, frees)
+        if frees:
+            self._finish_frees(frees)
+
+    # -- owned objects ----------------------------------------------------------------------
+    def new_owned(self, object_id: bytes) -> None:
+        """Start tracking an object this process will own (a put or a task return)."""
+        with self._lock:
+            self._objects[object_id] = _Obj(None)
+
+    def set_value(self, object_id: bytes, payload: Payload) -> bool:
+        """Record an object's payload and wake whoever waits; False if nobody refers to it."""
+        with self._lock:
+            obj = self._objects.get(object_id)
+            if obj is None:
+                callbacks = None
+            else:
+                obj.value = payload
+                obj.fetching = False
+                callbacks, obj.callbacks = obj.callbacks, None
+        if obj is None:
+            if payload[0] == "s":
+                self.free_in_store(payload[1], [object_id])
+            return False
+        if callbacks:
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("object-ready callback failed")
+        return True
+
+    def payload_of(self, object_id: bytes) -> Payload | None:
+        obj = self._objects.get(object_id)
+        return None if obj is None else obj.value
+
+    def is_owned(self, object_id: bytes) -> bool:
+        obj = self._objects.get(object_id)
+        return obj is not None and obj.owner is None
+
+    def _on_get_object(self, conn: Connection, message: tuple) -> None:
+        """A borrower asks for an object we own; answer when it is ready."""
+        _, call_id, oid = message
+        with self._lock:
+            obj = self._objects.get(oid)
+            if obj is not None and obj.owner is None and obj.value is None:
+                if obj.callbacks is None:
+                    obj.callbacks = []
+                obj.callbacks.append(lambda: conn.send(("reply", call_id, obj.value)))
+                return
+        if obj is None or obj.owner is not None:
+            conn.send(("reply", call_id, ("lost",)))
+        else:
+            conn.send(("reply", call_id, obj.value))
+
+    # -- readiness --------------------------------------------------------------------------
+    def on_ready(self, ref: ObjectRef, callback: Callable[[], None]) -> None:
+        """Run callback (on some runtime thread) once the object's payload is known here."""
+        oid = ref._id
+        with self._lock:
+            obj = self._objects.get(oid)
+            if obj is None:
+                obj = self._objects[oid] = _Obj(ref._owner if ref._owner != self.address else None)
+            if obj.value is None:
+                if obj.callbacks is None:
+                    obj.callbacks = []
+                obj.callbacks.append(callback)
+                fetch = obj.owner is not None and not obj.fetching
+                if fetch:
+                    obj.fetching = True
+            else:
+                fetch = None
+        if fetch is None:
+            callback()
+        elif fetch:
+            self._fetch_from_owner(oid, obj.owner)
+
+    def _fetch_from_owner(self, oid: bytes, owner: Address) -> None:
+        def on_reply(reply: Any) -> None:
+            if reply is CONNECTION_LOST or isinstance(reply, BaseException):
+                reply = ("e", _pickle_error(exceptions.OwnerDiedError(oid.hex(), owner)))
+            elif reply[0] == "lost":
+                reply = ("e", _pickle_error(exceptions.ObjectLostError(oid.hex(), owner)))
+            self.set_value(oid, reply)
+
+        def ask(conn: Connection | None) -> None:
+            if conn is None:
+                on_reply(CONNECTION_LOST)
+            else:
+                self.call_async(conn, "get_obj", (oid,), on_reply)
+
+        self.peer_async(owner, ask)
+
+    def wait_ready(self, refs: list[ObjectRef], num: int, timeout: float | None) -> None:
+        """Block until `num` of refs are ready here or timeout passes (no error)."""
+        pending = [r for r in refs if self.payload_of(r._id) is None]
+        needed = num - (len(refs) - len(pending))
+        if needed <= 0:
+            return
+        done = threading.Lock()
+        done.acquire()
+        state = [needed]
+        guard = threading.Lock()
+
+        def one_ready() -> None:
+            with guard:
+                state[0] -= 1
+                if state[0] == 0:
+                    done.release()
+
+        for ref in pending:
+            self.on_ready(ref, one_ready)
+        self._block(lambda: done.acquire(timeout=-1 if timeout is None else max(0.0, timeout)))
+
+    def _block(self, wait: Callable[[], Any]) -> Any:
+        """Wait, lending this worker's CPU back to the raylet meanwhile."""
+        lend = self.executor is not None and self.executor.running_task()
+        if lend:
+            self.blocked_depth += 1
+            if self.blocked_depth == 1:
+                self.raylet.send(("blocked",))
+        try:
+            return wait()
+        finally:
+            if lend:
+                self.blocked_depth -= 1
+                if self.blocked_depth == 0:
+                    self.raylet.send(("unblocked",))
+
+    # -- get / put / wait -------------------------------------------------------------------
+    def get_objects(self, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.process_released()
+        if any(self.payload_of(r._id) is None for r in refs):
+            self.wait_ready(refs, len(refs), timeout)
+        values = []
+        for ref in refs:
+            payload = self.payload_of(ref._id)
+            if payload is None:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if remaining is not None and remaining <= 0:
+                    raise exceptions.GetTimeoutError(
+                        f"Get timed out: some object(s) not ready after {timeout} s."
+                    )
+                self.wait_ready([ref], 1, remaining)
+                payload = self.payload_of(ref._id)
+                if payload is None:
+                    raise exceptions.GetTimeoutError(
+                        f"Get timed out: some object(s) not ready after {timeout} s."
+                    )
+            values.append(self.materialize(ref._id, payload))
+        return values
+
+    def materialize(self, oid: bytes, payload: Payload) -> Any:
+        """Turn a payload into the user's value (raising the task's error, if it failed)."""
+        kind = payload[0]
+        if kind == "v":
+            data = payload[1]
+            if not payload[2]:
+                return serialization.loads(data)
+            with context.deserializing() as scope:
+                value = serialization.loads(data)
+            if scope.refs:
+                self.register_borrows(scope.refs)
+            return value
+        if kind == "e":
+            raise _unpickle_error(payload[1])
+        if kind == "s":
+            return self.read_from_store(oid, payload)
+        raise exceptions.RaySystemError(f"unknown payload kind {kind!r}")
+
+    def put_object(self, value: Any, owner: Address | None = None) -> ObjectRef:
+        if isinstance(value, ObjectRef):
+            raise TypeError(
+                "Calling 'put' on an ray.ObjectRef is not allowed. If you really want to do "
+                "this, you can wrap the ray.ObjectRef in a list and call 'put' on it."
+            )
+        self.process_released()
+        oid = self.ids.put_id()
+        payload, nested = self.serialize_value(value, oid, "the object")
+        self.new_owned(oid)
+        ref = ObjectRef(oid, self.address)
+        self.own_nested(oid, nested)
+        self.set_value(oid, payload)
+        return ref
+
+    def own_nested(self, oid: bytes, nested: list[ObjectRef]) -> None:
+        """An owned value contains refs: keep them alive as long as it is."""
+        if not nested:
+            return
+        ids = [r._id for r in nested]
+        self.pin(ids)
+        with self._lock:
+            obj = self._objects.get(oid)
+            if obj is not None:
+                obj.nested = ids
+
+    def serialize_value(
+        self, value: Any, oid: bytes, what: str, owner_id: bytes | None = None
+    ) -> tuple[Payload, list[ObjectRef]]:
+        """A payload for value: inline when small, else written to this node's store."""
+        try:
+            inband, buffers, refs = serialization.dumps_oob(value)
+        except Exception as exc:
+            raise serialization.describe_failure(value, exc, what) from exc
+        nested = [(r._id, r._owner) for r in refs]
+        size = serialization.oob_size(inband, buffers)
+        if size <= serialization.INLINE_LIMIT:
+            if buffers:
+                inband, refs2 = serialization.dumps(value)
+            return ("v", inband, nested), refs
+        size = self.write_to_store(oid, inband, buffers, owner_id or self.worker_id)
+        return ("s", self.node_id, size, nested), refs
+
+    # -- the shared-memory store ------------------------------------------------------------
+    def arena(self):
+        if self._arena is None:
+            from redray.objstore.arena import SharedArena
+
+            self._arena = SharedArena.from_descriptor(tuple(self.node["store"]))
+        return self._arena
+
+    def write_to_store(self, oid: bytes, inband: bytes, buffers: list, owner_id: bytes) -> int:
+        from redray.objstore import layout
+
+        serialized = layout.Serialized(inband, buffers)
+        size = serialized.total_size
+        reply = self.call(self.raylet, "alloc", oid, size, owner_id)
+        if reply is CONNECTION_LOST:
+            raise exceptions.LocalRayletDiedError("the raylet is gone")
+        if isinstance(reply, BaseException):
+            raise reply
+        offset = reply
+        serialized.write_to(self.arena().view[offset : offset + size])
+        self.raylet.send(("seal", oid))
+        return size
+
+    def read_from_store(self, oid: bytes, payload: Payload) -> Any:
+        """Map a store object's region and deserialize it zero-copy; unpinned once unused."""
+        from redray.objstore import layout
+
+        reply = self.call(self.raylet, "pin", oid, payload[1])
+        if reply is CONNECTION_LOST:
+            raise exceptions.LocalRayletDiedError("the raylet of this node is gone")
+        if isinstance(reply, BaseException):
+            raise reply
+        offset, size = reply
+        view = self.arena().view[offset : offset + size]
+        raylet = self.raylet
+
+        def release() -> None:
+            raylet.send(("unpin", oid))
+
+        with context.deserializing() as scope:
+            value = layout.deserialize(view, on_release=release)
+        if scope.refs:
+            self.register_borrows(scope.refs)
+        return value
+
+    def prefetch(self, refs: list[ObjectRef]) -> None:
+        """Start moving ready objects to this node (they are already here on one node)."""
+
+    def free_in_store(self, node_id: str, oids: list[bytes]) -> None:
+        if node_id == self.node_id:
+            self.raylet.send(("free", oids))
+        else:
+            self.submitter.send_to_raylet(node_id, ("free", oids))
+
+    # -- functions --------------------------------------------------------------------------
+    def export_function(self, key: str, blob_factory: Callable[[], bytes]) -> None:
+        if key not in self._exported:
+            self.gcs.export_function(key, blob_factory())
+            self._exported.add(key)
+
+    def load_function(self, key: str) -> Any:
+        fn = self._functions.get(key)
+        if fn is None:
+            blob = self.gcs.function(key)
+            if blob is None:
+                raise exceptions.RaySystemError(f"function {key} was never exported")
+            import cloudpickle
+
+            fn = self._functions[key] = cloudpickle.loads(blob)
+        return fn
+
+    # -- logs -------------------------------------------------------------------------------
+    def _on_log(self, conn: Connection, message: tuple) -> None:
+        _, entries = message
+        if self.mode != "driver":
+            return
+        for stream, prefix, text in entries:
+            out = sys.stderr if stream == 2 else sys.stdout
+            try:
+                out.write("".join(f"{prefix} {line}\n" for line in text.splitlines()))
+                out.flush()
+            except (ValueError, OSError):
+                pass
+
+    def _on_warning(self, conn: Connection, message: tuple) -> None:
+        print(message[1], file=sys.stderr, flush=True)
+
+    # -- life cycle -------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self.shutting_down = True
+        try:
+            self.submitter.shutdown()
+        except Exception:
+            log.exception("submitter shutdown failed")
+        self.reactor.stop()
+        if self._arena is not None:
+            self._arena.close()
+        self.gcs.close()
+
+
+def _pickle_error(exc: BaseException) -> bytes:
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(exc)
+    except Exception:
+        return cloudpickle.dumps(exceptions.RaySystemError(repr(exc)))
+
+
+def _unpickle_error(data: bytes) -> BaseException:
+    try:
+        err = serialization.loads(data)
+    except Exception as exc:
+        return exceptions.RaySystemError(f"could not deserialize the task's error: {exc}")
+    if isinstance(err, exceptions.RayTaskError):
+        return err.as_instanceof_cause()
+    return err
+
+
+pickle_error = _pickle_error

@@ -1,0 +1,34 @@
+"""Entry point of a worker process (forked by the zygote): join the raylet, run tasks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from redray import context
+
+
+def main(config: dict[str, Any]) -> None:
+    """Start the core worker in worker mode and run pushed tasks until told to exit."""
+    from redray.executor import Executor
+    from redray.worker import CoreWorker
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    os.environ["REDRAY_WORKER"] = "1"
+    worker = CoreWorker(
+        mode="worker",
+        token=config["token"],
+        raylet_address=tuple(config["raylet_address"]),
+        gcs_url=config["gcs_url"],
+        cluster=config["cluster"],
+        worker_id=config["worker_id"],
+        job_id="",
+        namespace="",
+        listen_host=config["listen_host"],
+    )
+    context.current = worker
+    executor = Executor(worker)
+    worker.executor = executor
+    worker.raylet.send(("ready",))
+    executor.run()
