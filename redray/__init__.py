@@ -1,12 +1,12 @@
 """redray: a lightweight, Redis-backed task and actor runtime with Ray core's API.
 
-    import redray as ray
+import redray as ray
 
-    @ray.remote
-    def square(x):
-        return x * x
+@ray.remote
+def square(x):
+    return x * x
 
-    print(ray.get([square.remote(i) for i in range(10)]))
+print(ray.get([square.remote(i) for i in range(10)]))
 """
 
 from redray import exceptions

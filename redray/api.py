@@ -197,9 +197,8 @@ def _pick_local_node(nodes: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _start_driver(connection, namespace, log_to_driver, runtime_env) -> None:
-    from redray.worker import CoreWorker
-
     from redray.gcs import Gcs
+    from redray.worker import CoreWorker
 
     gcs = Gcs(connection["gcs_url"], connection["cluster"])
     job_number = gcs.next_job_id()
@@ -327,7 +326,9 @@ def wait(
         raise ValueError(f"The 'timeout' argument must be nonnegative. Received {timeout}")
     for ref in object_refs:
         if type(ref) is not ObjectRef:
-            raise TypeError(f"wait() expected a list of ray.ObjectRef, got list containing {type(ref)}")
+            raise TypeError(
+                f"wait() expected a list of ray.ObjectRef, got list containing {type(ref)}"
+            )
     if len(object_refs) != len(set(object_refs)):
         raise ValueError("Wait requires a list of unique object refs.")
     if num_returns <= 0:

@@ -118,7 +118,9 @@ def _dual_class(cause_cls: type) -> type:
 
 
 def _rebuild_task_error(function_name, traceback_str, cause, proctitle, pid, ip) -> RayTaskError:
-    return RayTaskError(function_name, traceback_str, cause, proctitle, pid, ip).as_instanceof_cause()
+    return RayTaskError(
+        function_name, traceback_str, cause, proctitle, pid, ip
+    ).as_instanceof_cause()
 
 
 def _local_ip() -> str:

@@ -206,7 +206,10 @@ def task_error(name: str, exc: BaseException) -> exceptions.RayTaskError:
     """The error a caller sees for an exception raised by task `name`."""
     if isinstance(exc, exceptions.RayTaskError):
         return exc  # a failed dependency or nested get: keep the original error
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    frames = exc.__traceback__
+    if frames is not None and frames.tb_frame.f_code is Executor.execute.__code__:
+        frames = frames.tb_next  # start at the user's function, not at our call into it
+    tb = "".join(traceback.format_exception(type(exc), exc, frames))
     try:
         import cloudpickle
 

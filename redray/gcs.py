@@ -266,7 +266,9 @@ class Gcs:
     # -- named entries (actors, placement groups) ------------------------------------------
     def claim_name(self, table: str, namespace: str, name: str, value: str) -> str:
         """Bind name to value unless already bound; return the value bound now."""
-        current = self._claim_script(keys=[self.key(table)], args=[_name_field(namespace, name), value])
+        current = self._claim_script(
+            keys=[self.key(table)], args=[_name_field(namespace, name), value]
+        )
         return current.decode() if isinstance(current, bytes) else current
 
     def lookup_name(self, table: str, namespace: str, name: str) -> str | None:
@@ -288,7 +290,9 @@ class Gcs:
         return result
 
     # -- generic JSON tables (actors, placement groups) ------------------------------------
-    def table_put(self, table: str, entry_id: str, info: dict[str, Any], channel: str | None = None):
+    def table_put(
+        self, table: str, entry_id: str, info: dict[str, Any], channel: str | None = None
+    ):
         pipe = self.redis.pipeline()
         pipe.hset(self.key(table), entry_id, _dumps(info))
         if channel is not None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import psutil
 
-ROOT_DIR = os.path.join(tempfile.gettempdir(), "redray")
+ROOT_DIR = os.path.join(tempfile.gettempdir(), f"redray-{os.getuid()}")
 CURRENT_CLUSTER = os.path.join(ROOT_DIR, "current_cluster.json")
 DEFAULT_NODE_TIMEOUT = float(os.environ.get("REDRAY_NODE_TIMEOUT", "5"))
 

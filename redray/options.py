@@ -53,8 +53,7 @@ def validate(options: dict[str, Any], kind: str) -> dict[str, Any]:
         if key not in valid:
             what = {"task": "remote functions", "actor": "actors", "method": "actor methods"}
             raise ValueError(
-                f"Invalid option keyword {key} for {what[kind]}. "
-                f"Valid ones are {sorted(valid)}."
+                f"Invalid option keyword {key} for {what[kind]}. Valid ones are {sorted(valid)}."
             )
     for key in ("num_cpus", "num_gpus", "memory", "object_store_memory"):
         value = options.get(key)
@@ -94,9 +93,7 @@ def validate(options: dict[str, Any], kind: str) -> dict[str, Any]:
         if not isinstance(retry, (list, tuple)) or not all(
             isinstance(t, type) and issubclass(t, BaseException) for t in retry
         ):
-            raise TypeError(
-                "retry_exceptions must be either a boolean or a list of exceptions"
-            )
+            raise TypeError("retry_exceptions must be either a boolean or a list of exceptions")
     lifetime = options.get("lifetime")
     if lifetime not in (None, "detached", "non_detached"):
         raise ValueError("actor `lifetime` argument must be one of 'detached', 'non_detached'.")

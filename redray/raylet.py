@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from redray import exceptions, protocol, scheduling
+from redray import exceptions, scheduling
 from redray.gcs import Gcs
 from redray.reactor import Connection, Reactor
 
@@ -55,6 +55,7 @@ class _Lease:
     holder: Connection
     gpu_ids: list[int] = field(default_factory=list)
     lent_cpu: float = 0.0
+    reclaim_sent: bool = False
 
 
 @dataclass
@@ -65,7 +66,6 @@ class _Request:
     env_vars: dict[str, str]
     env_key: tuple
     name: str
-    reclaim_sent: bool = False
 
 
 class Raylet:
@@ -120,6 +120,7 @@ class Raylet:
             "free": self._on_free,
             "kill_worker": self._on_kill_worker,
             "store_stats": self._on_store_stats,
+            "debug_state": self._on_debug_state,
             "shutdown": lambda conn, message: self.reactor.call_soon(self.stop),
             "hello_client": lambda conn, message: None,
         }
@@ -350,9 +351,8 @@ class Raylet:
                 self.pending.remove(request)
                 continue
             if not scheduling.fits(request.resources, self.available):
-                if not request.reclaim_sent and scheduling.fits(request.resources, self.total):
-                    request.reclaim_sent = True
-                    self._ask_idle_leases_back(request.conn)
+                if scheduling.fits(request.resources, self.total):
+                    self._ask_leases_back()
                 continue
             idle = self.idle.get(request.env_key)
             if not idle:
@@ -381,9 +381,11 @@ class Raylet:
             ("reply", request.call_id, ("granted", lease.lease_id, worker.address, grant))
         )
 
-    def _ask_idle_leases_back(self, requester: Connection) -> None:
+    def _ask_leases_back(self) -> None:
+        """Requests wait for resources: holders return their leases as soon as they idle."""
         for lease in self.leases.values():
-            if lease.holder is not requester or True:
+            if not lease.reclaim_sent:
+                lease.reclaim_sent = True
                 lease.holder.send(("lease_reclaim", lease.lease_id))
 
     def _end_lease(self, lease: _Lease) -> None:
@@ -479,6 +481,36 @@ class Raylet:
 
     def _on_store_stats(self, conn: Connection, message: tuple) -> None:
         conn.send(("reply", message[1], self.store.stats()))
+
+    def _on_debug_state(self, conn: Connection, message: tuple) -> None:
+        state = {
+            "available": self.available,
+            "pending": [(r.resources, r.name, r.conn.info.get("mode")) for r in self.pending],
+            "leases": {
+                lease.lease_id: (
+                    lease.worker.pid,
+                    lease.resources,
+                    lease.lent_cpu,
+                    getattr(self.workers.get(lease.holder.info.get("worker_id")), "pid", "driver"),
+                )
+                for lease in self.leases.values()
+            },
+            "workers": {w.pid: (w.ready, w.lease is not None) for w in self.workers.values()},
+            "idle": {str(k): [w.pid for w in v] for k, v in self.idle.items()},
+            "starting": dict(self.starting),
+            "conns": {
+                getattr(self.workers.get(c.info.get("worker_id")), "pid", "driver"): (
+                    len(c._in),
+                    c.closed,
+                    c.fileno in self.reactor._connections,
+                    self.reactor._selector.get_key(c.fileno).data is c
+                    if c.fileno in self.reactor._selector.get_map()
+                    else "nokey",
+                )
+                for c in self.clients
+            },
+        }
+        conn.send(("reply", message[1], state))
 
     # -- heartbeats -------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:

@@ -297,7 +297,8 @@ class Reactor:
         self._selector.modify(conn.fileno, _READ | _WRITE, conn)
 
     def _forget(self, conn: Connection) -> None:
-        if self._connections.pop(conn.fileno, None) is not None:
+        if self._connections.get(conn.fileno) is conn:
+            del self._connections[conn.fileno]
             try:
                 self._selector.unregister(conn.fileno)
             except (KeyError, ValueError, OSError):
@@ -317,12 +318,14 @@ class Reactor:
             for key, events in select(timeout):
                 target = key.data
                 if target is None:
-                    self._woken = False
+                    # Drain first, then clear: a caller that saw the flag set is then sure
+                    # its call is seen by this pass over `calls`.
                     try:
                         while os.read(self._wake_r, 4096):
                             pass
                     except (BlockingIOError, OSError):
                         pass
+                    self._woken = False
                 elif isinstance(target, Connection):
                     if events & _WRITE and target._flush() and not target.closed:
                         self._selector.modify(target.fileno, _READ, target)

@@ -6,7 +6,8 @@ import functools
 import hashlib
 from typing import Any
 
-from redray import context, options as opts, serialization
+from redray import context, serialization
+from redray import options as opts
 from redray.submitter import TaskOptions
 from redray.util import scheduling_strategies
 

@@ -62,4 +62,44 @@ def describe_failure(value: Any, exc: BaseException, what: str) -> Serialization
 
 
 def dumps_function(fn: Any) -> bytes:
-    return cloudpickle.dumps(fn, protocol=5)
+    """Pickle a function or class by value, remembering the file it was defined in."""
+    code = getattr(fn, "__code__", None)
+    filename = code.co_filename if code is not None else _class_file(fn)
+    return pickle.dumps((filename, cloudpickle.dumps(fn, protocol=5)), protocol=5)
+
+
+def loads_function(blob: bytes) -> Any:
+    """The function or class back, with tracebacks pointing at its real source file.
+
+    cloudpickle replaces the file name of code it pickles by value with "<dynamic-code>";
+    putting the original back makes remote tracebacks show file, line and source.
+    """
+    filename, data = pickle.loads(blob)
+    fn = cloudpickle.loads(data)
+    if filename:
+        if hasattr(fn, "__code__"):
+            fn.__code__ = _with_filename(fn.__code__, filename)
+        elif isinstance(fn, type):
+            for value in vars(fn).values():
+                target = getattr(value, "__func__", value)
+                if hasattr(target, "__code__"):
+                    target.__code__ = _with_filename(target.__code__, filename)
+    return fn
+
+
+def _class_file(cls: Any) -> str | None:
+    import inspect
+
+    try:
+        return inspect.getsourcefile(cls) if isinstance(cls, type) else None
+    except (TypeError, OSError):
+        return None
+
+
+def _with_filename(code: Any, filename: str) -> Any:
+    if code.co_filename != "<dynamic-code>":
+        return code
+    consts = tuple(
+        _with_filename(c, filename) if hasattr(c, "co_filename") else c for c in code.co_consts
+    )
+    return code.replace(co_filename=filename, co_consts=consts)

@@ -89,7 +89,16 @@ class _Task:
 
 
 class _Lease:
-    __slots__ = ("lease_id", "conn", "raylet", "inflight", "grant", "idle_epoch", "returned")
+    __slots__ = (
+        "lease_id",
+        "conn",
+        "raylet",
+        "inflight",
+        "grant",
+        "idle_epoch",
+        "returned",
+        "wanted_back",
+    )
 
     def __init__(self, lease_id, conn, raylet, grant):
         self.lease_id = lease_id
@@ -99,6 +108,7 @@ class _Lease:
         self.grant = grant  # what the worker needs to know about its lease (GPU ids, ...)
         self.idle_epoch = 0
         self.returned = False
+        self.wanted_back = False  # the raylet has work waiting: return as soon as idle
 
 
 class _Shape:
@@ -124,6 +134,7 @@ class TaskSubmitter:
         self._children: dict[bytes, list[bytes]] = {}
         self._raylets: dict[str, Connection] = {}
         self._epochs = itertools.count(1)
+        self._early_reclaims: set[int] = set()
         worker.handle("done", self._on_done)
         worker.handle("lease_reclaim", self._on_reclaim)
 
@@ -229,9 +240,12 @@ class TaskSubmitter:
             shape.requesting += 1
             self._request_lease(shape, self.worker.raylet)
         if not queue:
-            for lease in shape.leases:
+            for lease in list(shape.leases):
                 if not lease.inflight:
-                    self._schedule_return(lease)
+                    if lease.wanted_back:
+                        self._return_if_idle(lease)
+                    else:
+                        self._schedule_return(lease)
 
     def _push(self, lease: _Lease, task: _Task) -> None:
         task.lease = lease
@@ -290,6 +304,10 @@ class TaskSubmitter:
                         self._dispatch(shape)
                         return
                     lease = _Lease(lease_id, conn, raylet, grant)
+                    # Granted after the work it was asked for went elsewhere: give it back
+                    # now rather than holding resources through the idle grace period.
+                    lease.wanted_back = not shape.queue or lease_id in self._early_reclaims
+                    self._early_reclaims.discard(lease_id)
                     conn.info.setdefault("leases", []).append(lease)
                     shape.leases.append(lease)
                     self._dispatch(shape)
@@ -340,13 +358,17 @@ class TaskSubmitter:
             leases.remove(lease)
 
     def _on_reclaim(self, conn: Connection, message: tuple) -> None:
+        """The raylet has requests waiting: give the lease back as soon as it is idle."""
         lease_id = message[1]
         with self._lock:
             for shape in self._shapes.values():
                 for lease in shape.leases:
                     if lease.lease_id == lease_id:
+                        lease.wanted_back = True
                         self._return_if_idle(lease)
                         return
+            # The grant is still being connected to: remember for when it is.
+            self._early_reclaims.add(lease_id)
 
     # -- results ----------------------------------------------------------------------------
     def _on_done(self, conn: Connection, message: tuple) -> None:
@@ -452,6 +474,8 @@ class TaskSubmitter:
             for lease in list(leases):
                 shape = next((s for s in self._shapes.values() if lease in s.leases), None)
                 self._drop_lease(lease, shape)
+                # If the worker still lives (only the connection broke), it is unusable to us.
+                lease.raylet.send(("lease_return", lease.lease_id, True))
                 if shape is not None:
                     touched.add(shape.key)
                 crashed.extend(lease.inflight.values())

@@ -229,7 +229,8 @@ class CoreWorker:
         with self._peer_lock:
             current = self._peers.get(address[2])
             if current is not None and not current.closed:
-                conn.close()
+                # Both sides connected at once. Keep ours open (the peer may already use
+                # it) but route everything through the first one, so order is kept.
                 return current
             self._peers[address[2]] = conn
         return conn
@@ -727,9 +728,7 @@ class CoreWorker:
             blob = self.gcs.function(key)
             if blob is None:
                 raise exceptions.RaySystemError(f"function {key} was never exported")
-            import cloudpickle
-
-            fn = self._functions[key] = cloudpickle.loads(blob)
+            fn = self._functions[key] = serialization.loads_function(blob)
         return fn
 
     # -- logs -------------------------------------------------------------------------------

@@ -8,8 +8,13 @@ from typing import Any
 class NodeAffinitySchedulingStrategy:
     """Run on the node with `node_id` (hex); with soft=True fall back to others."""
 
-    def __init__(self, node_id: str, soft: bool, _spill_on_unavailable: bool = False,
-                 _fail_on_unavailable: bool = False):
+    def __init__(
+        self,
+        node_id: str,
+        soft: bool,
+        _spill_on_unavailable: bool = False,
+        _fail_on_unavailable: bool = False,
+    ):
         if not isinstance(node_id, str):
             raise TypeError("node_id must be the node's id as a hex string")
         self.node_id = node_id
