@@ -1,0 +1,274 @@
+"""Frames and the HMAC handshake: socket pairs for the protocol, a real Reactor listener for
+the server side as every redray process runs it."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import pickle
+import socket
+import threading
+
+import pytest
+from conftest import wait_for
+
+from redray import protocol
+from redray.reactor import Reactor
+
+TOKEN = b"t" * 32
+WRONG = b"w" * 32
+
+
+class FileCreator:
+    """A pickle that creates a file when unpickled: what an attacker would send."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def malicious_frame(path: str) -> bytes:
+    frame = protocol.encode(FileCreator(path))
+    # Longer than a handshake proof, so a server that mistook it for one has read it all.
+    assert len(frame) > protocol.CLIENT_PROOF_BYTES
+    return frame
+
+
+def test_malicious_payload_is_live(tmp_path):
+    """Control: the payload used below really creates its file when unpickled."""
+    target = tmp_path / "pwned"
+    frame = malicious_frame(str(target))
+    pickle.loads(frame[protocol.HEADER.size :]).close()
+    assert target.exists()
+
+
+def test_encode_is_length_prefixed_pickle():
+    frame = protocol.encode(("task", 1, b"x" * 10))
+    (length,) = protocol.HEADER.unpack_from(frame)
+    assert length == len(frame) - protocol.HEADER.size
+    assert pickle.loads(frame[protocol.HEADER.size :]) == ("task", 1, b"x" * 10)
+
+
+def test_new_token_is_random():
+    a, b = protocol.new_token(), protocol.new_token()
+    assert len(a) == 32 and a != b
+
+
+# -- the handshake over a socket pair --------------------------------------------------------
+def serve_handshake(sock: socket.socket, token: bytes, result: dict) -> None:
+    """The server half, from the protocol's primitives."""
+    nonce = protocol.server_challenge()
+    sock.sendall(nonce)
+    proof = protocol._recv_exactly(sock, protocol.CLIENT_PROOF_BYTES)
+    answer = protocol.server_verify(token, nonce, proof)
+    result["accepted"] = answer is not None
+    if answer is None:
+        sock.close()
+        return
+    sock.sendall(answer)
+
+
+def handshake_pair(client_token: bytes, server_token: bytes):
+    client, server = socket.socketpair()
+    result: dict = {}
+    thread = threading.Thread(target=serve_handshake, args=(server, server_token, result))
+    thread.start()
+    try:
+        protocol.client_handshake(client, client_token, timeout=5)
+        error = None
+    except ConnectionError as exc:
+        error = exc
+    thread.join(5)
+    client.close()
+    server.close()
+    return result, error
+
+
+def test_handshake_with_the_right_token():
+    result, error = handshake_pair(TOKEN, TOKEN)
+    assert error is None
+    assert result["accepted"] is True
+
+
+def test_server_refuses_a_client_with_the_wrong_token():
+    result, error = handshake_pair(WRONG, TOKEN)
+    assert result["accepted"] is False
+    assert isinstance(error, ConnectionError)
+
+
+def test_client_refuses_a_server_without_the_token():
+    """Mutual: a listener that does not hold the token cannot pose as a cluster process."""
+    client, server = socket.socketpair()
+
+    def impostor():
+        server.sendall(os.urandom(protocol.NONCE_BYTES))
+        proof = protocol._recv_exactly(server, protocol.CLIENT_PROOF_BYTES)
+        client_nonce = proof[protocol.MAC_BYTES :]
+        server.sendall(protocol._mac(WRONG, b"server", client_nonce))
+
+    thread = threading.Thread(target=impostor)
+    thread.start()
+    with pytest.raises(protocol.AuthenticationError):
+        protocol.client_handshake(client, TOKEN, timeout=5)
+    thread.join(5)
+    client.close()
+    server.close()
+
+
+def test_client_does_not_accept_its_own_proof_reflected():
+    """A server echoing the client's MAC back must not pass as knowing the token."""
+    client, server = socket.socketpair()
+
+    def reflector():
+        nonce = os.urandom(protocol.NONCE_BYTES)
+        server.sendall(nonce)
+        proof = protocol._recv_exactly(server, protocol.CLIENT_PROOF_BYTES)
+        server.sendall(proof[: protocol.MAC_BYTES])
+
+    thread = threading.Thread(target=reflector)
+    thread.start()
+    with pytest.raises(protocol.AuthenticationError):
+        protocol.client_handshake(client, TOKEN, timeout=5)
+    thread.join(5)
+    client.close()
+    server.close()
+
+
+def test_proofs_are_bound_to_the_nonce():
+    """A proof recorded for one challenge is useless against the next (no replay)."""
+    first, second = protocol.server_challenge(), protocol.server_challenge()
+    assert first != second
+    proof = protocol._mac(TOKEN, b"client", first) + os.urandom(protocol.NONCE_BYTES)
+    assert protocol.server_verify(TOKEN, first, proof) is not None
+    assert protocol.server_verify(TOKEN, second, proof) is None
+    assert protocol.server_verify(WRONG, first, proof) is None
+
+
+def test_server_answer_proves_the_token():
+    nonce = protocol.server_challenge()
+    client_nonce = os.urandom(protocol.NONCE_BYTES)
+    proof = protocol._mac(TOKEN, b"client", nonce) + client_nonce
+    answer = protocol.server_verify(TOKEN, nonce, proof)
+    assert hmac.compare_digest(answer, protocol._mac(TOKEN, b"server", client_nonce))
+
+
+def test_client_handshake_times_out_on_a_silent_server():
+    client, server = socket.socketpair()
+    with pytest.raises(protocol.AuthenticationError):
+        protocol.client_handshake(client, TOKEN, timeout=0.2)
+    client.close()
+    server.close()
+
+
+def test_client_handshake_fails_when_server_hangs_up():
+    client, server = socket.socketpair()
+    server.close()
+    with pytest.raises(ConnectionError):
+        protocol.client_handshake(client, TOKEN, timeout=5)
+    client.close()
+
+
+# -- a real listener (the Reactor every redray process runs) ---------------------------------
+class Listener:
+    def __init__(self):
+        self.reactor = Reactor(TOKEN, name="test-listener")
+        self.messages: list = []
+        self.closed = threading.Event()
+        self.address = self.reactor.listen(
+            "127.0.0.1", 0, self.on_message, lambda conn: self.closed.set()
+        )
+
+    def on_message(self, conn, message):
+        self.messages.append(message)
+        conn.send(("echo", message))
+
+
+@pytest.fixture
+def listener():
+    lst = Listener()
+    yield lst
+    lst.reactor.stop()
+
+
+def read_frame(sock: socket.socket):
+    header = protocol._recv_exactly(sock, protocol.HEADER.size)
+    (length,) = protocol.HEADER.unpack(header)
+    return pickle.loads(protocol._recv_exactly(sock, length))
+
+
+def wait_closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> None:
+    """Read until the server hangs up (EOF or reset)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+
+
+def test_listener_serves_an_authenticated_client(listener):
+    sock = protocol.connect(listener.address, TOKEN)
+    sock.sendall(protocol.encode(("ping", 1)))
+    assert read_frame(sock) == ("echo", ("ping", 1))
+    assert listener.messages == [("ping", 1)]
+    sock.close()
+
+
+def test_listener_drops_a_client_with_the_wrong_token(listener):
+    with pytest.raises(ConnectionError):
+        protocol.connect(listener.address, WRONG)
+    assert listener.messages == []
+
+
+def test_listener_never_unpickles_before_auth(listener, tmp_path):
+    """A frame sent instead of the handshake is dropped unread: the file is never made."""
+    target = tmp_path / "pwned"
+    sock = socket.create_connection(listener.address)
+    assert len(protocol._recv_exactly(sock, protocol.NONCE_BYTES)) == protocol.NONCE_BYTES
+    sock.sendall(malicious_frame(str(target)) * 3)
+    wait_closed_by_peer(sock)
+    sock.close()
+    assert not target.exists()
+    assert listener.messages == []
+
+
+def test_listener_ignores_frames_after_a_bad_proof(listener, tmp_path):
+    target = tmp_path / "pwned"
+    sock = socket.create_connection(listener.address)
+    nonce = protocol._recv_exactly(sock, protocol.NONCE_BYTES)
+    bad_proof = protocol._mac(WRONG, b"client", nonce) + os.urandom(protocol.NONCE_BYTES)
+    sock.sendall(bad_proof + malicious_frame(str(target)))
+    wait_closed_by_peer(sock)
+    sock.close()
+    assert not target.exists()
+    assert listener.messages == []
+
+
+def test_listener_reads_frames_sent_with_the_proof(listener):
+    """Proof and first frame in one packet: the frame is decoded once the proof checks out."""
+    sock = socket.create_connection(listener.address)
+    nonce = protocol._recv_exactly(sock, protocol.NONCE_BYTES)
+    client_nonce = os.urandom(protocol.NONCE_BYTES)
+    proof = protocol._mac(TOKEN, b"client", nonce) + client_nonce
+    sock.sendall(proof + protocol.encode(("first",)) + protocol.encode(("second",)))
+    answer = protocol._recv_exactly(sock, protocol.MAC_BYTES)
+    assert hmac.compare_digest(answer, protocol._mac(TOKEN, b"server", client_nonce))
+    assert read_frame(sock) == ("echo", ("first",))
+    assert read_frame(sock) == ("echo", ("second",))
+    sock.close()
+
+
+def test_listener_survives_half_handshakes(listener):
+    """Clients that hang up mid-handshake do not disturb the listener."""
+    for _ in range(5):
+        sock = socket.create_connection(listener.address)
+        protocol._recv_exactly(sock, protocol.NONCE_BYTES)
+        sock.sendall(b"\x00" * 10)
+        sock.close()
+    good = protocol.connect(listener.address, TOKEN)
+    good.sendall(protocol.encode(("still", "here")))
+    assert read_frame(good) == ("echo", ("still", "here"))
+    good.close()
+    wait_for(lambda: listener.messages == [("still", "here")], timeout=5)
