@@ -371,6 +371,27 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
     worker.submitter.cancel(task_of(object_ref._id), force, recursive)
 
 
+def kill(actor: Any, *, no_restart: bool = True) -> None:
+    """Kill an actor at once; its pending and future calls raise ActorDiedError."""
+    from redray.actor import kill as kill_actor
+
+    kill_actor(actor, no_restart=no_restart)
+
+
+def get_actor(name: str, namespace: str | None = None) -> Any:
+    """The handle of a live named actor; ValueError when there is none."""
+    from redray.actor import get_actor as lookup
+
+    return lookup(name, namespace)
+
+
+def method(*args: Any, **options: Any) -> Any:
+    """Options for one actor method: `@method(num_returns=2, concurrency_group="io")`."""
+    from redray.actor import method as annotate
+
+    return annotate(*args, **options)
+
+
 def nodes() -> list[dict[str, Any]]:
     """Every node of the cluster with Ray's fields (NodeID, Alive, Resources, ...)."""
     worker = context.worker()
@@ -438,9 +459,12 @@ __all__ = [
     "cancel",
     "cluster_resources",
     "get",
+    "get_actor",
     "get_gpu_ids",
     "init",
     "is_initialized",
+    "kill",
+    "method",
     "nodes",
     "put",
     "remote",

@@ -1,12 +1,14 @@
-"""Running pushed tasks inside a worker process.
+"""Running pushed tasks and actor calls inside a worker process.
 
-Tasks arrive on the reactor thread and run one at a time on the process's main thread, so a
-cancellation can interrupt them with a real signal (`KeyboardInterrupt` in the task, even in
-the middle of `time.sleep`). A task's prints go to its driver, prefixed as Ray does.
+Normal tasks run one at a time on the process's main thread, so a cancellation can interrupt
+them with a real signal (`KeyboardInterrupt` in the task, even in `time.sleep`). A worker
+that receives an actor's creation becomes that actor for the rest of its life (see
+`actor_runtime.py`). Whatever user code prints goes to its driver, prefixed as Ray does.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import queue
 import signal
@@ -19,21 +21,27 @@ from redray import context, exceptions
 from redray.reactor import Connection
 
 if TYPE_CHECKING:
+    from redray.actor_runtime import ActorRuntime
     from redray.worker import CoreWorker
+
+_task_context: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
+    "redray_task_context", default=None
+)
 
 
 class TaskContext:
-    """What `get_runtime_context()` reports while a task runs."""
+    """The task (or actor call) running on this thread or coroutine, and where its logs go."""
 
-    __slots__ = ("task_id", "name", "job_id", "grant", "conn", "actor_id", "prefix")
+    __slots__ = ("task_id", "name", "job_id", "grant", "conn", "driver", "log_to_driver", "prefix")
 
-    def __init__(self, task_id, name, job_id, grant, conn, actor_id=None):
+    def __init__(self, task_id, name, job_id, grant, conn, driver=None, log_to_driver=True):
         self.task_id = task_id
         self.name = name
         self.job_id = job_id
         self.grant = grant
         self.conn = conn
-        self.actor_id = actor_id
+        self.driver = driver
+        self.log_to_driver = log_to_driver
         self.prefix = f"({name} pid={os.getpid()})"
 
 
@@ -43,33 +51,58 @@ class Executor:
     def __init__(self, worker: CoreWorker):
         self.worker = worker
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.current: TaskContext | None = None
+        self.current: TaskContext | None = None  # the normal task on the main thread
+        self.actor: ActorRuntime | None = None
         self._cancelled: set[bytes] = set()
         self._interrupt: bytes | None = None
         self._main_thread = threading.get_ident()
         self._applied_grant: Any = None
-        worker.handle("task", self._on_task)
+        worker.handle("task", self._on_message)
+        worker.handle("actor_create", self._on_message)
+        worker.handle("actor_task", self._on_actor_task)
         worker.handle("cancel", self._on_cancel)
+        worker.handle("actor_control", self._on_actor_control)
         worker.handle("exit", lambda conn, message: os._exit(0))
         signal.signal(signal.SIGINT, self._on_sigint)
         sys.stdout = TaskStream(self, 1, sys.stdout)
         sys.stderr = TaskStream(self, 2, sys.stderr)
 
     def running_task(self) -> bool:
-        return self.current is not None
+        """True while a normal task runs here (its CPU can be lent while it blocks)."""
+        return self.current is not None and self.actor is None
 
     def current_task_id(self) -> bytes | None:
-        current = self.current
-        return current.task_id if current is not None else None
+        ctx = self.context()
+        return ctx.task_id if ctx is not None else None
+
+    def context(self) -> TaskContext | None:
+        ctx = _task_context.get() or self.current
+        if ctx is None and self.actor is not None:
+            return self.actor.context
+        return ctx
 
     # -- reactor thread ---------------------------------------------------------------------
-    def _on_task(self, conn: Connection, message: tuple) -> None:
+    def _on_message(self, conn: Connection, message: tuple) -> None:
         self.inbox.put((conn, message))
+
+    def _on_actor_task(self, conn: Connection, message: tuple) -> None:
+        if self.actor is None:
+            error = exceptions.RaySystemError("this worker is not an actor")
+            conn.send(("done", message[1], [error_payload(error)] * message[6], []))
+            return
+        self.actor.accept(conn, message)
+
+    def _on_actor_control(self, conn: Connection, message: tuple) -> None:
+        """A new control loop (after a head failover) now watches this actor."""
+        if self.actor is not None:
+            self.actor.control = conn
 
     def _on_cancel(self, conn: Connection, message: tuple) -> None:
         _, task_id, force, recursive = message
         if recursive:
             self.worker.submitter.cancel_children(task_id, force)
+        if self.actor is not None and self.actor.cancel(task_id):
+            return
         current = self.current
         if current is not None and current.task_id == task_id:
             if force:
@@ -85,7 +118,8 @@ class Executor:
             raise KeyboardInterrupt
 
     def on_connection_lost(self, conn: Connection) -> None:
-        pass
+        if self.actor is not None:
+            self.actor.on_connection_lost(conn)
 
     # -- main thread ------------------------------------------------------------------------
     def run(self) -> None:
@@ -93,42 +127,67 @@ class Executor:
         while True:
             try:
                 conn, message = inbox.get()
-                self.execute(conn, message)
+                kind = message[0]
+                if kind == "task":
+                    self.execute(conn, message)
+                elif kind == "actor_task":
+                    self.actor.execute(conn, message)
+                elif kind == "actor_create":
+                    from redray.actor_runtime import create_actor
+
+                    create_actor(self, conn, message)
             except KeyboardInterrupt:
                 continue  # a cancellation that arrived just after its task ended
 
     def execute(self, conn: Connection, message: tuple) -> None:
         _, task_id, fn_key, name, args, kwargs, num_returns, grant = message
-        worker = self.worker
         if task_id in self._cancelled:
             self._cancelled.discard(task_id)
             error = exceptions.TaskCancelledError(task_id.hex())
-            conn.send(("done", task_id, [_error_payload(error)] * num_returns, []))
+            conn.send(("done", task_id, [error_payload(error)] * num_returns, []))
             return
         if grant != self._applied_grant:
             self._apply_grant(grant)
-        job_id = conn.info.get("job_id", "")
-        self.current = TaskContext(task_id, name, job_id, grant, conn)
+        info = conn.info
+        ctx = TaskContext(
+            task_id,
+            name,
+            info.get("job_id", ""),
+            grant,
+            conn,
+            info.get("driver"),
+            info.get("log_to_driver", True),
+        )
+        self.current = ctx
         try:
             try:
-                fn = worker.load_function(fn_key)
-                call_args, call_kwargs = self.materialize_args(args, kwargs)
-                result = fn(*call_args, **call_kwargs)
-                call_args = call_kwargs = None
-                payloads = self.return_payloads(result, num_returns, task_id, conn, name)
-            except KeyboardInterrupt:
-                if self._interrupt != task_id:
-                    raise
-                error = exceptions.TaskCancelledError(task_id.hex())
-                payloads = [_error_payload(error)] * num_returns
+                fn = self.worker.load_function(fn_key)
             except Exception as exc:
-                payloads = [_error_payload(task_error(name, exc))] * num_returns
+                payloads = [error_payload(task_error(name, exc))] * num_returns
+            else:
+                payloads = self.invoke(ctx, fn, args, kwargs, num_returns)
         finally:
             self._interrupt = None
-            _flush_streams()
             self.current = None
-        borrowed = worker.take_task_borrows()
-        conn.send(("done", task_id, payloads, borrowed))
+        conn.send(("done", task_id, payloads, self.worker.take_task_borrows()))
+
+    def invoke(self, ctx: TaskContext, fn: Any, args: tuple, kwargs: dict, num_returns: int):
+        """Run fn for a task or actor call; the payloads of its returns (or of its error)."""
+        token = _task_context.set(ctx)
+        try:
+            call_args, call_kwargs = self.materialize_args(args, kwargs)
+            result = fn(*call_args, **call_kwargs)
+            del call_args, call_kwargs
+            return self.return_payloads(result, num_returns, ctx)
+        except KeyboardInterrupt:
+            if self._interrupt != ctx.task_id:
+                raise
+            return [error_payload(exceptions.TaskCancelledError(ctx.task_id.hex()))] * num_returns
+        except Exception as exc:
+            return [error_payload(task_error(ctx.name, exc))] * num_returns
+        finally:
+            _flush_streams()
+            _task_context.reset(token)
 
     def materialize_args(self, args: tuple, kwargs: dict) -> tuple[list, dict]:
         """Arguments as the function sees them; refs that arrive inside them are borrowed."""
@@ -148,12 +207,11 @@ class Executor:
         oid, payload = item
         return self.worker.materialize(oid, payload)
 
-    def return_payloads(
-        self, result: Any, num_returns: int, task_id: bytes, conn: Connection, name: str
-    ) -> list[tuple]:
+    def return_payloads(self, result: Any, num_returns: int, ctx: TaskContext) -> list[tuple]:
         """Serialize a task's return values for its caller (who owns them)."""
         from redray.ids import return_id
 
+        name = ctx.name
         if num_returns == 1:
             values = [result]
         elif num_returns == 0:
@@ -167,10 +225,10 @@ class Executor:
                     f"Task {name} returned {got} objects, but num_returns={num_returns}."
                 )
             values = list(result)
-        caller = conn.info.get("peer_id")
+        caller = ctx.conn.info.get("peer_id")
         payloads = []
         for index, value in enumerate(values):
-            oid = return_id(task_id, index)
+            oid = return_id(ctx.task_id, index)
             payload, refs = self.worker.serialize_value(
                 value, oid, "the return value", owner_id=caller
             )
@@ -207,7 +265,7 @@ def task_error(name: str, exc: BaseException) -> exceptions.RayTaskError:
     if isinstance(exc, exceptions.RayTaskError):
         return exc  # a failed dependency or nested get: keep the original error
     frames = exc.__traceback__
-    if frames is not None and frames.tb_frame.f_code is Executor.execute.__code__:
+    if frames is not None and frames.tb_frame.f_code is Executor.invoke.__code__:
         frames = frames.tb_next  # start at the user's function, not at our call into it
     tb = "".join(traceback.format_exception(type(exc), exc, frames))
     try:
@@ -220,14 +278,14 @@ def task_error(name: str, exc: BaseException) -> exceptions.RayTaskError:
     return exceptions.RayTaskError(name, tb, cause, proctitle=f"ray::{name}()")
 
 
-def _error_payload(error: BaseException) -> tuple:
+def error_payload(error: BaseException) -> tuple:
     from redray.worker import pickle_error
 
     return ("e", pickle_error(error))
 
 
 class TaskStream:
-    """sys.stdout/sys.stderr of a worker: lines printed by a task go to its driver."""
+    """sys.stdout/sys.stderr of a worker: lines printed by user code go to its driver."""
 
     def __init__(self, executor: Executor, fd: int, original: Any):
         self._executor = executor
@@ -238,7 +296,7 @@ class TaskStream:
         self.encoding = getattr(original, "encoding", "utf-8")
 
     def write(self, text: str) -> int:
-        if self._executor.current is None:
+        if self._executor.context() is None:
             return self._original.write(text)
         with self._lock:
             self._buffer.append(text)
@@ -247,17 +305,17 @@ class TaskStream:
         return len(text)
 
     def flush(self) -> None:
-        current = self._executor.current
+        ctx = self._executor.context()
         with self._lock:
             if not self._buffer:
                 self._original.flush()
                 return
             text, self._buffer = "".join(self._buffer), []
-        if current is None:
+        if ctx is None:
             self._original.write(text)
             self._original.flush()
             return
-        send_log(self._executor.worker, current, self._fd, text, self._original)
+        send_log(self._executor.worker, ctx, self._fd, text, self._original)
 
     def isatty(self) -> bool:
         return False
@@ -269,17 +327,19 @@ class TaskStream:
         return getattr(self._original, name)
 
 
-def send_log(worker: CoreWorker, current: TaskContext, fd: int, text: str, fallback: Any) -> None:
+def send_log(worker: CoreWorker, ctx: TaskContext, fd: int, text: str, fallback: Any) -> None:
     """Send printed text to the job's driver: on the task's connection when that is the driver."""
-    conn = current.conn
-    info = conn.info
-    if not info.get("log_to_driver", True):
+    if not ctx.log_to_driver:
         fallback.write(text)
         return
-    entry = ("log", [(fd, current.prefix, text)])
-    driver = info.get("driver")
-    if driver is None or info.get("peer") == driver:
+    entry = ("log", [(fd, ctx.prefix, text)])
+    driver = ctx.driver
+    conn = ctx.conn
+    if conn is not None and (driver is None or conn.info.get("peer") == driver):
         conn.send(entry)
+        return
+    if driver is None:
+        fallback.write(text)
         return
     try:
         worker.peer(tuple(driver)).send(entry)

@@ -34,12 +34,16 @@ NAMED_ACTORS = "named_actors"  # hash "namespace\0name" -> actor_id
 PLACEMENT_GROUPS = "pgs"  # hash pg_id -> JSON placement group info
 NAMED_PGS = "named_pgs"  # hash "namespace\0name" -> pg_id
 LEADER = "leader"  # the GCS control loop's lease: holder id, with a TTL
+ACTOR_SPECS = "actor_specs"  # hash actor_id -> pickled creation spec (class, arguments)
+REQUESTS = "requests"  # list of pickled requests to the control loop (create/kill actors, ...)
 
 # Pub/sub channels, relative to the cluster prefix.
 NODE_CHANNEL = "ch:nodes"
 ACTOR_CHANNEL = "ch:actors"
 PG_CHANNEL = "ch:pgs"
 JOB_CHANNEL = "ch:jobs"
+WORKER_CHANNEL = "ch:workers"  # a driver or worker process died
+ACTOR_STATE_CHANNEL = "ch:actor:{actor_id}"  # one actor's state changes
 
 # Renew the lease only if we still hold it; take it if nobody does.
 _LEADER_SCRIPT = """
@@ -262,6 +266,42 @@ class Gcs:
     def release_leadership(self, holder: str) -> None:
         if self.leader() == holder:
             self.redis.delete(self.key(LEADER))
+
+    # -- requests to the control loop -------------------------------------------------------
+    def push_request(self, request: bytes) -> None:
+        self.redis.rpush(self.key(REQUESTS), request)
+
+    def pop_request(self, timeout: float) -> bytes | None:
+        """The next request for the control loop, waiting up to timeout seconds."""
+        item = self.redis.blpop([self.key(REQUESTS)], timeout=timeout)
+        return None if item is None else item[1]
+
+    # -- actors -----------------------------------------------------------------------------
+    def create_actor(self, actor_id: str, info: dict[str, Any], spec: bytes) -> None:
+        """Record a new actor and ask the control loop to place it (one round trip)."""
+        import pickle
+
+        pipe = self.redis.pipeline()
+        pipe.hset(self.key(ACTORS), actor_id, _dumps(info))
+        pipe.hset(self.key(ACTOR_SPECS), actor_id, spec)
+        pipe.rpush(self.key(REQUESTS), pickle.dumps(("create_actor", actor_id)))
+        pipe.execute()
+
+    def actor_spec(self, actor_id: str) -> bytes | None:
+        return self.redis.hget(self.key(ACTOR_SPECS), actor_id)
+
+    def actor(self, actor_id: str) -> dict[str, Any] | None:
+        return self.table_get(ACTORS, actor_id)
+
+    def update_actor(self, actor_id: str, info: dict[str, Any]) -> None:
+        """Write an actor's entry and announce it on the actor's channel."""
+        pipe = self.redis.pipeline()
+        pipe.hset(self.key(ACTORS), actor_id, _dumps(info))
+        pipe.publish(self.channel(ACTOR_STATE_CHANNEL.format(actor_id=actor_id)), _dumps(info))
+        pipe.execute()
+
+    def actor_channel(self, actor_id: str) -> str:
+        return self.channel(ACTOR_STATE_CHANNEL.format(actor_id=actor_id))
 
     # -- named entries (actors, placement groups) ------------------------------------------
     def claim_name(self, table: str, namespace: str, name: str, value: str) -> str:

@@ -134,22 +134,28 @@ def start_node(
         "watch_stdin": private,
     }
     log_file = open(os.path.join(session_dir, "logs", "raylet.log"), "ab")
+    # A detached node outlives us, so its stdout (inherited by its workers) must not be a
+    # pipe we close: it goes to a file, from which we read the ready line.
+    out_path = os.path.join(session_dir, "logs", "raylet.out")
+    stdout = subprocess.PIPE if private else open(out_path, "wb")
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "redray.raylet"],
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=log_file,
             start_new_session=not private,
             close_fds=True,
         )
     finally:
         log_file.close()
+        if not private:
+            stdout.close()
     process.stdin.write((json.dumps(config) + "\n").encode())
     process.stdin.flush()
     if not private:
         process.stdin.close()
-    line = _read_line(process, timeout)
+    line = _read_line(process, timeout) if private else _read_file_line(process, out_path, timeout)
     if not line:
         process.kill()
         process.wait()
@@ -157,8 +163,6 @@ def start_node(
             "The raylet failed to start; see " + os.path.join(session_dir, "logs", "raylet.log")
         )
     info = json.loads(line)
-    if not private:
-        process.stdout.close()
     return StartedNode(process, info, session_dir)
 
 
@@ -177,6 +181,20 @@ def _read_line(process: subprocess.Popen, timeout: float) -> bytes:
                 return b""
             data += chunk
     return data.split(b"\n", 1)[0]
+
+
+def _read_file_line(process: subprocess.Popen, path: str, timeout: float) -> bytes:
+    """The first line a detached node writes to its stdout file (b"" if it exits first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, "rb") as f:
+            data = f.read()
+        if b"\n" in data:
+            return data.split(b"\n", 1)[0]
+        if process.poll() is not None:
+            return b""
+        time.sleep(0.005)
+    return b""
 
 
 def remove_session_dir(session_dir: str) -> None:

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
@@ -56,6 +57,7 @@ class _Lease:
     gpu_ids: list[int] = field(default_factory=list)
     lent_cpu: float = 0.0
     reclaim_sent: bool = False
+    actor: bool = False  # a dedicated actor worker: outlives its holder's connection
 
 
 @dataclass
@@ -66,6 +68,7 @@ class _Request:
     env_vars: dict[str, str]
     env_key: tuple
     name: str
+    actor: bool = False
 
 
 class Raylet:
@@ -91,6 +94,8 @@ class Raylet:
         self.stopping = threading.Event()
         self.zygote_pid, zygote_sock = zygote
         self.redis_server = None
+        self.control = None
+        self._gcs_jobs: queue.SimpleQueue = queue.SimpleQueue()
 
         from redray.objstore.arena import SharedArena
         from redray.objstore.store import ObjectStore
@@ -111,6 +116,7 @@ class Raylet:
             "ready": self._on_ready,
             "lease": self._on_lease,
             "lease_return": self._on_lease_return,
+            "lease_resize": self._on_lease_resize,
             "blocked": self._on_blocked,
             "unblocked": self._on_unblocked,
             "alloc": self._on_alloc,
@@ -145,6 +151,12 @@ class Raylet:
         for _ in range(int(self.config.get("prestart_workers", self.total.get("CPU", 0)))):
             self._start_worker(())
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
+        threading.Thread(target=self._gcs_writer, daemon=True, name="gcs-writer").start()
+        if self.config.get("head"):
+            from redray.control import ControlLoop
+
+            self.control = ControlLoop(self)
+            self.control.start()
         self.reactor.call_later(IDLE_WORKER_SECONDS, self._reap_idle_workers)
         return {"node_id": self.node_id, "gcs_url": self.config["gcs_url"], **info}
 
@@ -153,6 +165,9 @@ class Raylet:
         if self.stopping.is_set():
             return
         self.stopping.set()
+        if self.control is not None:
+            self.control.stop()
+        self._gcs_jobs.put(None)
         pids = [w.pid for w in self.workers.values() if w.pid]
         _kill(self.zygote_pid)
         for pid in pids:
@@ -220,9 +235,18 @@ class Raylet:
             self.store.abort(oid)
         self.pending = [r for r in self.pending if r.conn is not conn]
         for lease in [lease for lease in self.leases.values() if lease.holder is conn]:
+            if lease.actor:
+                continue  # actors outlive the control loop that placed them
             # The owner is gone: its workers may be running its tasks; they go too.
             self._end_lease(lease)
             self._kill_worker(lease.worker)
+        if client_id is not None:
+            self.publish_later(
+                lambda: self.gcs.publish(
+                    gcs_schema.WORKER_CHANNEL,
+                    {"worker_id": client_id.hex(), "node_id": self.node_id},
+                )
+            )
         if client_id is not None:
             self.store.delete_owned_by(client_id)
             worker = self.workers.get(client_id)
@@ -324,7 +348,17 @@ class Raylet:
         if decision.kind == "infeasible":
             self._warn_infeasible(conn, request.get("name", ""), resources)
         env_key = tuple(sorted(env_vars.items()))
-        self.pending.append(_Request(conn, call_id, resources, env_vars, env_key, request["name"]))
+        self.pending.append(
+            _Request(
+                conn,
+                call_id,
+                resources,
+                env_vars,
+                env_key,
+                request["name"],
+                bool(request.get("actor")),
+            )
+        )
         self._schedule()
 
     def _warn_infeasible(self, conn: Connection, name: str, resources: dict[str, float]) -> None:
@@ -373,7 +407,14 @@ class Raylet:
         if gpus:
             count = max(1, int(gpus))
             gpu_ids, self.gpu_free = self.gpu_free[:count], self.gpu_free[count:]
-        lease = _Lease(next(self.lease_ids), worker, request.resources, request.conn, gpu_ids)
+        lease = _Lease(
+            next(self.lease_ids),
+            worker,
+            request.resources,
+            request.conn,
+            gpu_ids,
+            actor=request.actor,
+        )
         self.leases[lease.lease_id] = lease
         worker.lease = lease
         grant = {"lease_id": lease.lease_id, "gpu_ids": gpu_ids, "resources": request.resources}
@@ -409,6 +450,20 @@ class Raylet:
             self._kill_worker(worker)
         elif not worker.dead:
             self._make_idle(worker)
+        self._schedule()
+
+    def _on_lease_resize(self, conn: Connection, message: tuple) -> None:
+        """An actor is up: it keeps only its running resources (Ray: 1 CPU to place, 0 to run)."""
+        _, lease_id, resources = message
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return
+        resources = scheduling.normalize(resources)
+        for name in set(lease.resources) | set(resources):
+            delta = lease.resources.get(name, 0.0) - resources.get(name, 0.0)
+            if delta:
+                self.available[name] = self.available.get(name, 0.0) + delta
+        lease.resources = resources
         self._schedule()
 
     def _on_blocked(self, conn: Connection, message: tuple) -> None:
@@ -511,6 +566,22 @@ class Raylet:
             },
         }
         conn.send(("reply", message[1], state))
+
+    # -- talking to the GCS off the reactor thread ------------------------------------------
+    def publish_later(self, job: Any) -> None:
+        """Run a GCS call on the writer thread (the reactor never waits on Redis)."""
+        self._gcs_jobs.put(job)
+
+    def _gcs_writer(self) -> None:
+        while True:
+            job = self._gcs_jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:
+                if not self.stopping.is_set():
+                    log.exception("GCS write failed")
 
     # -- heartbeats -------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:

@@ -84,6 +84,23 @@ class Connection:
                 self.reactor.call_soon(self.reactor._watch_write, self)
             return True
 
+    def flush_blocking(self, timeout: float = 2.0) -> None:
+        """Push out anything queued, waiting up to timeout (before a process exits)."""
+        with self._send_lock:
+            if self.closed or not self._out:
+                return
+            try:
+                self.sock.settimeout(timeout)
+                self.sock.sendall(self._out)
+                self._out.clear()
+            except OSError:
+                pass
+            finally:
+                try:
+                    self.sock.setblocking(False)
+                except OSError:
+                    pass
+
     def close(self) -> None:
         """Close the socket and run `on_close` once (on the reactor thread)."""
         if not self.reactor.in_reactor():

@@ -15,7 +15,7 @@ class RuntimeContext:
 
     def _task(self) -> Any:
         executor = self._worker.executor
-        return executor.current if executor is not None else None
+        return executor.context() if executor is not None else None
 
     def get_job_id(self) -> str:
         task = self._task()
@@ -31,15 +31,20 @@ class RuntimeContext:
     def get_worker_id(self) -> str:
         return self._worker.worker_id.hex()
 
+    def _actor(self) -> Any:
+        executor = self._worker.executor
+        return executor.actor if executor is not None else None
+
     def get_actor_id(self) -> str | None:
-        task = self._task()
-        actor_id = getattr(task, "actor_id", None) if task is not None else None
-        return actor_id.hex() if isinstance(actor_id, bytes) else actor_id
+        actor = self._actor()
+        return actor.actor_id.hex() if actor is not None else None
 
     def get_actor_name(self) -> str | None:
-        executor = self._worker.executor
-        actor = getattr(executor, "actor", None) if executor is not None else None
-        return getattr(actor, "name", None) if actor is not None else None
+        actor = self._actor()
+        if actor is None:
+            return None
+        info = self._worker.gcs.actor(actor.actor_id.hex()) or {}
+        return info.get("name") or None
 
     @property
     def namespace(self) -> str:
@@ -62,14 +67,12 @@ class RuntimeContext:
 
     @property
     def was_current_actor_reconstructed(self) -> bool:
-        executor = self._worker.executor
-        actor = getattr(executor, "actor", None) if executor is not None else None
-        return bool(getattr(actor, "restarted", False))
+        actor = self._actor()
+        return bool(actor is not None and actor.restarted)
 
     @property
     def current_actor(self) -> Any:
-        executor = self._worker.executor
-        actor = getattr(executor, "actor", None) if executor is not None else None
+        actor = self._actor()
         if actor is None:
             raise RuntimeError("This method is only available in an actor.")
         return actor.handle()

@@ -69,6 +69,7 @@ class _Task:
         "lease",
         "shape",
         "parent",
+        "actor",
     )
 
     def __init__(self, task_id, fn_key, options, args, kwargs, keep, return_ids, parent):
@@ -86,6 +87,7 @@ class _Task:
         self.lease: _Lease | None = None
         self.shape: _Shape | None = None
         self.parent = parent
+        self.actor: Any = None  # the caller-side actor state for actor tasks
 
 
 class _Lease:
@@ -140,6 +142,15 @@ class TaskSubmitter:
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, fn_key: str, args: tuple, kwargs: dict, options: TaskOptions) -> list:
+        """Submit a normal task; returns its return refs."""
+        task, refs, deps = self.prepare(fn_key, args, kwargs, options)
+        self.await_dependencies(task, deps)
+        return refs
+
+    def prepare(
+        self, fn_key: str, args: tuple, kwargs: dict, options: TaskOptions, actor: Any = None
+    ) -> tuple[_Task, list[ObjectRef], list[ObjectRef]]:
+        """A task with its arguments wired and return refs made; (task, refs, dependencies)."""
         worker = self.worker
         worker.process_released()
         task_id = worker.ids.task_id()
@@ -153,15 +164,20 @@ class TaskSubmitter:
         refs = [ObjectRef(rid, worker.address) for rid in return_ids]
         parent = worker.executor.current_task_id() if worker.executor is not None else None
         task = _Task(task_id, fn_key, options, wire_args, wire_kwargs, keep, return_ids, parent)
+        task.actor = actor
         with self._lock:
             self._tasks[task_id] = task
             if parent is not None:
                 self._children.setdefault(parent, []).append(task_id)
+        return task, refs, deps
+
+    def await_dependencies(self, task: _Task, deps: list[ObjectRef]) -> None:
+        """Resolve ObjectRef arguments without holding a worker, then schedule the task."""
+        with self._lock:
             task.unresolved = len(deps) + 1
         for dep in deps:
-            worker.on_ready(dep, lambda t=task: self._dependency_ready(t))
+            self.worker.on_ready(dep, lambda t=task: self._dependency_ready(t))
         self._dependency_ready(task)
-        return refs
 
     def _wire_arg(self, value: Any, keep: list, deps: list, name: str) -> Any:
         """An argument as sent: pickled bytes, or a ref marker resolved before the push."""
@@ -190,12 +206,15 @@ class TaskSubmitter:
                 return
         failure = self._resolve_args(task)
         if failure is not None:
-            self._finish(task, [failure] * len(task.return_ids))
+            self.finish(task, [failure] * len(task.return_ids))
             return
         if task.cancelled:
             self._finish_cancelled(task)
             return
-        self._enqueue(task)
+        if task.actor is not None:
+            self.worker.actors.dependencies_ready(task)
+        else:
+            self._enqueue(task)
 
     def _resolve_args(self, task: _Task) -> tuple | None:
         """Fill each ref argument with its payload; return an error payload to propagate."""
@@ -290,7 +309,7 @@ class TaskSubmitter:
                 shape.queue.clear()
             error = exceptions.LocalRayletDiedError("the raylet handling this task died")
             for task in failed:
-                self._fail(task, error)
+                self.fail(task, error)
             return
         kind = reply[0]
         if kind == "granted":
@@ -331,7 +350,7 @@ class TaskSubmitter:
                 failed = list(shape.queue)
                 shape.queue.clear()
             for task in failed:
-                self._fail(task, reply[1])
+                self.fail(task, reply[1])
 
     def _schedule_return(self, lease: _Lease) -> None:
         epoch = lease.idle_epoch = next(self._epochs)
@@ -383,14 +402,17 @@ class TaskSubmitter:
             return
         if borrowed:
             self._adopt_borrows(borrowed, conn.info.get("peer_id"))
+        if task.actor is not None:
+            self.worker.actors.on_done(task, results)
+            return
         first = results[0] if results else None
-        if first is not None and first[0] == "e" and self._should_retry_error(task, first):
+        if first is not None and first[0] == "e" and self.should_retry_error(task, first):
             task.retries_left -= 1 if task.retries_left > 0 else 0
             with self._lock:
                 task.shape.queue.appendleft(task)
                 self._dispatch(task.shape)
             return
-        self._finish(task, results)
+        self.finish(task, results)
         if lease is not None:
             with self._lock:
                 self._dispatch(task.shape)
@@ -412,7 +434,7 @@ class TaskSubmitter:
             else:
                 self.worker.send_to_owner(owner, ("borrow", oids, borrower))
 
-    def _should_retry_error(self, task: _Task, payload: tuple) -> bool:
+    def should_retry_error(self, task: _Task, payload: tuple) -> bool:
         retry = task.options.retry_exceptions
         if not retry or task.retries_left == 0 or task.cancelled:
             return False
@@ -426,7 +448,7 @@ class TaskSubmitter:
         cause = getattr(error, "cause", None)
         return isinstance(cause, retry)
 
-    def _finish(self, task: _Task, results: list) -> None:
+    def finish(self, task: _Task, results: list) -> None:
         worker = self.worker
         with self._lock:
             self._tasks.pop(task.task_id, None)
@@ -454,14 +476,14 @@ class TaskSubmitter:
         task.keep = None
         task.args = task.kwargs = None
 
-    def _fail(self, task: _Task, error: BaseException) -> None:
+    def fail(self, task: _Task, error: BaseException) -> None:
         from redray.worker import pickle_error
 
         payload = ("e", pickle_error(error))
-        self._finish(task, [payload] * len(task.return_ids))
+        self.finish(task, [payload] * len(task.return_ids))
 
     def _finish_cancelled(self, task: _Task) -> None:
-        self._fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
+        self.fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
 
     def on_connection_lost(self, conn: Connection) -> None:
         """A leased worker died: retry what it was running, or fail it."""
@@ -490,14 +512,14 @@ class TaskSubmitter:
                     if task.force
                     else exceptions.TaskCancelledError(task.task_id.hex())
                 )
-                self._fail(task, error)
+                self.fail(task, error)
             elif task.retries_left != 0:
                 if task.retries_left > 0:
                     task.retries_left -= 1
                 with self._lock:
                     task.shape.queue.appendleft(task)
             else:
-                self._fail(task, exceptions.WorkerCrashedError())
+                self.fail(task, exceptions.WorkerCrashedError())
         with self._lock:
             for key in touched:
                 self._dispatch(self._shapes[key])
@@ -510,6 +532,9 @@ class TaskSubmitter:
                 return
             task.cancelled = True
             task.force = force
+            if task.actor is not None:
+                self.worker.actors.cancel(task, force)
+                return
             queued = task.shape is not None and task in task.shape.queue
             if queued:
                 task.shape.queue.remove(task)

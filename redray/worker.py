@@ -15,6 +15,7 @@ import collections
 import itertools
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -119,9 +120,13 @@ class CoreWorker:
             "log": self._on_log,
             "warn": self._on_warning,
         }
+        from redray.actor_submitter import ActorSubmitter
         from redray.submitter import TaskSubmitter
 
         self.submitter = TaskSubmitter(self)
+        self.actors = ActorSubmitter(self)
+        self._background: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run_background, daemon=True, name="redray-bg").start()
         self.raylet = self.reactor.connect(raylet_address, self._on_message, self._on_raylet_lost)
         node = self.call(
             self.raylet,
@@ -195,6 +200,7 @@ class CoreWorker:
                 if self._peers.get(peer) is conn:
                     del self._peers[peer]
         self.submitter.on_connection_lost(conn)
+        self.actors.on_connection_lost(conn)
         if self.executor is not None:
             self.executor.on_connection_lost(conn)
 
@@ -398,6 +404,8 @@ class CoreWorker:
                 value = obj.value
                 if value is not None and value[0] == "s":
                     store_frees.setdefault(value[1], []).append(oid)
+                elif value is not None and value[0] == "actor" and not self.shutting_down:
+                    self.background(self.actors.out_of_scope, oid)
                 self.submitter.forget_object(oid)
             elif obj.registered:
                 unborrows.setdefault(obj.owner, []).append((oid, obj.registered))
@@ -748,6 +756,19 @@ class CoreWorker:
         print(message[1], file=sys.stderr, flush=True)
 
     # -- life cycle -------------------------------------------------------------------------
+    def background(self, fn: Callable, *args: Any) -> None:
+        """Run fn(*args) on this process's background thread (for blocking GCS calls)."""
+        self._background.put((fn, args))
+
+    def _run_background(self) -> None:
+        while True:
+            fn, args = self._background.get()
+            try:
+                fn(*args)
+            except Exception:
+                if not self.shutting_down:
+                    log.exception("background call %r failed", fn)
+
     def shutdown(self) -> None:
         self.shutting_down = True
         try:

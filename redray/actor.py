@@ -1,0 +1,366 @@
+"""Actors: `@remote` on a class, handles, methods, named and detached actors, `kill`.
+
+`ActorClass.remote()` records the actor in the GCS and asks the control loop to place it; it
+returns a handle at once. Method calls go straight from the caller to the actor process
+(see `actor_submitter.py`); Redis only carries the actor's state changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import pickle
+from typing import Any
+
+from redray import context, serialization
+from redray import options as opts
+from redray.gcs import NAMED_ACTORS
+from redray.util import scheduling_strategies
+
+_METHOD_OPTIONS = "__redray_method_options__"
+TERMINATE = "__ray_terminate__"
+
+
+def method(*args: Any, **options: Any) -> Any:
+    """Annotate an actor method: `@method(num_returns=2, concurrency_group="io")`."""
+    if args:
+        raise ValueError("The @redray.method decorator only accepts keyword arguments.")
+    opts.validate(options, "method")
+
+    def annotate(fn: Any) -> Any:
+        setattr(fn, _METHOD_OPTIONS, options)
+        return fn
+
+    return annotate
+
+
+def _method_table(cls: type) -> dict[str, dict[str, Any]]:
+    """What callers must know of each public method: returns, group, async-ness."""
+    table: dict[str, dict[str, Any]] = {}
+    for name, member in inspect.getmembers(cls):
+        if name.startswith("__") and name not in ("__call__",):
+            continue
+        fn = member.__func__ if inspect.ismethod(member) else member
+        if not (inspect.isfunction(fn) or inspect.ismethoddescriptor(fn)):
+            continue
+        options = getattr(fn, _METHOD_OPTIONS, {})
+        table[name] = {
+            "num_returns": options.get("num_returns", 1),
+            "concurrency_group": options.get("concurrency_group"),
+            "max_task_retries": options.get("max_task_retries"),
+            "retry_exceptions": options.get("retry_exceptions"),
+            "is_async": inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn),
+        }
+    return table
+
+
+class ActorClass:
+    """A class made remote: create actors with `.remote(...)` or `.options(...).remote(...)`."""
+
+    def __init__(self, cls: type, actor_options: dict[str, Any]):
+        self._cls = cls
+        self._options = opts.validate(dict(actor_options), "actor")
+        self._methods = _method_table(cls)
+        self._key: str | None = None
+        self._blob: bytes | None = None
+        self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+        self.__module__ = cls.__module__
+        self.__doc__ = cls.__doc__
+
+    @classmethod
+    def create(cls, target: type, actor_options: dict[str, Any]) -> ActorClass:
+        return cls(target, actor_options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "Actors cannot be instantiated directly. Instead of "
+            f"'{self.__name__}()', use '{self.__name__}.remote()'."
+        )
+
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        """Create the actor; returns its handle at once (calls wait until it is alive)."""
+        return self._create(args, kwargs, self._options)
+
+    def options(self, **actor_options: Any) -> _BoundActorClass:
+        merged = {**self._options, **opts.validate(dict(actor_options), "actor")}
+        return _BoundActorClass(self, merged)
+
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("Ray DAGs (.bind) are not supported by redray.")
+
+    def _export(self, worker: Any) -> str:
+        if self._key is None:
+            try:
+                self._blob = serialization.dumps_function(self._cls)
+            except Exception as exc:
+                raise serialization.describe_failure(self._cls, exc, "the actor class") from exc
+            self._key = hashlib.sha1(self._blob).hexdigest()
+        worker.export_function(self._key, lambda: self._blob)
+        return self._key
+
+    def _create(self, args: tuple, kwargs: dict, options: dict[str, Any]) -> ActorHandle:
+        worker = context.worker()
+        name = options.get("name")
+        namespace = options.get("namespace") or worker.namespace
+        if name and options.get("get_if_exists"):
+            existing = _lookup_named(worker, name, namespace)
+            if existing is not None:
+                return existing
+        key = self._export(worker)
+        is_async = any(m["is_async"] for m in self._methods.values())
+        max_concurrency = options.get("max_concurrency") or (1000 if is_async else 1)
+        num_cpus = options.get("num_cpus")
+        placement = opts.task_resources(options, default_cpus=1.0)
+        running = opts.task_resources(options, default_cpus=0.0) if num_cpus is None else placement
+        actor_id = os.urandom(16)
+        info = {
+            "actor_id": actor_id.hex(),
+            "class_name": self.__name__,
+            "state": "PENDING_CREATION",
+            "name": name or "",
+            "namespace": namespace,
+            "job_id": worker.job_id,
+            "owner": [*worker.address[:2], worker.address[2].hex()],
+            "detached": options.get("lifetime") == "detached",
+            "max_restarts": options.get("max_restarts", 0),
+            "max_task_retries": options.get("max_task_retries", 0),
+            "num_restarts": 0,
+            "methods": self._methods,
+            "placement_resources": placement,
+            "resources": running,
+            "strategy": scheduling_strategies.wire(options.get("scheduling_strategy")),
+            "env_vars": (options.get("runtime_env") or {}).get("env_vars") or {},
+            "seq": 0,
+        }
+        submitter = worker.actors
+        wire_args, wire_kwargs, keep = submitter.wire_creation_args(args, kwargs, self.__name__)
+        spec = pickle.dumps(
+            {
+                "class_key": key,
+                "class_name": self.__name__,
+                "args": wire_args,
+                "kwargs": wire_kwargs,
+                "max_concurrency": max_concurrency,
+                "concurrency_groups": options.get("concurrency_groups") or {},
+                "is_async": is_async,
+                "methods": self._methods,
+                "job_id": worker.job_id,
+                "driver_address": worker.driver_address,
+                "log_to_driver": worker.log_to_driver,
+            },
+            protocol=5,
+        )
+        if name:
+            claimed = worker.gcs.claim_name(NAMED_ACTORS, namespace, name, actor_id.hex())
+            if claimed != actor_id.hex():
+                if options.get("get_if_exists"):
+                    existing = _lookup_named(worker, name, namespace)
+                    if existing is not None:
+                        return existing
+                raise ValueError(
+                    f"The name {name} (namespace={namespace}) is already taken. Please use a "
+                    "different name or get the existing actor using "
+                    f"redray.get_actor('{name}', namespace='{namespace}')"
+                )
+        handle = submitter.create(actor_id, info, spec, keep)
+        return handle
+
+
+class _BoundActorClass:
+    def __init__(self, actor_class: ActorClass, options: dict[str, Any]):
+        self._actor_class = actor_class
+        self._options = options
+
+    def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        return self._actor_class._create(args, kwargs, self._options)
+
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        return self._actor_class.bind(*args, **kwargs)
+
+
+class ActorHandle:
+    """A handle to an actor: call `handle.method.remote(...)`; picklable, so it can be passed."""
+
+    def __init__(self, actor_id: bytes, info: dict[str, Any], _register: bool = True):
+        self._actor_id = actor_id
+        self._id = actor_id  # refcounted like an object owned by the creator
+        self._owner = _owner_address(info)
+        self._class_name = info["class_name"]
+        self._methods = info["methods"]
+        self._max_task_retries = info.get("max_task_retries", 0)
+        self._info = info
+        if _register:
+            context.worker().add_local_ref(actor_id, self._owner)
+
+    def __del__(self) -> None:
+        worker = context.current
+        if worker is not None:
+            try:
+                worker.remove_local_ref(self._id)
+            except Exception:
+                pass
+
+    def __getattr__(self, name: str) -> ActorMethod:
+        methods = self.__dict__.get("_methods")
+        if methods is None or (name not in methods and name != TERMINATE):
+            raise AttributeError(
+                f"'ActorHandle' object has no attribute '{name}'"
+                + (f" (class {self._class_name} has no method {name!r})" if methods else "")
+            )
+        bound = ActorMethod(self, name, methods.get(name, {"num_returns": 1}))
+        self.__dict__[name] = bound
+        return bound
+
+    def __reduce__(self):
+        context.note_serialized_ref(self)
+        return (_rebuild_handle, (self._actor_id, self._info))
+
+    def __repr__(self) -> str:
+        return f"Actor({self._class_name}, {self._actor_id.hex()})"
+
+    def __hash__(self) -> int:
+        return hash(self._actor_id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
+
+    @property
+    def _actor_id_hex(self) -> str:
+        return self._actor_id.hex()
+
+
+def _owner_address(info: dict[str, Any]) -> tuple | None:
+    owner = info.get("owner")
+    if not owner:
+        return None
+    return (owner[0], owner[1], bytes.fromhex(owner[2]))
+
+
+def _rebuild_handle(actor_id: bytes, info: dict[str, Any]) -> ActorHandle:
+    handle = ActorHandle(actor_id, info, _register=False)
+    worker = context.current
+    if worker is not None:
+        worker.add_deserialized_ref(actor_id, handle._owner)
+    return handle
+
+
+class ActorMethod:
+    """`handle.method`: call `.remote(...)` (or `.options(...).remote(...)`)."""
+
+    def __init__(self, handle: ActorHandle, name: str, meta: dict[str, Any]):
+        self._handle = handle
+        self._name = name
+        self._meta = meta
+        self._call_options = _call_options(handle, name, meta, {})
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "Actor methods cannot be called directly. Instead of running "
+            f"'object.{self._name}()', try 'object.{self._name}.remote()'."
+        )
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return _submit(self._handle, self._name, args, kwargs, self._call_options)
+
+    def options(self, **call_options: Any) -> _BoundMethod:
+        opts.validate(dict(call_options), "method")
+        return _BoundMethod(self, _call_options(self._handle, self._name, self._meta, call_options))
+
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("Ray DAGs (.bind) are not supported by redray.")
+
+
+class _BoundMethod:
+    def __init__(self, actor_method: ActorMethod, call_options: Any):
+        self._method = actor_method
+        self._call_options = call_options
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return _submit(self._method._handle, self._method._name, args, kwargs, self._call_options)
+
+
+def _call_options(handle: ActorHandle, name: str, meta: dict, overrides: dict) -> Any:
+    from redray.submitter import TaskOptions
+
+    retries = overrides.get("max_task_retries", meta.get("max_task_retries"))
+    if retries is None:
+        retries = handle._max_task_retries
+    retry = overrides.get("retry_exceptions", meta.get("retry_exceptions")) or False
+    return TaskOptions(
+        name=f"{handle._class_name}.{name}",
+        num_returns=overrides.get("num_returns", meta.get("num_returns", 1)),
+        resources={},
+        max_retries=retries,
+        retry_exceptions=tuple(retry) if isinstance(retry, (list, tuple)) else bool(retry),
+    )
+
+
+def _submit(handle: ActorHandle, name: str, args: tuple, kwargs: dict, call_options: Any) -> Any:
+    worker = context.worker()
+    refs = worker.actors.submit(handle, name, args, kwargs, call_options)
+    if call_options.num_returns == 1:
+        return refs[0]
+    if call_options.num_returns == 0:
+        return None
+    return refs
+
+
+def _lookup_named(worker: Any, name: str, namespace: str) -> ActorHandle | None:
+    actor_hex = worker.gcs.lookup_name(NAMED_ACTORS, namespace, name)
+    if actor_hex is None:
+        return None
+    info = worker.gcs.actor(actor_hex)
+    if info is None or info.get("state") == "DEAD":
+        return None
+    return _rebuild_handle(bytes.fromhex(actor_hex), info)
+
+
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
+    """The handle of the live actor called `name` in `namespace` (this job's by default)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("Please supply a non-empty value to get_actor")
+    if namespace is not None and not isinstance(namespace, str):
+        raise TypeError("namespace must be None or a string")
+    worker = context.worker()
+    handle = _lookup_named(worker, name, namespace or worker.namespace)
+    if handle is None:
+        raise ValueError(
+            f"Failed to look up actor with name '{name}'. This could because 1. You are trying "
+            "to look up a named actor you didn't create. 2. The named actor died. 3. You did "
+            "not use a namespace matching the namespace of the actor."
+        )
+    return handle
+
+
+def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
+    """Kill an actor at once (pending calls fail); with no_restart=False it may restart."""
+    if not isinstance(actor, ActorHandle):
+        raise ValueError(
+            f"ray.kill() only supported for actors. For tasks, try ray.cancel(). Got: {type(actor)}."
+        )
+    worker = context.worker()
+    worker.gcs.push_request(pickle.dumps(("kill_actor", actor._actor_id.hex(), no_restart)))
+
+
+def exit_actor() -> None:
+    """Exit the current actor once the running method returns; pending calls fail."""
+    worker = context.worker()
+    runtime = getattr(worker.executor, "actor", None) if worker.executor is not None else None
+    if runtime is None:
+        raise TypeError("exit_actor API is called on a non-actor worker.")
+    runtime.request_exit("exit_actor() was called")
+
+
+def list_named_actors(all_namespaces: bool = False) -> list:
+    """Names of live named actors: this namespace's, or dicts of name/namespace for all."""
+    worker = context.worker()
+    entries = worker.gcs.names(NAMED_ACTORS, None if all_namespaces else worker.namespace)
+    alive = []
+    for namespace, name, actor_hex in entries:
+        info = worker.gcs.actor(actor_hex)
+        if info is None or info.get("state") == "DEAD":
+            continue
+        alive.append({"name": name, "namespace": namespace} if all_namespaces else name)
+    return alive

@@ -1,0 +1,253 @@
+"""The actor side of actors: one instance in a dedicated worker, and how its calls run.
+
+Three ways to run calls, chosen at creation as Ray does:
+- plain actors run calls one at a time on the main thread, in arrival order (so calls from
+  one caller run in submission order);
+- threaded actors (`max_concurrency > 1` or concurrency groups) run each group's calls on
+  that group's own threads;
+- async actors (any `async def` method) run every call as a coroutine on one event loop,
+  at most `max_concurrency` (default 1000) at a time per group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import queue
+import threading
+from typing import TYPE_CHECKING, Any
+
+from redray import exceptions
+from redray.actor import TERMINATE
+from redray.executor import TaskContext, _task_context, error_payload, task_error
+from redray.reactor import Connection
+
+if TYPE_CHECKING:
+    from redray.executor import Executor
+
+DEFAULT_GROUP = "_default"
+
+
+def create_actor(executor: Executor, conn: Connection, message: tuple) -> None:
+    """Run the constructor (on the main thread) and answer the control loop."""
+    import pickle
+
+    _, call_id, actor_id, spec_blob, restarts = message
+    spec = pickle.loads(spec_blob)
+    worker = executor.worker
+    name = spec["class_name"]
+    ctx = TaskContext(
+        actor_id[:14],
+        f"{name}.__init__",
+        spec["job_id"],
+        None,
+        None,
+        spec["driver_address"],
+        spec["log_to_driver"],
+    )
+    ctx.prefix = f"({name} pid={os.getpid()})"
+    runtime = ActorRuntime(executor, actor_id, spec, conn, restarts, ctx)
+    executor.actor = runtime
+    worker.job_id = spec["job_id"]
+    token = _task_context.set(ctx)
+    try:
+        cls = worker.load_function(spec["class_key"])
+        args, kwargs = executor.materialize_args(spec["args"], spec["kwargs"])
+        runtime.instance = cls(*args, **kwargs)
+    except Exception as exc:
+        error = task_error(f"{name}.__init__", exc)
+        conn.send(("reply", call_id, ("error", str(error))))
+        conn.flush_blocking()
+        os._exit(0)
+    finally:
+        _task_context.reset(token)
+    runtime.start()
+    conn.send(("reply", call_id, ("ok", os.getpid())))
+
+
+class ActorRuntime:
+    """The live actor in this process."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        actor_id: bytes,
+        spec: dict[str, Any],
+        control: Connection,
+        restarts: int,
+        ctx: TaskContext,
+    ):
+        self.executor = executor
+        self.actor_id = actor_id
+        self.spec = spec
+        self.name = spec["class_name"]
+        self.control = control  # the control loop's connection: told when we exit on purpose
+        self.restarted = restarts > 0
+        self.context = ctx  # where prints go when no call is running (e.g. from user threads)
+        self.instance: Any = None
+        self.methods: dict[str, dict] = spec["methods"]
+        groups = dict(spec.get("concurrency_groups") or {})
+        self.is_async = spec["is_async"]
+        self.threaded = not self.is_async and (spec["max_concurrency"] > 1 or bool(groups))
+        groups[DEFAULT_GROUP] = spec["max_concurrency"]
+        self.groups = groups
+        self._queues: dict[str, queue.SimpleQueue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self._running: dict[bytes, Any] = {}  # async calls in progress, by task id
+        self._exit_reason: str | None = None
+
+    def handle(self) -> Any:
+        from redray.actor import ActorHandle
+
+        worker = self.executor.worker
+        info = worker.gcs.actor(self.actor_id.hex()) or {}
+        return ActorHandle(self.actor_id, info)
+
+    def start(self) -> None:
+        if self.is_async:
+            self._loop = asyncio.new_event_loop()
+            ready = threading.Event()
+            threading.Thread(
+                target=self._run_loop, args=(ready,), daemon=True, name="redray-actor-loop"
+            ).start()
+            ready.wait()
+        elif self.threaded:
+            for group, limit in self.groups.items():
+                inbox = self._queues[group] = queue.SimpleQueue()
+                for i in range(limit):
+                    threading.Thread(
+                        target=self._serve, args=(inbox,), daemon=True, name=f"{group}-{i}"
+                    ).start()
+
+    def _run_loop(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        for group, limit in self.groups.items():
+            self._semaphores[group] = asyncio.Semaphore(limit)
+        ready.set()
+        self._loop.run_forever()
+
+    def _group(self, method: str) -> str:
+        group = (self.methods.get(method) or {}).get("concurrency_group")
+        return group if group in self.groups else DEFAULT_GROUP
+
+    # -- reactor thread ---------------------------------------------------------------------
+    def accept(self, conn: Connection, message: tuple) -> None:
+        """Route an incoming call to where it runs."""
+        method = message[2]
+        if self.is_async and method != TERMINATE:
+            future = asyncio.run_coroutine_threadsafe(self._run_async(conn, message), self._loop)
+            self._running[message[1]] = future
+        elif self.threaded and method != TERMINATE:
+            self._queues[self._group(method)].put((conn, message))
+        else:
+            self.executor.inbox.put((conn, message))
+
+    def cancel(self, task_id: bytes) -> bool:
+        """Cancel a running async call; False when it is not one (handled elsewhere)."""
+        future = self._running.get(task_id)
+        if future is None:
+            return False
+        future.cancel()
+        return True
+
+    def on_connection_lost(self, conn: Connection) -> None:
+        if conn is self.control:
+            # The control loop (head) is gone; a new one reconnects to us. Keep serving.
+            self.control = None
+
+    # -- running calls ----------------------------------------------------------------------
+    def _serve(self, inbox: queue.SimpleQueue) -> None:
+        while True:
+            conn, message = inbox.get()
+            self.execute(conn, message)
+
+    def _call_context(self, conn: Connection, message: tuple) -> TaskContext:
+        ctx = TaskContext(
+            message[1],
+            message[3],
+            self.spec["job_id"],
+            None,
+            conn,
+            self.spec["driver_address"],
+            self.spec["log_to_driver"],
+        )
+        ctx.prefix = self.context.prefix
+        return ctx
+
+    def execute(self, conn: Connection, message: tuple) -> None:
+        """Run one call synchronously (main thread or a group's thread) and reply."""
+        _, task_id, method, name, args, kwargs, num_returns = message
+        executor = self.executor
+        if task_id in executor._cancelled:
+            executor._cancelled.discard(task_id)
+            error = exceptions.TaskCancelledError(task_id.hex())
+            conn.send(("done", task_id, [error_payload(error)] * num_returns, []))
+            return
+        ctx = self._call_context(conn, message)
+        if method == TERMINATE:
+            self.request_exit("the actor was terminated by __ray_terminate__")
+            payloads = executor.return_payloads(None, num_returns, ctx)
+        else:
+            main = threading.get_ident() == executor._main_thread
+            if main:
+                executor.current = ctx
+            try:
+                payloads = executor.invoke(
+                    ctx, self._bound(method, name), args, kwargs, num_returns
+                )
+            finally:
+                if main:
+                    executor.current = None
+                    executor._interrupt = None
+        conn.send(("done", task_id, payloads, executor.worker.take_task_borrows()))
+        if self._exit_reason is not None:
+            self._exit()
+
+    async def _run_async(self, conn: Connection, message: tuple) -> None:
+        _, task_id, method, name, args, kwargs, num_returns = message
+        executor = self.executor
+        ctx = self._call_context(conn, message)
+        token = _task_context.set(ctx)
+        try:
+            async with self._semaphores[self._group(method)]:
+                try:
+                    fn = self._bound(method, name)
+                    call_args, call_kwargs = executor.materialize_args(args, kwargs)
+                    result = fn(*call_args, **call_kwargs)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    payloads = executor.return_payloads(result, num_returns, ctx)
+                except asyncio.CancelledError:
+                    error = exceptions.TaskCancelledError(task_id.hex())
+                    payloads = [error_payload(error)] * num_returns
+                except Exception as exc:
+                    payloads = [error_payload(task_error(name, exc))] * num_returns
+        finally:
+            _task_context.reset(token)
+            self._running.pop(task_id, None)
+        conn.send(("done", task_id, payloads, executor.worker.take_task_borrows()))
+        if self._exit_reason is not None:
+            self._exit()
+
+    def _bound(self, method: str, name: str) -> Any:
+        try:
+            return getattr(self.instance, method)
+        except AttributeError:
+            raise AttributeError(f"'{self.name}' object has no attribute '{method}'") from None
+
+    # -- exiting on purpose -----------------------------------------------------------------
+    def request_exit(self, reason: str) -> None:
+        """Exit once the current call has replied (exit_actor / __ray_terminate__)."""
+        self._exit_reason = reason
+
+    def _exit(self) -> None:
+        from redray.executor import _flush_streams
+
+        _flush_streams()
+        if self.control is not None:
+            self.control.send(("actor_exiting", self.actor_id, self._exit_reason))
+        for conn in list(self.executor.worker.reactor._connections.values()):
+            conn.flush_blocking()
+        os._exit(0)

@@ -1,0 +1,321 @@
+"""The caller side of actors: one queue per actor, calls pushed straight to the actor process.
+
+Calls from this process to one actor are sent in submission order over one connection, each
+as soon as its arguments are ready and no earlier call still waits. The actor's state
+(alive at an address, restarting, dead with a cause) arrives by Redis pub/sub, so a death is
+learnt without polling; a dropped connection fails or retries the calls in flight.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import pickle
+import threading
+from typing import TYPE_CHECKING, Any
+
+from redray import exceptions
+from redray.object_ref import ObjectRef
+from redray.reactor import Connection
+
+if TYPE_CHECKING:
+    from redray.actor import ActorHandle
+    from redray.worker import CoreWorker
+
+log = logging.getLogger(__name__)
+
+
+class _ActorState:
+    """What this process knows of one actor it calls."""
+
+    __slots__ = (
+        "actor_id",
+        "hex",
+        "info",
+        "state",
+        "conn",
+        "connecting",
+        "queue",
+        "inflight",
+        "seq",
+        "cause",
+    )
+
+    def __init__(self, actor_id: bytes):
+        self.actor_id = actor_id
+        self.hex = actor_id.hex()
+        self.info: dict[str, Any] = {}
+        self.state = "UNKNOWN"
+        self.conn: Connection | None = None
+        self.connecting = False
+        self.queue: collections.deque = collections.deque()  # calls not yet sent, in order
+        self.inflight: dict[bytes, Any] = {}  # sent, awaiting a reply (insertion = send order)
+        self.seq = -1
+        self.cause = ""
+
+
+class ActorSubmitter:
+    """Per-process registry of the actors this process calls, and their call queues."""
+
+    def __init__(self, worker: CoreWorker):
+        self.worker = worker
+        self._lock = threading.RLock()
+        self._actors: dict[bytes, _ActorState] = {}
+        self._watcher: threading.Thread | None = None
+        self._watching = threading.Event()
+
+    # -- creation ---------------------------------------------------------------------------
+    def wire_creation_args(self, args: tuple, kwargs: dict, name: str) -> tuple:
+        """Constructor arguments as sent to the actor: refs resolved to payloads now."""
+        tasks = self.worker.submitter
+        keep: list[ObjectRef] = []
+        deps: list[ObjectRef] = []
+        wire_args = tuple(tasks._wire_arg(a, keep, deps, name) for a in args)
+        wire_kwargs = {k: tasks._wire_arg(v, keep, deps, name) for k, v in kwargs.items()}
+        if deps:
+            self.worker.wait_ready(deps, len(deps), None)
+        for items in (wire_args, wire_kwargs.values()):
+            for item in items:
+                if type(item) is list:
+                    payload = self.worker.payload_of(item[0])
+                    if payload[0] == "e":
+                        raise self.worker.materialize(item[0], payload)
+                    item[1] = payload
+        return wire_args, wire_kwargs, keep
+
+    def create(self, actor_id: bytes, info: dict, spec: bytes, keep: list) -> ActorHandle:
+        from redray.actor import ActorHandle
+
+        worker = self.worker
+        worker.new_owned(actor_id)
+        worker.set_value(actor_id, ("actor", keep))
+        handle = ActorHandle(actor_id, info)
+        state = self._state(actor_id)
+        with self._lock:
+            state.info = info
+            state.state = "PENDING_CREATION"
+            state.seq = 0
+        self._ensure_watching()
+        worker.gcs.create_actor(actor_id.hex(), info, spec)
+        return handle
+
+    def out_of_scope(self, actor_id: bytes) -> None:
+        """The last handle of an actor we created is gone (called off the reactor thread)."""
+        self.worker.gcs.push_request(pickle.dumps(("actor_out_of_scope", actor_id.hex())))
+
+    # -- calls ------------------------------------------------------------------------------
+    def submit(self, handle: ActorHandle, method: str, args: tuple, kwargs: dict, options: Any):
+        state = self._state(handle._actor_id)
+        tasks = self.worker.submitter
+        task, refs, deps = tasks.prepare(method, args, kwargs, options, actor=state)
+        with self._lock:
+            state.queue.append(task)
+        if state.state == "UNKNOWN":
+            self._lookup(state)
+        tasks.await_dependencies(task, deps)
+        return refs
+
+    def dependencies_ready(self, task: Any) -> None:
+        self._pump(task.actor)
+
+    def _pump(self, state: _ActorState) -> None:
+        """Send queued calls in order while the head of the queue is ready."""
+        with self._lock:
+            if state.state == "DEAD":
+                failed = list(state.queue)
+                state.queue.clear()
+            else:
+                failed = None
+                conn = state.conn
+                if conn is None or conn.closed:
+                    if state.state == "ALIVE" and state.queue:
+                        self._connect(state)
+                    return
+                queue = state.queue
+                while queue and queue[0].unresolved == 0:
+                    task = queue.popleft()
+                    if task.cancelled:
+                        continue
+                    state.inflight[task.task_id] = task
+                    conn.send(
+                        (
+                            "actor_task",
+                            task.task_id,
+                            task.fn_key,
+                            task.options.name,
+                            task.args,
+                            task.kwargs,
+                            len(task.return_ids),
+                        )
+                    )
+        if failed:
+            error = self._death_error(state)
+            for task in failed:
+                self.worker.submitter.fail(task, error)
+
+    def _connect(self, state: _ActorState) -> None:
+        """Open (once) the connection to an alive actor, then pump (lock held)."""
+        address = state.info.get("address")
+        if not address or state.connecting:
+            return
+        state.connecting = True
+        peer = (address[0], address[1], bytes.fromhex(address[2]))
+
+        def connected(conn: Connection | None) -> None:
+            with self._lock:
+                state.connecting = False
+                if conn is None:
+                    return  # the actor is gone; its state change will follow
+                conn.info.setdefault("actors", set()).add(state.actor_id)
+                state.conn = conn
+            self._pump(state)
+
+        self.worker.peer_async(peer, connected)
+
+    def on_done(self, task: Any, results: list) -> None:
+        state = task.actor
+        tasks = self.worker.submitter
+        with self._lock:
+            state.inflight.pop(task.task_id, None)
+        first = results[0] if results else None
+        if first is not None and first[0] == "e" and tasks.should_retry_error(task, first):
+            if task.retries_left > 0:
+                task.retries_left -= 1
+            with self._lock:
+                state.queue.appendleft(task)
+            self._pump(state)
+            return
+        tasks.finish(task, results)
+
+    def cancel(self, task: Any, force: bool) -> None:
+        state = task.actor
+        with self._lock:
+            queued = task in state.queue
+            if queued:
+                state.queue.remove(task)
+            sent = task.task_id in state.inflight
+            conn = state.conn
+        if queued:
+            self.worker.submitter.fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
+        elif sent and conn is not None:
+            conn.send(("cancel", task.task_id, False, True))
+
+    def on_connection_lost(self, conn: Connection) -> None:
+        """The connection to an actor broke: retry or fail what was in flight."""
+        for actor_id in conn.info.get("actors", ()):
+            state = self._actors.get(actor_id)
+            if state is None:
+                continue
+            with self._lock:
+                if state.conn is not conn:
+                    continue
+                state.conn = None
+                lost = list(state.inflight.values())
+                state.inflight.clear()
+                retry = [t for t in lost if t.retries_left != 0 and not t.cancelled]
+                for task in reversed(retry):
+                    if task.retries_left > 0:
+                        task.retries_left -= 1
+                    state.queue.appendleft(task)
+                if state.state == "ALIVE":
+                    state.state = "RESTARTING?"  # until the control loop says what happened
+            for task in lost:
+                if task in retry:
+                    continue
+                error = exceptions.ActorDiedError(
+                    f"The actor {state.info.get('class_name', '')} ({state.hex}) died "
+                    "unexpectedly before finishing this task.",
+                    state.hex,
+                )
+                self.worker.submitter.fail(task, error)
+            self._lookup(state)
+
+    # -- actor states -----------------------------------------------------------------------
+    def _state(self, actor_id: bytes) -> _ActorState:
+        state = self._actors.get(actor_id)
+        if state is None:
+            with self._lock:
+                state = self._actors.get(actor_id)
+                if state is None:
+                    state = self._actors[actor_id] = _ActorState(actor_id)
+        return state
+
+    def _lookup(self, state: _ActorState) -> None:
+        """Learn an actor's current state: subscribe first, then read the table."""
+        self._ensure_watching()
+
+        def read() -> None:
+            info = self.worker.gcs.actor(state.hex)
+            if info is None:
+                info = {"state": "DEAD", "death_cause": "The actor does not exist.", "seq": 1 << 60}
+            self._apply(state, info, from_table=True)
+
+        threading.Thread(target=read, daemon=True, name="redray-actor-lookup").start()
+
+    def _apply(self, state: _ActorState, info: dict, from_table: bool = False) -> None:
+        with self._lock:
+            seq = info.get("seq", 0)
+            if seq < state.seq or (
+                seq == state.seq and state.state not in ("UNKNOWN", "RESTARTING?")
+            ):
+                return
+            state.seq = seq
+            state.info = info
+            state.state = info["state"]
+            state.cause = info.get("death_cause", "")
+            if state.state != "ALIVE" and state.conn is not None:
+                state.conn = None
+        self._pump(state)
+
+    def _death_error(self, state: _ActorState) -> exceptions.ActorDiedError:
+        cause = state.cause or "The actor is dead."
+        creation_error = state.info.get("creation_error")
+        if creation_error:
+            cause = (
+                f"The actor died because of an error raised in its creation task, {creation_error}"
+            )
+        return exceptions.ActorDiedError(
+            f"The actor {state.info.get('class_name', '')} ({state.hex}) is dead: {cause}",
+            state.hex,
+        )
+
+    def _ensure_watching(self) -> None:
+        if self._watcher is not None:
+            self._watching.wait(10)
+            return
+        with self._lock:
+            if self._watcher is None:
+                self._watcher = threading.Thread(
+                    target=self._watch, daemon=True, name="redray-actor-watch"
+                )
+                self._watcher.start()
+        self._watching.wait(10)
+
+    def _watch(self) -> None:
+        """Follow every actor's state channel (pattern subscription, one per process)."""
+        gcs = self.worker.gcs
+        pubsub = gcs.redis.pubsub()
+        pubsub.psubscribe(gcs.actor_channel("*"))
+        while not self.worker.shutting_down:
+            try:
+                message = pubsub.get_message(timeout=1.0)
+            except Exception:
+                if self.worker.shutting_down:
+                    return
+                log.exception("actor state subscription failed; resubscribing")
+                pubsub = gcs.redis.pubsub()
+                pubsub.psubscribe(gcs.actor_channel("*"))
+                continue
+            if message is None:
+                continue
+            if message["type"] == "psubscribe":
+                self._watching.set()
+                continue
+            if message["type"] != "pmessage":
+                continue
+            info = json.loads(message["data"])
+            state = self._actors.get(bytes.fromhex(info["actor_id"]))
+            if state is not None:
+                self._apply(state, info)
+        pubsub.close()

@@ -1,0 +1,694 @@
+"""The `redray` command: start and join nodes, stop them, show the cluster's state.
+
+    redray start --head [--port 6379] [--num-cpus N] ...   # Redis + GCS + head raylet
+    redray node --redis redis://:PASSWORD@HOST:PORT ...    # join another machine
+    redray status [--address URL]                          # nodes and resources
+    redray stop [--force]                                  # stop what this machine started
+
+Nodes started here outlive the command (their raylets run in their own sessions). What
+`redray start` / `redray node` started is recorded in the current-cluster file
+(`redray.node.CURRENT_CLUSTER`, mode 0600, it holds the Redis password), which is how
+`redray.init(address="auto")` finds the cluster and how `redray stop` finds the nodes.
+Also runnable as `python -m redray.cli`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import math
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import click
+import psutil
+import redis
+
+from redray import node
+from redray.gcs import DEFAULT_CLUSTER, Gcs
+
+MIN_OBJECT_STORE_MEMORY = 1 << 20
+LOG_TAIL_LINES = 20
+
+
+# -- small helpers ------------------------------------------------------------------------
+def _parse_resources(text: str | None) -> dict[str, float]:
+    """The --resources JSON as {name: amount}; a clear click error for anything else."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"not valid JSON ({exc}): {text!r}", param_hint="--resources"
+        ) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter(
+            "must be a JSON object of resource name to amount, e.g. '{\"custom\": 2}'",
+            param_hint="--resources",
+        )
+    resources: dict[str, float] = {}
+    for name, amount in value.items():
+        if name in ("CPU", "GPU"):
+            raise click.BadParameter(
+                f"use --num-{name.lower()}s instead of {name!r} in --resources",
+                param_hint="--resources",
+            )
+        if not name or name.startswith("node:"):
+            raise click.BadParameter(f"invalid resource name {name!r}", param_hint="--resources")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+            raise click.BadParameter(
+                f"the amount of {name!r} must be a number, got {amount!r}",
+                param_hint="--resources",
+            )
+        if amount < 0 or not math.isfinite(amount):
+            raise click.BadParameter(
+                f"the amount of {name!r} must be a non-negative number, got {amount!r}",
+                param_hint="--resources",
+            )
+        resources[name] = float(amount)
+    return resources
+
+
+def _check_ip(ip: str) -> str:
+    """An address this machine can listen on (what --node-ip-address must be)."""
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise click.BadParameter(
+            f"{ip!r} is not an IP address", param_hint="--node-ip-address"
+        ) from None
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family) as sock:
+            sock.bind((ip, 0))
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot listen on {ip} ({exc.strerror}): is it an address of this machine?",
+            param_hint="--node-ip-address",
+        ) from None
+    return ip
+
+
+def _check_port_free(ip: str, port: int) -> None:
+    """Fail early, and clearly, when the embedded Redis could not bind its port."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family) as sock:
+        try:
+            sock.bind((ip, port))
+        except OSError:
+            raise click.UsageError(
+                f"Port {port} on {ip} is already in use (another Redis or redray head?). "
+                "Pick another with --port, or use that Redis with --redis URL."
+            ) from None
+
+
+def _redact(url: str) -> str:
+    """A Redis URL with its password hidden, for error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _normalize_url(url: str, param_hint: str = "--redis") -> str:
+    """redis://HOST:PORT from HOST:PORT; a click error for a URL of another scheme."""
+    if "://" not in url:
+        return "redis://" + url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise click.BadParameter(
+            f"{_redact(url)!r} is not a Redis URL: use redis://[:PASSWORD@]HOST:PORT",
+            param_hint=param_hint,
+        )
+    return url
+
+
+def _connect_gcs(url: str, cluster: str, param_hint: str = "--redis") -> Gcs:
+    """A GCS client for url, checked with PING; click errors for bad or unreachable URLs."""
+    url = _normalize_url(url, param_hint)
+    try:
+        gcs = Gcs(url, cluster)
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"invalid Redis URL {_redact(url)!r}: {exc}", param_hint=param_hint
+        ) from None
+    try:
+        gcs.ping()
+    except redis.AuthenticationError as exc:
+        gcs.close()
+        raise click.ClickException(
+            f"Redis at {_redact(url)} refused the password ({str(exc).rstrip('.')}). "
+            "Use the redis://:PASSWORD@HOST:PORT address `redray start --head` printed."
+        ) from None
+    except redis.RedisError as exc:
+        gcs.close()
+        raise click.ClickException(
+            f"Cannot reach Redis at {_redact(url)}: {str(exc).rstrip('.')}."
+        ) from None
+    return gcs
+
+
+def _log_tail(session_dir: str) -> str:
+    path = os.path.join(session_dir, "logs", "raylet.log")
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()[-LOG_TAIL_LINES:]
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in lines)
+
+
+def _start(**kwargs: Any) -> node.StartedNode:
+    """`node.start_node` for a daemonized node, its failures as click errors with the log."""
+    session_dir = node.new_session_dir()
+    try:
+        return node.start_node(private=False, session_dir=session_dir, **kwargs)
+    except (RuntimeError, OSError, ValueError) as exc:
+        tail = _log_tail(session_dir)
+        message = f"{exc}" + (f"\n  last lines of the log:\n{tail}" if tail else "")
+        raise click.ClickException(message) from None
+
+
+# -- the current-cluster file -------------------------------------------------------------
+@contextlib.contextmanager
+def _cluster_file_lock() -> Iterator[None]:
+    """Serialize read-modify-write of the current-cluster file between commands."""
+    os.makedirs(node.ROOT_DIR, mode=0o700, exist_ok=True)
+    fd = os.open(node.CURRENT_CLUSTER + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_record() -> dict[str, Any] | None:
+    """The current-cluster file as written, even when its nodes are gone (None if absent)."""
+    try:
+        with open(node.CURRENT_CLUSTER) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _record_node(started: node.StartedNode, gcs_url: str, cluster: str, head: bool) -> None:
+    """Add a node this machine started to the current-cluster file.
+
+    A head always becomes the cluster `address="auto"` connects to. A joining node does
+    only when no live cluster is recorded; otherwise its pid is added so `redray stop`
+    stops it too.
+    """
+    entry = {
+        "pid": started.info["pid"],
+        "node_id": started.info["node_id"],
+        "session_dir": started.session_dir,
+        "gcs_url": gcs_url,
+        "cluster": cluster,
+        "head": head,
+    }
+    with _cluster_file_lock():
+        record = _read_record()
+        live = node.read_current_cluster() is not None
+        if record is None or not live:
+            record = {"nodes": []}
+        if head or not record.get("gcs_url"):
+            record.update(gcs_url=gcs_url, cluster=cluster, session_dir=started.session_dir)
+            record["node_ip_address"] = started.info["node_ip_address"]
+        record["nodes"] = [*record.get("nodes", []), entry]
+        record["pids"] = [n["pid"] for n in record["nodes"]]
+        node.write_current_cluster(record)
+
+
+# -- finding and stopping node processes -------------------------------------------------
+def _is_raylet(proc: psutil.Process) -> bool:
+    try:
+        cmdline = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return "redray.raylet" in cmdline and "-m" in cmdline
+
+
+def _started_here(proc: psutil.Process) -> bool:
+    """A daemonized raylet of this redray root: leads its own session, logs under ROOT_DIR.
+
+    Raylets of private clusters (`redray.init()` with no address) share their driver's
+    session, so `redray stop` leaves them to their drivers.
+    """
+    try:
+        if os.getsid(proc.pid) != proc.pid:
+            return False
+        log_path = os.readlink(f"/proc/{proc.pid}/fd/2")
+    except (ProcessLookupError, PermissionError):
+        return False
+    except OSError:
+        return True  # no /proc: trust the session check
+    return log_path.startswith(node.ROOT_DIR + os.sep)
+
+
+def _node_processes(record: dict[str, Any] | None) -> list[psutil.Process]:
+    """Raylets to stop: those recorded in the file and daemonized ones found by a scan."""
+    found: dict[int, psutil.Process] = {}
+    for pid in (record or {}).get("pids", []):
+        try:
+            proc = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            continue
+        if _is_raylet(proc):
+            found[pid] = proc
+    uid = os.getuid()
+    for proc in psutil.process_iter(["uids"]):
+        if proc.pid in found or proc.info["uids"] is None or proc.info["uids"].real != uid:
+            continue
+        if _is_raylet(proc) and _started_here(proc):
+            found[proc.pid] = proc
+    return list(found.values())
+
+
+def _descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Every process under the raylets (zygote, workers, embedded redis-server)."""
+    result = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            result.extend(proc.children(recursive=True))
+    return result
+
+
+def _gone(proc: psutil.Process) -> bool:
+    """Exited (a zombie waiting for its reaper counts as exited)."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to timeout for procs to exit; returns those still running."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if not _gone(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+        alive = [p for p in alive if not _gone(p)]
+    return alive
+
+
+def _terminate(procs: list[psutil.Process], force: bool, grace: float) -> list[psutil.Process]:
+    """SIGTERM (or SIGKILL with force) the raylets; SIGKILL whatever outlives the grace.
+
+    Returns the processes still alive at the end (normally none).
+    """
+    children = _descendants(procs)
+    sig = signal.SIGKILL if force else signal.SIGTERM
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(sig)
+    alive = _wait_gone(procs, 0 if force else grace)
+    for proc in alive + [p for p in children if not _gone(p)]:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return _wait_gone(procs + children, 5)
+
+
+# -- status ------------------------------------------------------------------------------
+def _format_bytes(amount: float) -> str:
+    """Bytes as Ray prints them: 0B, 512.00KiB, 14.65GiB."""
+    if amount < 1024:
+        return f"{amount:.0f}B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        amount /= 1024
+        if amount < 1024 or unit == "TiB":
+            return f"{amount:.2f}{unit}"
+    raise AssertionError("unreachable")
+
+
+def _format_amount(name: str, used: float, total: float) -> str:
+    if name == "memory" or name == "object_store_memory":
+        return f" {_format_bytes(used)}/{_format_bytes(total)} {name}"
+    return f" {used:.1f}/{total:.1f} {name}"
+
+
+def _usage(nodes: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """{resource: (used, total)} summed over live nodes; node:* markers left out."""
+    usage: dict[str, tuple[float, float]] = {}
+    for info in nodes:
+        if not info["alive"]:
+            continue
+        available = info.get("available") or {}
+        for name, total in (info.get("resources") or {}).items():
+            if name.startswith("node:"):
+                continue
+            used = max(0.0, total - available.get(name, total))
+            prev_used, prev_total = usage.get(name, (0.0, 0.0))
+            usage[name] = (prev_used + used, prev_total + total)
+        load = info.get("load") or {}
+        store_total = load.get("store_capacity", info.get("object_store_memory") or 0)
+        prev_used, prev_total = usage.get("object_store_memory", (0.0, 0.0))
+        usage["object_store_memory"] = (
+            prev_used + load.get("store_used", 0),
+            prev_total + store_total,
+        )
+    return usage
+
+
+def _status_lines(nodes: list[dict[str, Any]], url: str, cluster: str) -> list[str]:
+    """`ray status`-like report of the node table."""
+    alive = [n for n in nodes if n["alive"]]
+    lines = [
+        f"======== Cluster status: {cluster!r} at {_redact(url)} ========",
+        "Node status",
+        "-" * 60,
+        f"Nodes: {len(alive)} alive, {len(nodes) - len(alive)} dead",
+    ]
+    for info in sorted(nodes, key=lambda n: (not n["alive"], not n.get("is_head"))):
+        host, port = info.get("raylet_address", ("?", 0))
+        state = "ALIVE" if info["alive"] else "DEAD"
+        head = " (head)" if info.get("is_head") else ""
+        lines.append(f" {info['node_id']}  {host}:{port}  {state}{head}")
+    lines += ["", "Resources", "-" * 60, "Usage:"]
+    usage = _usage(nodes)
+    order = sorted(usage, key=lambda n: (n not in ("CPU", "GPU"), n != "CPU", n))
+    lines += [_format_amount(name, *usage[name]) for name in order] or [" (no live nodes)"]
+    lines += ["", "Object store (per live node):"]
+    for info in alive:
+        load = info.get("load") or {}
+        capacity = load.get("store_capacity", info.get("object_store_memory") or 0)
+        used = load.get("store_used")
+        used_text = _format_bytes(used) if used is not None else "?"
+        spilled = _format_bytes(load.get("spilled_bytes", 0))
+        lines.append(
+            f" {info['node_id'][:12]}  {used_text}/{_format_bytes(capacity)} used, "
+            f"{spilled} spilled"
+        )
+    if not alive:
+        lines.append(" (no live nodes)")
+    return lines
+
+
+# -- commands ----------------------------------------------------------------------------
+_node_options = [
+    click.option(
+        "--num-cpus", type=click.IntRange(min=0), default=None, help="CPUs (default: all)."
+    ),
+    click.option("--num-gpus", type=click.IntRange(min=0), default=None, help="GPUs (default 0)."),
+    click.option(
+        "--resources", default=None, metavar="JSON", help="Custom resources: '{\"name\": 2}'."
+    ),
+    click.option(
+        "--memory",
+        type=click.IntRange(min=0),
+        default=None,
+        metavar="BYTES",
+        help="Memory available to tasks (default: 70% of what is free).",
+    ),
+    click.option(
+        "--object-store-memory",
+        type=click.IntRange(min=MIN_OBJECT_STORE_MEMORY),
+        default=None,
+        metavar="BYTES",
+        help="Shared-memory object store size (default: 30% of memory).",
+    ),
+    click.option(
+        "--node-ip-address",
+        default="127.0.0.1",
+        show_default=True,
+        help="Address this node listens on; other machines must be able to reach it.",
+    ),
+    click.option(
+        "--cluster",
+        default=DEFAULT_CLUSTER,
+        show_default=True,
+        help="Cluster name: its keys' prefix, so several clusters can share one Redis.",
+    ),
+]
+
+
+def node_options(func: Any) -> Any:
+    """The resource and address options shared by `start` and `node`."""
+    for option in reversed(_node_options):
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="redray", prog_name="redray")
+def cli() -> None:
+    """redray: Ray's core API on a Redis control plane."""
+
+
+@cli.command()
+@click.option("--head", is_flag=True, help="Start the head node (Redis + GCS + raylet).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=6379,
+    show_default=True,
+    help="Port of the embedded Redis (0: a free port).",
+)
+@click.option(
+    "--redis",
+    "redis_url",
+    default=None,
+    metavar="URL",
+    help="Use this Redis (redis://[:PASSWORD@]HOST:PORT) instead of starting one.",
+)
+@node_options
+def start(
+    head: bool,
+    port: int,
+    redis_url: str | None,
+    num_cpus: int | None,
+    num_gpus: int | None,
+    resources: str | None,
+    memory: int | None,
+    object_store_memory: int | None,
+    node_ip_address: str,
+    cluster: str,
+) -> None:
+    """Start a head node that outlives this command, and print how to connect to it."""
+    if not head:
+        raise click.UsageError(
+            "Use `redray start --head` for a head node, or `redray node --redis URL` "
+            "to join an existing cluster."
+        )
+    ctx = click.get_current_context()
+    if redis_url and ctx.get_parameter_source("port") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--port is the embedded Redis's port; it cannot go with --redis.")
+    custom = _parse_resources(resources)
+    _check_ip(node_ip_address)
+    new_token = token = secrets.token_bytes(32)
+    password = None
+    if redis_url:
+        gcs = _connect_gcs(redis_url, cluster)
+        try:
+            # Reuse the token of a cluster already in this Redis: this head is its standby.
+            token = gcs.init_cluster(new_token, {"created_by": "redray start"})
+        finally:
+            gcs.close()
+        redis_url = _normalize_url(redis_url)
+    else:
+        _check_port_free(node_ip_address, port)
+        password = secrets.token_hex(16)
+    started = _start(
+        head=True,
+        token=token,
+        cluster=cluster,
+        resources=node.default_resources(
+            num_cpus, num_gpus, custom, node_ip_address, head=True, memory=memory
+        ),
+        object_store_memory=object_store_memory or node.default_object_store_memory(),
+        node_ip_address=node_ip_address,
+        gcs_url=redis_url,
+        redis_port=port,
+        redis_password=password,
+    )
+    gcs_url = started.info["gcs_url"]
+    _record_node(started, gcs_url, cluster, head=True)
+    _print_started_head(started, gcs_url, cluster, standby=token != new_token)
+
+
+def _print_started_head(
+    started: node.StartedNode, gcs_url: str, cluster: str, standby: bool
+) -> None:
+    info = started.info
+    host, port = info["raylet_address"]
+    cluster_flag = f" --cluster {cluster}" if cluster != DEFAULT_CLUSTER else ""
+    lines = [
+        f"Local node IP: {info['node_ip_address']}",
+        "-" * 20,
+        "redray runtime started"
+        + (f" (a standby head of cluster {cluster!r}, already in that Redis)." if standby else "."),
+        "-" * 20,
+        f"Node {info['node_id']} (head), raylet at {host}:{port}, pid {info['pid']}",
+        f"Logs: {os.path.join(started.session_dir, 'logs')}",
+        "",
+        "Cluster address (Redis, holds the password):",
+        f"    {gcs_url}",
+        "",
+        "To connect to this cluster from Python on this machine:",
+        "    import redray",
+        '    redray.init(address="auto")',
+    ]
+    if cluster == DEFAULT_CLUSTER:
+        lines += ["  or from anywhere that reaches Redis:", f'    redray.init(address="{gcs_url}")']
+    lines += [
+        "",
+        "To add another machine to this cluster, run there:",
+        f"    redray node --redis '{gcs_url}'{cluster_flag}",
+    ]
+    if info["node_ip_address"] in ("127.0.0.1", "::1"):
+        lines.append(
+            "  (this node listens on 127.0.0.1 only: start it with "
+            "--node-ip-address <this machine's IP> to accept other machines)"
+        )
+    lines += [
+        "",
+        "To see the cluster's nodes and resources:",
+        "    redray status",
+        "To stop the redray processes of this machine:",
+        "    redray stop",
+    ]
+    click.echo("\n".join(lines))
+
+
+@cli.command("node")
+@click.option(
+    "--redis",
+    "redis_url",
+    required=True,
+    metavar="URL",
+    help="The cluster's Redis, as `redray start --head` printed it.",
+)
+@node_options
+def node_command(
+    redis_url: str,
+    num_cpus: int | None,
+    num_gpus: int | None,
+    resources: str | None,
+    memory: int | None,
+    object_store_memory: int | None,
+    node_ip_address: str,
+    cluster: str,
+) -> None:
+    """Join this machine to the cluster whose Redis is at URL, as a node that outlives us."""
+    custom = _parse_resources(resources)
+    _check_ip(node_ip_address)
+    redis_url = _normalize_url(redis_url)
+    gcs = _connect_gcs(redis_url, cluster)
+    try:
+        token = gcs.cluster_token()
+    finally:
+        gcs.close()
+    if token is None:
+        raise click.ClickException(
+            f"No redray cluster {cluster!r} in Redis at {_redact(redis_url)}: start one there "
+            "with `redray start --head`, or pass the right --cluster."
+        )
+    started = _start(
+        head=False,
+        token=token,
+        cluster=cluster,
+        resources=node.default_resources(
+            num_cpus, num_gpus, custom, node_ip_address, head=False, memory=memory
+        ),
+        object_store_memory=object_store_memory or node.default_object_store_memory(),
+        node_ip_address=node_ip_address,
+        gcs_url=redis_url,
+    )
+    _record_node(started, redis_url, cluster, head=False)
+    info = started.info
+    host, port = info["raylet_address"]
+    click.echo(
+        f"Node {info['node_id']} joined cluster {cluster!r} at {_redact(redis_url)}: "
+        f"raylet at {host}:{port}, pid {info['pid']}.\n"
+        f"Logs: {os.path.join(started.session_dir, 'logs')}\n"
+        "Stop it with `redray stop`."
+    )
+
+
+@cli.command()
+@click.option("--force", "-f", is_flag=True, help="SIGKILL at once instead of SIGTERM.")
+@click.option(
+    "--grace-period",
+    "-g",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait after SIGTERM before SIGKILL.",
+)
+def stop(force: bool, grace_period: float) -> None:
+    """Stop every redray node this machine started and forget the current cluster."""
+    with _cluster_file_lock():
+        record = _read_record()
+        procs = _node_processes(record)
+        pids = sorted(p.pid for p in procs)
+        alive = _terminate(procs, force, grace_period) if procs else []
+        node.clear_current_cluster()
+    if not pids:
+        click.echo("No redray node was running on this machine.")
+        return
+    how = "Killed" if force else "Stopped"
+    click.echo(f"{how} {len(pids)} redray node(s): pid {', '.join(map(str, pids))}.")
+    if alive:
+        raise click.ClickException(
+            "Still running after SIGKILL: pid " + ", ".join(str(p.pid) for p in alive)
+        )
+
+
+@cli.command()
+@click.option(
+    "--address",
+    default="auto",
+    show_default=True,
+    metavar="URL",
+    help='The cluster\'s Redis URL, or "auto" for the one `redray start` runs here.',
+)
+@click.option(
+    "--cluster", default=None, help="Cluster name (default: the recorded one, else 'default')."
+)
+def status(address: str, cluster: str | None) -> None:
+    """Show the cluster's nodes and its resources used/total, read from the GCS."""
+    if address == "auto":
+        record = node.read_current_cluster()
+        if record is None:
+            raise click.ClickException(
+                "No running redray cluster found on this machine: start one with "
+                "`redray start --head`, or pass --address redis://HOST:PORT."
+            )
+        address = record["gcs_url"]
+        cluster = cluster or record.get("cluster", DEFAULT_CLUSTER)
+    cluster = cluster or DEFAULT_CLUSTER
+    gcs = _connect_gcs(address, cluster, "--address")
+    try:
+        if gcs.cluster_token() is None:
+            raise click.ClickException(
+                f"No redray cluster {cluster!r} in Redis at {_redact(gcs.url)}."
+            )
+        nodes = gcs.nodes()
+    except redis.RedisError as exc:
+        raise click.ClickException(f"Reading the cluster tables failed: {exc}") from None
+    finally:
+        gcs.close()
+    click.echo("\n".join(_status_lines(nodes, gcs.url, cluster)))
+
+
+def main() -> None:
+    """Console-script entry point (`redray`)."""
+    cli(prog_name="redray")
+
+
+if __name__ == "__main__":
+    main()
