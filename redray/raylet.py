@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redray import exceptions, scheduling
+from redray import gcs as gcs_schema
 from redray.gcs import Gcs
 from redray.reactor import Connection, Reactor
 
