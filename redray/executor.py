@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from redray.actor_runtime import ActorRuntime
     from redray.worker import CoreWorker
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
 _task_context: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
     "redray_task_context", default=None
 )
@@ -265,8 +267,8 @@ def task_error(name: str, exc: BaseException) -> exceptions.RayTaskError:
     if isinstance(exc, exceptions.RayTaskError):
         return exc  # a failed dependency or nested get: keep the original error
     frames = exc.__traceback__
-    if frames is not None and frames.tb_frame.f_code is Executor.invoke.__code__:
-        frames = frames.tb_next  # start at the user's function, not at our call into it
+    while frames is not None and frames.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frames = frames.tb_next  # start at the user's code, not at our calls into it
     tb = "".join(traceback.format_exception(type(exc), exc, frames))
     try:
         import cloudpickle
