@@ -1,0 +1,335 @@
+"""The `redray` command with real processes: start, status, drivers, node, stop, bad input.
+
+Every command runs as `python -m redray.cli` in a subprocess with its own TMPDIR, so the
+current-cluster file and session dirs of these tests live in a directory of their own, and
+`redray stop` here only stops nodes whose logs are there (never a developer's cluster, nor
+the private clusters of other tests). The head's embedded Redis gets a free port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import REPO, last_json, run_driver
+
+from redray.gcs import Gcs
+from redray.redis_server import free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+HEAD_CPUS = 2
+STORE = str(100 * 1024 * 1024)
+
+
+def redray_cli(
+    *args: str, tmpdir: Path, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    """Run `python -m redray.cli ARGS` with TMPDIR=tmpdir; returns the completed process."""
+    env = dict(os.environ, TMPDIR=str(tmpdir))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    for var in ("REDRAY_ADDRESS", "RAY_ADDRESS"):
+        env.pop(var, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "redray.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"redray {' '.join(args)} exited with {proc.returncode}\n--- stdout\n"
+            f"{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def cluster_file(tmpdir: Path) -> Path:
+    return tmpdir / f"redray-{os.getuid()}" / "current_cluster.json"
+
+
+def node_tree(pids: list[int]) -> list[psutil.Process]:
+    """The raylets and everything under them (zygote, workers, embedded redis-server)."""
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            procs += [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    return procs
+
+
+def running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cli_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def head(cli_tmp: Path) -> Iterator[dict[str, Any]]:
+    """`redray start --head` on a free port; `redray stop` afterwards whatever happened."""
+    port = free_port()
+    try:
+        started = redray_cli(
+            "start",
+            "--head",
+            "--port",
+            str(port),
+            "--num-cpus",
+            str(HEAD_CPUS),
+            "--object-store-memory",
+            STORE,
+            "--resources",
+            '{"custom": 3}',
+            tmpdir=cli_tmp,
+        )
+        record = json.loads(cluster_file(cli_tmp).read_text())
+        yield {"stdout": started.stdout, "port": port, "url": record["gcs_url"], **record}
+    finally:
+        redray_cli("stop", tmpdir=cli_tmp, check=False)
+
+
+def driver(script: str, tmpdir: Path) -> Any:
+    """Run a driver in its own interpreter (TMPDIR=tmpdir); returns its last JSON line."""
+    return last_json(run_driver(script, env={"TMPDIR": str(tmpdir)}, timeout=60).stdout)
+
+
+def test_console_script_is_declared() -> None:
+    scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts")}
+    assert scripts.get("redray") == "redray.cli:main"
+
+
+def test_start_prints_how_to_connect(head: dict[str, Any], cli_tmp: Path) -> None:
+    out = head["stdout"]
+    url = head["url"]
+    assert url.startswith("redis://:") and url.endswith(f"@127.0.0.1:{head['port']}")
+    assert url in out
+    assert 'redray.init(address="auto")' in out
+    assert f'redray.init(address="{url}")' in out
+    assert f"redray node --redis '{url}'" in out
+    path = cluster_file(cli_tmp)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert head["cluster"] == "default" and len(head["pids"]) == 1
+    # Redis is password-protected.
+    with pytest.raises(Exception, match="(?i)auth"):
+        Gcs(f"redis://127.0.0.1:{head['port']}").ping()
+
+
+def test_start_daemonizes_the_node(head: dict[str, Any]) -> None:
+    """The node outlives `redray start` and runs in a session of its own."""
+    pid = head["pids"][0]
+    assert psutil.pid_exists(pid)
+    assert os.getsid(pid) == pid
+
+
+def test_status_shows_node_and_resources(head: dict[str, Any], cli_tmp: Path) -> None:
+    out = redray_cli("status", tmpdir=cli_tmp).stdout
+    node_id = head["nodes"][0]["node_id"]
+    assert "Nodes: 1 alive, 0 dead" in out
+    assert node_id in out and "ALIVE (head)" in out
+    assert f"0.0/{HEAD_CPUS:.1f} CPU" in out
+    assert "0.0/3.0 custom" in out
+    assert "100.00MiB object_store_memory" in out
+    assert head["url"] not in out  # the password is not printed
+    same = redray_cli("status", "--address", head["url"], tmpdir=cli_tmp).stdout
+    assert node_id in same
+
+
+def test_driver_with_address_auto(head: dict[str, Any], cli_tmp: Path) -> None:
+    result = driver(
+        """
+        import json, redray
+        redray.init(address="auto")
+
+        @redray.remote
+        def square(x):
+            return x * x
+
+        print(json.dumps([redray.get([square.remote(i) for i in range(5)]),
+                          redray.cluster_resources()["CPU"]]))
+        """,
+        cli_tmp,
+    )
+    assert result == [[0, 1, 4, 9, 16], float(HEAD_CPUS)]
+
+
+def test_driver_with_redis_url(head: dict[str, Any], cli_tmp: Path) -> None:
+    """Also: a task's print goes to the node's log when not sent to the driver (stdout of a
+    detached node is a file, not a pipe closed when `redray start` exited)."""
+    result = driver(
+        f"""
+        import json, redray
+        redray.init(address={head["url"]!r}, log_to_driver=False)
+
+        @redray.remote
+        def hello():
+            print("hello from a detached node", flush=True)
+            return "done"
+
+        print(json.dumps([redray.get(hello.remote())]))
+        """,
+        cli_tmp,
+    )
+    assert result == ["done"]
+    out_log = Path(head["session_dir"]) / "logs" / "raylet.out"
+    assert "hello from a detached node" in out_log.read_text()
+
+
+def test_node_joins_the_cluster(head: dict[str, Any], cli_tmp: Path) -> None:
+    out = redray_cli(
+        "node",
+        "--redis",
+        head["url"],
+        "--num-cpus",
+        "1",
+        "--object-store-memory",
+        STORE,
+        tmpdir=cli_tmp,
+    ).stdout
+    assert "joined cluster 'default'" in out
+    record = json.loads(cluster_file(cli_tmp).read_text())
+    assert len(record["pids"]) == 2 and record["gcs_url"] == head["url"]
+    status = redray_cli("status", tmpdir=cli_tmp).stdout
+    assert "Nodes: 2 alive, 0 dead" in status
+    # (used may not be back to 0 yet: the last heartbeat can predate the previous driver's exit)
+    assert re.search(rf"\d+\.\d/{HEAD_CPUS + 1:.1f} CPU", status), status
+    result = driver(
+        """
+        import json, redray
+        redray.init(address="auto")
+        print(json.dumps([redray.cluster_resources()["CPU"], len(redray.nodes())]))
+        """,
+        cli_tmp,
+    )
+    assert result == [HEAD_CPUS + 1.0, 2]
+
+
+def test_second_head_on_the_same_redis(head: dict[str, Any], cli_tmp: Path) -> None:
+    """`--redis URL`: a named cluster gets a token of its own; the same cluster's is reused."""
+    url = head["url"]
+    other = f"clitest{os.getpid()}"
+    out = redray_cli(
+        "start",
+        "--head",
+        "--redis",
+        url,
+        "--cluster",
+        other,
+        "--num-cpus",
+        "1",
+        "--object-store-memory",
+        STORE,
+        tmpdir=cli_tmp,
+    ).stdout
+    assert f"--cluster {other}" in out
+    status = redray_cli("status", "--address", url, "--cluster", other, tmpdir=cli_tmp).stdout
+    assert "Nodes: 1 alive" in status and "0.0/1.0 CPU" in status
+    default_token = Gcs(url).cluster_token()
+    assert Gcs(url, other).cluster_token() not in (None, default_token)
+    out = redray_cli(
+        "start",
+        "--head",
+        "--redis",
+        url,
+        "--num-cpus",
+        "1",
+        "--object-store-memory",
+        STORE,
+        tmpdir=cli_tmp,
+    ).stdout
+    assert "standby head" in out
+    assert Gcs(url).cluster_token() == default_token
+
+
+def test_node_needs_a_cluster_in_redis(head: dict[str, Any], tmp_path: Path) -> None:
+    proc = redray_cli(
+        "node", "--redis", head["url"], "--cluster", "nosuch", tmpdir=tmp_path, check=False
+    )
+    assert proc.returncode == 1
+    assert "No redray cluster 'nosuch'" in proc.stderr
+    assert head["url"] not in proc.stderr  # the password is redacted
+
+
+def test_stop_leaves_nothing_running(head: dict[str, Any], cli_tmp: Path) -> None:
+    record = json.loads(cluster_file(cli_tmp).read_text())
+    procs = node_tree(record["pids"])
+    assert any("redis-server" in p.name() for p in procs)
+    out = redray_cli("stop", tmpdir=cli_tmp).stdout
+    assert f"Stopped {len(record['pids'])} redray node(s)" in out
+    assert not [p for p in procs if running(p)]
+    assert not port_open(head["port"])
+    assert not cluster_file(cli_tmp).exists()
+    again = redray_cli("stop", tmpdir=cli_tmp)
+    assert "No redray node was running" in again.stdout
+    status = redray_cli("status", tmpdir=cli_tmp, check=False)
+    assert status.returncode == 1 and "No running redray cluster" in status.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["start", "--head", "--resources", "{not json"], "not valid JSON"),
+        (["start", "--head", "--resources", "[1, 2]"], "must be a JSON object"),
+        (["start", "--head", "--resources", '{"x": -1}'], "non-negative"),
+        (["start", "--head", "--resources", '{"CPU": 1}'], "--num-cpus"),
+        (["start", "--head", "--num-cpus", "-1"], "-1 is not in the range"),
+        (["node", "--redis", "redis://127.0.0.1:9", "--num-gpus", "-2"], "-2 is not in the range"),
+        (["start"], "--head"),
+        (["start", "--head", "--node-ip-address", "not-an-ip"], "not an IP address"),
+        (["status", "--address", "http://example"], "not a Redis URL"),
+    ],
+)
+def test_invalid_input_is_a_clear_error(args: list[str], message: str, tmp_path: Path) -> None:
+    proc = redray_cli(*args, tmpdir=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not cluster_file(tmp_path).exists()
+
+
+def test_unreachable_redis_is_a_clear_error(tmp_path: Path) -> None:
+    port = free_port()
+    for args in (
+        ["node", "--redis", f"redis://127.0.0.1:{port}"],
+        ["status", "--address", f"127.0.0.1:{port}"],
+    ):
+        proc = redray_cli(*args, tmpdir=tmp_path, check=False)
+        assert proc.returncode == 1
+        assert f"Cannot reach Redis at redis://127.0.0.1:{port}" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        proc = redray_cli("start", "--head", "--port", str(port), tmpdir=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert f"Port {port} on 127.0.0.1 is already in use" in proc.stderr
