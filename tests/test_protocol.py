@@ -1,5 +1,6 @@
 """Frames and the HMAC handshake: socket pairs for the protocol, a real Reactor listener for
-the server side as every redray process runs it."""
+the server side as every redray process runs it, and the raylet and worker listeners of a
+live cluster attacked by a client without the token."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import pickle
 import socket
 import threading
 
+import psutil
 import pytest
-from conftest import wait_for
+from conftest import block_until, mark, wait_for
 
+import redray
 from redray import protocol
 from redray.reactor import Reactor
 
@@ -272,3 +275,79 @@ def test_listener_survives_half_handshakes(listener):
     assert read_frame(good) == ("echo", ("still", "here"))
     good.close()
     wait_for(lambda: listener.messages == [("still", "here")], timeout=5)
+
+
+# -- the listeners of a live cluster ------------------------------------------------------------
+@redray.remote
+def worker_address_while_blocked(mark_file: str, release_file: str):
+    from redray import context
+
+    host, port = context.current.address[:2]
+    mark(mark_file, f"{host}:{port}:{os.getpid()}")
+    block_until(release_file)
+    return port
+
+
+def attack(address: tuple[str, int], target: str, with_bad_proof: bool) -> None:
+    """Connect without the token and send a pickle that would create `target`."""
+    sock = socket.create_connection(address, timeout=5)
+    nonce = protocol._recv_exactly(sock, protocol.NONCE_BYTES)
+    data = malicious_frame(target)
+    if with_bad_proof:
+        data = protocol._mac(WRONG, b"client", nonce) + os.urandom(protocol.NONCE_BYTES) + data
+    sock.sendall(data * 2)
+    wait_closed_by_peer(sock)  # dropped: the server hung up on us
+    sock.close()
+
+
+def request(address: tuple[str, int], token: bytes, message: tuple):
+    sock = protocol.connect(address, token)
+    try:
+        sock.sendall(protocol.encode(message))
+        return read_frame(sock)
+    finally:
+        sock.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("with_bad_proof", [False, True], ids=["no-proof", "bad-proof"])
+def test_raylet_drops_clients_without_the_token(ray_start, tmp_path, with_bad_proof):
+    node = redray.nodes()[0]
+    address = (node["NodeManagerAddress"], node["NodeManagerPort"])
+    target = tmp_path / "pwned-raylet"
+    attack(address, str(target), with_bad_proof)
+    assert not target.exists()
+    # A client holding the token is served, and the node still runs tasks.
+    token = redray.context.current.token
+    reply = request(address, token, ("store_stats", 7))
+    assert reply[0] == "reply" and reply[1] == 7 and "capacity" in reply[2]
+    with pytest.raises(ConnectionError):
+        protocol.connect(address, WRONG)
+    assert not target.exists()
+    assert redray.get(worker_port.remote(), timeout=30) > 0
+
+
+@redray.remote
+def worker_port():
+    from redray import context
+
+    return context.current.address[1]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("with_bad_proof", [False, True], ids=["no-proof", "bad-proof"])
+def test_worker_drops_clients_without_the_token(ray_start, gate, with_bad_proof):
+    ref = worker_address_while_blocked.remote(gate.path("address"), gate.release_file)
+    host, port, pid = gate.wait_mark("address").split(":")
+    address = (host, int(port))
+    assert host == "127.0.0.1"  # listeners bind to loopback unless told otherwise
+    target = gate.path("pwned-worker")
+    attack(address, target, with_bad_proof)
+    assert not os.path.exists(target)
+    # The worker is alive and serves a client that holds the token.
+    assert psutil.pid_exists(int(pid))
+    reply = request(address, redray.context.current.token, ("get_obj", 3, b"\0" * 16))
+    assert reply == ("reply", 3, ("lost",))
+    gate.open()
+    assert redray.get(ref, timeout=30) == int(port)
+    assert not os.path.exists(target)
