@@ -84,6 +84,34 @@ def client_handshake(sock: socket.socket, token: bytes, timeout: float = 10.0) -
         sock.settimeout(previous)
 
 
+def server_handshake(sock: socket.socket, token: bytes, timeout: float = 10.0) -> None:
+    """The listener's side of the handshake, for blocking (thread-per-connection) servers."""
+    previous = sock.gettimeout()
+    sock.settimeout(timeout)
+    try:
+        nonce = server_challenge()
+        sock.sendall(nonce)
+        answer = server_verify(token, nonce, _recv_exactly(sock, CLIENT_PROOF_BYTES))
+        if answer is None:
+            raise AuthenticationError("the client does not hold the cluster token")
+        sock.sendall(answer)
+    except TimeoutError as exc:
+        raise AuthenticationError("handshake timed out") from exc
+    finally:
+        sock.settimeout(previous)
+
+
+def send_frame(sock: socket.socket, message: object) -> None:
+    """Write one frame on a blocking socket."""
+    sock.sendall(encode(message))
+
+
+def recv_frame(sock: socket.socket) -> object:
+    """Read one frame from a blocking, already authenticated socket."""
+    (length,) = HEADER.unpack(_recv_exactly(sock, HEADER.size))
+    return pickle.loads(_recv_exactly(sock, length))
+
+
 def connect(address: tuple[str, int], token: bytes, timeout: float = 10.0) -> socket.socket:
     """An authenticated, blocking TCP connection to a redray listener."""
     sock = socket.create_connection(address, timeout=timeout)

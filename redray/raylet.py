@@ -112,6 +112,10 @@ class Raylet:
         self.address = self.reactor.listen(
             self.host, int(config.get("port", 0)), self._on_message, self._on_conn_closed
         )
+        from redray.object_manager import ObjectManager
+
+        self.object_manager = ObjectManager(self)
+        self.object_managers: dict[str, tuple[str, int]] = {}  # node id -> its object server
         self._handlers = {
             "register": self._on_register,
             "ready": self._on_ready,
@@ -136,6 +140,7 @@ class Raylet:
     def start(self) -> dict[str, Any]:
         info = {
             "raylet_address": list(self.address),
+            "object_manager_address": list(self.object_manager.address),
             "node_ip_address": self.host,
             "resources": self.total,
             "is_head": bool(self.config.get("head")),
@@ -153,6 +158,7 @@ class Raylet:
             self._start_worker(())
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
         threading.Thread(target=self._gcs_writer, daemon=True, name="gcs-writer").start()
+        threading.Thread(target=self._watch_deaths, daemon=True, name="deaths").start()
         if self.config.get("head"):
             from redray.control import ControlLoop
 
@@ -181,6 +187,7 @@ class Raylet:
             self.gcs.mark_node_dead(self.node_id, "node stopped")
         except Exception:
             pass
+        self.object_manager.close()
         self.store.close()
         self.arena.close()
         if self.redis_server is not None:
@@ -231,7 +238,7 @@ class Raylet:
         client_id = self.clients.pop(conn, None)
         for oid, count in conn.info.get("pins", {}).items():
             for _ in range(count):
-                self._release_pin(oid)
+                self.release_pin(oid)
         for oid in self.creating.pop(client_id, ()):
             self.store.abort(oid)
         self.pending = [r for r in self.pending if r.conn is not conn]
@@ -502,18 +509,31 @@ class Raylet:
         self.store.seal(oid)
 
     def _on_pin(self, conn: Connection, message: tuple) -> None:
-        _, call_id, oid, node_id = message
+        """Map an object for a local reader, pulling it from its node first if needed."""
+        _, call_id, oid, node_id, owner = message
+        if self.store.contains(oid) or node_id == self.node_id:
+            self._answer_pin(conn, call_id, oid, copied=False)
+            return
+
+        def pulled(error: BaseException | None) -> None:
+            if error is not None:
+                conn.send(("reply", call_id, error))
+            else:
+                self._answer_pin(conn, call_id, oid, copied=True)
+
+        self.object_manager.pull(oid, self.object_managers.get(node_id), owner, pulled)
+
+    def _answer_pin(self, conn: Connection, call_id: int, oid: bytes, copied: bool) -> None:
         try:
             location = self.store.get(oid)
         except exceptions.ObjectStoreFullError as exc:
             conn.send(("reply", call_id, exc))
             return
         if location is None:
-            error = exceptions.ObjectLostError(oid.hex())
-            conn.send(("reply", call_id, error))
+            conn.send(("reply", call_id, exceptions.ObjectLostError(oid.hex())))
             return
         conn.info["pins"][oid] += 1
-        conn.send(("reply", call_id, location))
+        conn.send(("reply", call_id, (*location, copied)))
 
     def _on_unpin(self, conn: Connection, message: tuple) -> None:
         oid = message[1]
@@ -523,9 +543,9 @@ class Raylet:
         pins[oid] -= 1
         if not pins[oid]:
             del pins[oid]
-        self._release_pin(oid)
+        self.release_pin(oid)
 
-    def _release_pin(self, oid: bytes) -> None:
+    def release_pin(self, oid: bytes) -> None:
         try:
             self.store.release(oid)
         except (ValueError, KeyError):
@@ -584,6 +604,26 @@ class Raylet:
                 if not self.stopping.is_set():
                     log.exception("GCS write failed")
 
+    def _watch_deaths(self) -> None:
+        """Objects here owned by a process that died anywhere in the cluster are freed."""
+        pubsub = self.gcs.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.gcs.channel(gcs_schema.WORKER_CHANNEL))
+        while not self.stopping.is_set():
+            try:
+                message = pubsub.get_message(timeout=1.0)
+            except Exception:
+                if self.stopping.is_set():
+                    return
+                time.sleep(HEARTBEAT_SECONDS)
+                pubsub = self.gcs.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.gcs.channel(gcs_schema.WORKER_CHANNEL))
+                continue
+            if message is not None and message.get("type") == "message":
+                event = json.loads(message["data"])
+                if event.get("node_id") != self.node_id:
+                    owner = bytes.fromhex(event["worker_id"])
+                    self.reactor.call_soon(self.store.delete_owned_by, owner)
+
     # -- heartbeats -------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
         ttl = self.config["node_timeout"]
@@ -597,6 +637,7 @@ class Raylet:
                     "spilled_bytes": stats["spilled_bytes"],
                 }
                 self.gcs.heartbeat(self.node_id, dict(self.available), ttl, load)
+                nodes = self.gcs.nodes()
                 self.cluster_view = [
                     scheduling.NodeView(
                         n["node_id"],
@@ -605,9 +646,14 @@ class Raylet:
                         n.get("available", {}),
                         n["alive"],
                     )
-                    for n in self.gcs.nodes()
+                    for n in nodes
                     if n["node_id"] != self.node_id
                 ]
+                self.object_managers = {
+                    n["node_id"]: tuple(n["object_manager_address"])
+                    for n in nodes
+                    if n["alive"] and n.get("object_manager_address")
+                }
             except Exception:
                 log.exception("heartbeat failed")
 

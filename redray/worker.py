@@ -97,6 +97,7 @@ class CoreWorker:
         self.gcs = Gcs(gcs_url, cluster)
         self._lock = threading.Lock()
         self._objects: dict[bytes, _Obj] = {}
+        self._locations: dict[bytes, set[str]] = {}  # copies of our objects on other nodes
         self._released: collections.deque[bytes] = collections.deque()
         self._calls: dict[int, Callable[[Any], None]] = {}
         self._call_ids = itertools.count(1)
@@ -117,6 +118,7 @@ class CoreWorker:
             "get_obj": self._on_get_object,
             "borrow": self._on_borrow,
             "unborrow": self._on_unborrow,
+            "add_location": self._on_add_location,
             "log": self._on_log,
             "warn": self._on_warning,
         }
@@ -409,6 +411,12 @@ class CoreWorker:
                 self.submitter.forget_object(oid)
             elif obj.registered:
                 unborrows.setdefault(obj.owner, []).append((oid, obj.registered))
+        if store_frees:
+            with self._lock:
+                for oids in list(store_frees.values()):
+                    for oid in oids:
+                        for node_id in self._locations.pop(oid, ()):
+                            store_frees.setdefault(node_id, []).append(oid)
         for node_id, oids in store_frees.items():
             self.free_in_store(node_id, oids)
         for owner, items in unborrows.items():
@@ -420,6 +428,15 @@ class CoreWorker:
                 conn.send(message)
 
         self.peer_async(owner, send)
+
+    def add_location(self, oid: bytes, node_id: str) -> None:
+        """Another node holds a copy of an object we own: free it there too, later."""
+        with self._lock:
+            if oid in self._objects:
+                self._locations.setdefault(oid, set()).add(node_id)
+
+    def _on_add_location(self, conn: Connection, message: tuple) -> None:
+        self.add_location(message[1], message[2])
 
     def _on_borrow(self, conn: Connection, message: tuple) -> None:
         _, oids, borrower = message
@@ -697,12 +714,20 @@ class CoreWorker:
         """Map a store object's region and deserialize it zero-copy; unpinned once unused."""
         from redray.objstore import layout
 
-        reply = self.call(self.raylet, "pin", oid, payload[1])
+        obj = self._objects.get(oid)
+        owner = obj.owner if obj is not None else None
+        owner_id = owner[2] if owner is not None else self.worker_id
+        reply = self.call(self.raylet, "pin", oid, payload[1], owner_id)
         if reply is CONNECTION_LOST:
             raise exceptions.LocalRayletDiedError("the raylet of this node is gone")
         if isinstance(reply, BaseException):
             raise reply
-        offset, size = reply
+        offset, size, copied = reply
+        if copied:
+            if owner is None:
+                self.add_location(oid, self.node_id)
+            else:
+                self.send_to_owner(owner, ("add_location", oid, self.node_id))
         view = self.arena().view[offset : offset + size]
         raylet = self.raylet
 
