@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redray import exceptions, serialization
-from redray.ids import return_id
+from redray.ids import return_id, task_of
 from redray.object_ref import ObjectRef
 from redray.reactor import Connection
 
@@ -137,6 +137,7 @@ class TaskSubmitter:
         self._raylets: dict[str, Connection] = {}
         self._epochs = itertools.count(1)
         self._early_reclaims: set[int] = set()
+        self._lineage: dict[bytes, _Task] = {}  # tasks whose stored returns may need rebuilding
         worker.handle("done", self._on_done)
         worker.handle("lease_reclaim", self._on_reclaim)
 
@@ -473,8 +474,14 @@ class TaskSubmitter:
                     worker.unpin(nested)
             else:
                 worker.set_value(rid, payload)
-        task.keep = None
-        task.args = task.kwargs = None
+        if task.actor is None and any(p[0] == "s" for p in results):
+            # Values in a node's store can be lost with the node: keep what is needed to
+            # make them again (the task and its arguments) while they are referenced.
+            with self._lock:
+                self._lineage[task.task_id] = task
+        else:
+            task.keep = None
+            task.args = task.kwargs = None
 
     def fail(self, task: _Task, error: BaseException) -> None:
         from redray.worker import pickle_error
@@ -553,7 +560,34 @@ class TaskSubmitter:
 
     # -- misc -------------------------------------------------------------------------------
     def forget_object(self, object_id: bytes) -> None:
-        """Hook for when an owned object is freed (lineage is dropped here later)."""
+        """An owned object was freed: drop its task's lineage once all its returns are."""
+        task = self._lineage.get(task_of(object_id))
+        if task is None:
+            return
+        objects = self.worker._objects
+        if not any(rid in objects for rid in task.return_ids):
+            with self._lock:
+                self._lineage.pop(task.task_id, None)
+            task.keep = None
+            task.args = task.kwargs = None
+
+    def reconstruct(self, object_id: bytes) -> bool:
+        """Re-run the task that made a lost object; False when it cannot be made again."""
+        with self._lock:
+            task = self._lineage.get(task_of(object_id))
+            if task is None:
+                return False
+            if task.task_id in self._tasks:
+                return True  # already being made again
+            self._tasks[task.task_id] = task
+            task.retries_left = task.options.max_retries
+            task.cancelled = False
+        log.warning("re-running %s to rebuild a lost object", task.options.name)
+        self.worker.forget_values(task.return_ids)
+        if self._resolve_args(task) is not None:
+            return False
+        self._enqueue(task)
+        return True
 
     def _raylet_async(self, node_id: str, address, then) -> None:
         conn = self._raylets.get(node_id)

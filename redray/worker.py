@@ -119,6 +119,7 @@ class CoreWorker:
             "borrow": self._on_borrow,
             "unborrow": self._on_unborrow,
             "add_location": self._on_add_location,
+            "reconstruct": self._on_reconstruct,
             "log": self._on_log,
             "warn": self._on_warning,
         }
@@ -626,7 +627,7 @@ class CoreWorker:
             values.append(self.materialize(ref._id, payload))
         return values
 
-    def materialize(self, oid: bytes, payload: Payload) -> Any:
+    def materialize(self, oid: bytes, payload: Payload, _attempt: int = 0) -> Any:
         """Turn a payload into the user's value (raising the task's error, if it failed)."""
         kind = payload[0]
         if kind == "v":
@@ -641,7 +642,7 @@ class CoreWorker:
         if kind == "e":
             raise _unpickle_error(payload[1])
         if kind == "s":
-            return self.read_from_store(oid, payload)
+            return self.read_from_store(oid, payload, _attempt)
         raise exceptions.RaySystemError(f"unknown payload kind {kind!r}")
 
     def put_object(self, value: Any, owner: Address | None = None) -> ObjectRef:
@@ -710,7 +711,7 @@ class CoreWorker:
         self.raylet.send(("seal", oid))
         return size
 
-    def read_from_store(self, oid: bytes, payload: Payload) -> Any:
+    def read_from_store(self, oid: bytes, payload: Payload, _attempt: int = 0) -> Any:
         """Map a store object's region and deserialize it zero-copy; unpinned once unused."""
         from redray.objstore import layout
 
@@ -720,6 +721,8 @@ class CoreWorker:
         reply = self.call(self.raylet, "pin", oid, payload[1], owner_id)
         if reply is CONNECTION_LOST:
             raise exceptions.LocalRayletDiedError("the raylet of this node is gone")
+        if isinstance(reply, exceptions.ObjectLostError) and _attempt < 3:
+            return self.materialize(oid, self.recover(oid, owner), _attempt + 1)
         if isinstance(reply, BaseException):
             raise reply
         offset, size, copied = reply
@@ -739,6 +742,67 @@ class CoreWorker:
         if scope.refs:
             self.register_borrows(scope.refs)
         return value
+
+    # -- lost objects -----------------------------------------------------------------------
+    def recover(self, oid: bytes, owner: Address | None) -> Payload:
+        """The payload of a lost object once its owner made it again (lineage), or an error."""
+        if owner is None:
+            if not self.submitter.reconstruct(oid):
+                return ("e", _pickle_error(exceptions.ObjectLostError(oid.hex(), self.address)))
+            return self.wait_payload(oid)
+        conn = self.peer(owner)
+        reply = self.call(conn, "reconstruct", oid)
+        if reply is CONNECTION_LOST or isinstance(reply, BaseException):
+            return ("e", _pickle_error(exceptions.OwnerDiedError(oid.hex(), owner)))
+        with self._lock:
+            obj = self._objects.get(oid)
+            if obj is not None:
+                obj.value = reply
+        return reply
+
+    def _on_reconstruct(self, conn: Connection, message: tuple) -> None:
+        _, call_id, oid = message
+
+        def answer() -> None:
+            conn.send(("reply", call_id, self.payload_of(oid)))
+
+        def start() -> None:
+            if not self.submitter.reconstruct(oid):
+                error = exceptions.ObjectLostError(oid.hex(), self.address)
+                conn.send(("reply", call_id, ("e", _pickle_error(error))))
+                return
+            self.on_payload(oid, answer)
+
+        self.background(start)
+
+    def forget_values(self, oids: list[bytes]) -> None:
+        """Mark owned objects as pending again (they are being made anew)."""
+        with self._lock:
+            for oid in oids:
+                obj = self._objects.get(oid)
+                if obj is not None and obj.owner is None:
+                    obj.value = None
+
+    def on_payload(self, oid: bytes, callback: Callable[[], None]) -> None:
+        """callback() once the object's payload is known here (at once if it is)."""
+        with self._lock:
+            obj = self._objects.get(oid)
+            if obj is not None and obj.value is None:
+                if obj.callbacks is None:
+                    obj.callbacks = []
+                obj.callbacks.append(callback)
+                return
+        callback()
+
+    def wait_payload(self, oid: bytes) -> Payload:
+        done = threading.Lock()
+        done.acquire()
+        self.on_payload(oid, done.release)
+        self._block(done.acquire)
+        payload = self.payload_of(oid)
+        if payload is None:
+            return ("e", _pickle_error(exceptions.ObjectLostError(oid.hex(), self.address)))
+        return payload
 
     def prefetch(self, refs: list[ObjectRef]) -> None:
         """Start moving ready objects to this node (they are already here on one node)."""
