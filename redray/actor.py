@@ -16,7 +16,6 @@ from typing import Any
 from redray import context, serialization
 from redray import options as opts
 from redray.gcs import NAMED_ACTORS
-from redray.util import scheduling_strategies
 
 _METHOD_OPTIONS = "__redray_method_options__"
 TERMINATE = "__ray_terminate__"
@@ -112,8 +111,16 @@ class ActorClass:
         is_async = any(m["is_async"] for m in self._methods.values())
         max_concurrency = options.get("max_concurrency") or (1000 if is_async else 1)
         num_cpus = options.get("num_cpus")
-        placement = opts.task_resources(options, default_cpus=1.0)
-        running = opts.task_resources(options, default_cpus=0.0) if num_cpus is None else placement
+        strategy_option = options.get("scheduling_strategy")
+        placement, strategy = opts.placement(
+            opts.task_resources(options, default_cpus=1.0), strategy_option
+        )
+        if num_cpus is None:
+            running, _ = opts.placement(
+                opts.task_resources(options, default_cpus=0.0), strategy_option
+            )
+        else:
+            running = placement
         actor_id = os.urandom(16)
         info = {
             "actor_id": actor_id.hex(),
@@ -130,7 +137,7 @@ class ActorClass:
             "methods": self._methods,
             "placement_resources": placement,
             "resources": running,
-            "strategy": scheduling_strategies.wire(options.get("scheduling_strategy")),
+            "strategy": strategy,
             "env_vars": (options.get("runtime_env") or {}).get("env_vars") or {},
             "seq": 0,
         }

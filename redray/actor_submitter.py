@@ -9,7 +9,6 @@ learnt without polling; a dropped connection fails or retries the calls in fligh
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import pickle
 import threading
@@ -62,8 +61,6 @@ class ActorSubmitter:
         self.worker = worker
         self._lock = threading.RLock()
         self._actors: dict[bytes, _ActorState] = {}
-        self._watcher: threading.Thread | None = None
-        self._watching = threading.Event()
 
     # -- creation ---------------------------------------------------------------------------
     def wire_creation_args(self, args: tuple, kwargs: dict, name: str) -> tuple:
@@ -281,41 +278,10 @@ class ActorSubmitter:
         )
 
     def _ensure_watching(self) -> None:
-        if self._watcher is not None:
-            self._watching.wait(10)
-            return
-        with self._lock:
-            if self._watcher is None:
-                self._watcher = threading.Thread(
-                    target=self._watch, daemon=True, name="redray-actor-watch"
-                )
-                self._watcher.start()
-        self._watching.wait(10)
+        self.worker.watcher.ensure_running()
 
-    def _watch(self) -> None:
-        """Follow every actor's state channel (pattern subscription, one per process)."""
-        gcs = self.worker.gcs
-        pubsub = gcs.redis.pubsub()
-        pubsub.psubscribe(gcs.actor_channel("*"))
-        while not self.worker.shutting_down:
-            try:
-                message = pubsub.get_message(timeout=1.0)
-            except Exception:
-                if self.worker.shutting_down:
-                    return
-                log.exception("actor state subscription failed; resubscribing")
-                pubsub = gcs.redis.pubsub()
-                pubsub.psubscribe(gcs.actor_channel("*"))
-                continue
-            if message is None:
-                continue
-            if message["type"] == "psubscribe":
-                self._watching.set()
-                continue
-            if message["type"] != "pmessage":
-                continue
-            info = json.loads(message["data"])
-            state = self._actors.get(bytes.fromhex(info["actor_id"]))
-            if state is not None:
-                self._apply(state, info)
-        pubsub.close()
+    def on_state(self, info: dict) -> None:
+        """A published actor state change (from the process's watcher thread)."""
+        state = self._actors.get(bytes.fromhex(info["actor_id"]))
+        if state is not None:
+            self._apply(state, info)

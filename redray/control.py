@@ -61,6 +61,9 @@ class ControlLoop:
         self.client: Any = None
         self.actors: dict[str, _Actor] = {}
         self.stopping = threading.Event()
+        from redray.pg_manager import PlacementGroupManager
+
+        self.pgs = PlacementGroupManager(self)
 
     def start(self) -> None:
         threading.Thread(target=self._run, daemon=True, name="redray-control").start()
@@ -106,6 +109,7 @@ class ControlLoop:
             if not self.leader:
                 self._become_leader()
             self._check_nodes()
+            self.pgs.retry_pending()
         elif self.leader:
             log.warning("lost the control loop's leadership")
             self.leader = False
@@ -131,6 +135,7 @@ class ControlLoop:
             threading.Thread(target=self._take_requests, daemon=True, name="requests").start()
             threading.Thread(target=self._watch_workers, daemon=True, name="deaths").start()
         self._adopt_actors()
+        self.pgs.adopt()
 
     # -- inputs -----------------------------------------------------------------------------
     def _take_requests(self) -> None:
@@ -204,8 +209,21 @@ class ControlLoop:
                 "The actor is dead because all references to the actor were removed.",
             )
 
+    def _request_create_pg(self, pg_id: str, info: dict) -> None:
+        self.pgs.create(pg_id, info)
+
+    def _request_remove_pg(self, pg_id: str) -> None:
+        self.pgs.remove(pg_id)
+
+    def kill_actors_in_group(self, pg_id: str) -> None:
+        for actor in list(self.actors.values()):
+            strategy = actor.info.get("strategy")
+            if isinstance(strategy, dict) and strategy.get("pg_id") == pg_id:
+                self._kill(actor, "The actor's placement group was removed.")
+
     def _on_process_died(self, worker_id_hex: str) -> None:
-        """A driver or worker died: the actors it owned (unless detached) die with it."""
+        """A driver or worker died: what it owned (unless detached) dies with it."""
+        self.pgs.owner_died(worker_id_hex)
         for actor in list(self.actors.values()):
             owner = actor.info.get("owner") or ["", 0, ""]
             if owner[2] == worker_id_hex and not actor.info.get("detached"):
@@ -230,6 +248,7 @@ class ControlLoop:
             "strategy": info.get("strategy"),
             "name": info.get("class_name", "actor"),
             "actor": True,
+            "spilled": raylet is not None,
         }
         raylet = raylet or self.client.raylet
         actor.attempt += 1

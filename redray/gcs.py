@@ -40,7 +40,7 @@ REQUESTS = "requests"  # list of pickled requests to the control loop (create/ki
 # Pub/sub channels, relative to the cluster prefix.
 NODE_CHANNEL = "ch:nodes"
 ACTOR_CHANNEL = "ch:actors"
-PG_CHANNEL = "ch:pgs"
+PG_STATE_CHANNEL = "ch:pg:{pg_id}"  # one placement group's state changes
 JOB_CHANNEL = "ch:jobs"
 WORKER_CHANNEL = "ch:workers"  # a driver or worker process died
 ACTOR_STATE_CHANNEL = "ch:actor:{actor_id}"  # one actor's state changes
@@ -140,8 +140,18 @@ class Gcs:
         pipe.publish(self.channel(NODE_CHANNEL), _dumps({"node_id": node_id, "state": "ALIVE"}))
         pipe.execute()
 
-    def heartbeat(self, node_id: str, available: dict[str, float], ttl: float, load=None) -> None:
+    def heartbeat(
+        self,
+        node_id: str,
+        available: dict[str, float],
+        ttl: float,
+        load: dict[str, Any] | None = None,
+        total: dict[str, float] | None = None,
+    ) -> None:
+        """Renew a node's liveness with its free (and, as they change, total) resources."""
         payload = {"available": available, "load": load or {}}
+        if total is not None:
+            payload["total"] = total
         self.redis.set(self.key(HEARTBEAT, node_id=node_id), _dumps(payload), px=int(ttl * 1000))
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -160,6 +170,8 @@ class Gcs:
             if beat is not None:
                 info["available"] = beat.get("available", beat)
                 info["load"] = beat.get("load", {})
+                if "total" in beat:
+                    info["resources"] = beat["total"]
             elif not info["alive"]:
                 info["available"] = {}
             result.append(info)
@@ -302,6 +314,25 @@ class Gcs:
 
     def actor_channel(self, actor_id: str) -> str:
         return self.channel(ACTOR_STATE_CHANNEL.format(actor_id=actor_id))
+
+    # -- placement groups -------------------------------------------------------------------
+    def create_placement_group(self, pg_id: str, info: dict[str, Any]) -> None:
+        """Record a placement group and ask the control loop to reserve it (one round trip)."""
+        import pickle
+
+        pipe = self.redis.pipeline()
+        pipe.hset(self.key(PLACEMENT_GROUPS), pg_id, _dumps(info))
+        pipe.rpush(self.key(REQUESTS), pickle.dumps(("create_pg", pg_id, info)))
+        pipe.execute()
+
+    def placement_group(self, pg_id: str) -> dict[str, Any] | None:
+        return self.table_get(PLACEMENT_GROUPS, pg_id)
+
+    def update_placement_group(self, pg_id: str, info: dict[str, Any]) -> None:
+        pipe = self.redis.pipeline()
+        pipe.hset(self.key(PLACEMENT_GROUPS), pg_id, _dumps(info))
+        pipe.publish(self.channel(PG_STATE_CHANNEL.format(pg_id=pg_id)), _dumps(info))
+        pipe.execute()
 
     # -- named entries (actors, placement groups) ------------------------------------------
     def claim_name(self, table: str, namespace: str, name: str, value: str) -> str:

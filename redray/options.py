@@ -142,3 +142,22 @@ def task_resources(options: dict[str, Any], default_cpus: float = 1.0) -> dict[s
     for name, amount in (options.get("resources") or {}).items():
         resources[name] = float(amount)
     return {k: v for k, v in resources.items() if v}
+
+
+def placement(resources: dict[str, float], strategy: Any) -> tuple[dict[str, float], Any]:
+    """Resources and wire strategy of a task or actor, drawing from a placement group's
+    bundle when the strategy names one."""
+    from redray.util.scheduling_strategies import PlacementGroupSchedulingStrategy, wire
+
+    if isinstance(strategy, PlacementGroupSchedulingStrategy) and strategy.placement_group:
+        from redray.util.placement_group import bundle_resources
+
+        pg = strategy.placement_group
+        index = strategy.placement_group_bundle_index
+        if index >= pg.bundle_count or index < -1:
+            raise ValueError(
+                f"placement_group_bundle_index {index} is invalid for a placement group "
+                f"with {pg.bundle_count} bundles."
+            )
+        return bundle_resources(resources, pg.id.hex(), index), wire(strategy)
+    return resources, wire(strategy)

@@ -34,6 +34,7 @@ log = logging.getLogger("redray.raylet")
 
 HEARTBEAT_SECONDS = 0.5
 IDLE_WORKER_SECONDS = 10.0
+INFEASIBLE_WARNING_SECONDS = 1.0  # a new node (or placement group) may make it fit meanwhile
 
 
 @dataclass
@@ -70,6 +71,11 @@ class _Request:
     env_key: tuple
     name: str
     actor: bool = False
+    capture: bool = False
+    strategy: Any = None
+    spilled: bool = False
+    since: float = 0.0
+    warned: bool = False
 
 
 class Raylet:
@@ -90,6 +96,9 @@ class Raylet:
         self.leases: dict[int, _Lease] = {}
         self.pending: list[_Request] = []
         self.clients: dict[Connection, bytes] = {}
+        self.pg_prepared: dict[str, list[tuple[int, dict]]] = {}
+        self.pg_committed: dict[str, list[tuple[int, dict]]] = {}
+        self.pg_removed: set[str] = set()
         self.lease_ids = itertools.count(1)
         self.cluster_view: list[scheduling.NodeView] = []
         self.stopping = threading.Event()
@@ -131,6 +140,10 @@ class Raylet:
             "free": self._on_free,
             "kill_worker": self._on_kill_worker,
             "store_stats": self._on_store_stats,
+            "pg_prepare": self._on_pg_prepare,
+            "pg_commit": self._on_pg_commit,
+            "pg_cancel": self._on_pg_cancel,
+            "pg_remove": self._on_pg_remove,
             "debug_state": self._on_debug_state,
             "shutdown": lambda conn, message: self.reactor.call_soon(self.stop),
             "hello_client": lambda conn, message: None,
@@ -338,6 +351,13 @@ class Raylet:
         _, call_id, request = message
         resources = scheduling.normalize(request["resources"])
         env_vars = request.get("env_vars") or {}
+        groups = {scheduling.placement_group_of(r) for r in resources} - {None}
+        if groups & self.pg_removed:
+            error = exceptions.TaskUnschedulableError(
+                "The placement group this task or actor should run in was removed."
+            )
+            conn.send(("reply", call_id, ("error", error)))
+            return
         decision = scheduling.decide(
             resources,
             request.get("strategy"),
@@ -353,21 +373,38 @@ class Raylet:
             error = exceptions.TaskUnschedulableError(decision.message)
             conn.send(("reply", call_id, ("error", error)))
             return
-        if decision.kind == "infeasible":
-            self._warn_infeasible(conn, request.get("name", ""), resources)
-        env_key = tuple(sorted(env_vars.items()))
+        strategy = request.get("strategy")
         self.pending.append(
             _Request(
                 conn,
                 call_id,
                 resources,
                 env_vars,
-                env_key,
+                tuple(sorted(env_vars.items())),
                 request["name"],
-                bool(request.get("actor")),
+                actor=bool(request.get("actor")),
+                capture=bool(isinstance(strategy, dict) and strategy.get("capture")),
+                strategy=strategy,
+                spilled=bool(request.get("spilled")),
+                since=time.monotonic(),
             )
         )
         self._schedule()
+
+    def _place_elsewhere(self, request: _Request, now: float) -> None:
+        """A request this node can never run: spill it once a node that fits is known."""
+        decision = scheduling.decide(
+            request.resources, request.strategy, self._local_view(), self.cluster_view, False
+        )
+        if decision.kind == "spill" and not request.spilled:
+            self.pending.remove(request)
+            node = decision.node
+            request.conn.send(
+                ("reply", request.call_id, ("spillback", node.node_id, node.raylet_address))
+            )
+        elif not request.warned and now - request.since > INFEASIBLE_WARNING_SECONDS:
+            request.warned = True
+            self._warn_infeasible(request.conn, request.name, request.resources)
 
     def _warn_infeasible(self, conn: Connection, name: str, resources: dict[str, float]) -> None:
         short = scheduling.missing(resources, self.total)
@@ -388,9 +425,13 @@ class Raylet:
         if self.stopping.is_set():
             return
         waiting_for_worker: Counter = Counter()
+        now = time.monotonic()
         for request in list(self.pending):
             if request.conn.closed:
                 self.pending.remove(request)
+                continue
+            if not scheduling.fits(request.resources, self.total):
+                self._place_elsewhere(request, now)
                 continue
             if not scheduling.fits(request.resources, self.available):
                 if scheduling.fits(request.resources, self.total):
@@ -426,6 +467,10 @@ class Raylet:
         self.leases[lease.lease_id] = lease
         worker.lease = lease
         grant = {"lease_id": lease.lease_id, "gpu_ids": gpu_ids, "resources": request.resources}
+        groups = {scheduling.placement_group_of(r) for r in request.resources} - {None}
+        if groups:
+            grant["pg_id"] = groups.pop()
+            grant["capture"] = request.capture
         request.conn.send(
             ("reply", request.call_id, ("granted", lease.lease_id, worker.address, grant))
         )
@@ -491,6 +536,84 @@ class Raylet:
             return
         self.available["CPU"] = self.available.get("CPU", 0.0) - lease.lent_cpu
         lease.lent_cpu = 0.0
+
+    # -- placement groups -------------------------------------------------------------------
+    def _on_pg_prepare(self, conn: Connection, message: tuple) -> None:
+        """Phase one: set the bundles' resources aside if they all fit now."""
+        _, call_id, pg_id, bundles = message
+        needed: dict[str, float] = {}
+        for _, bundle in bundles:
+            for name, amount in bundle.items():
+                needed[name] = needed.get(name, 0.0) + amount
+        if pg_id in self.pg_removed or not scheduling.fits(needed, self.available):
+            conn.send(("reply", call_id, False))
+            return
+        self._add(self.available, needed, -1)
+        self.pg_prepared[pg_id] = bundles
+        conn.send(("reply", call_id, True))
+
+    def _on_pg_commit(self, conn: Connection, message: tuple) -> None:
+        """Phase two: the set-aside resources become the group's (CPU_group_<i>_<id>, ...)."""
+        pg_id = message[1]
+        bundles = self.pg_prepared.pop(pg_id, None)
+        if bundles is None:
+            return
+        self.pg_committed[pg_id] = bundles
+        created = self._group_resources(pg_id, bundles)
+        self._add(self.total, created, 1)
+        self._add(self.available, created, 1)
+        self._schedule()
+
+    def _on_pg_cancel(self, conn: Connection, message: tuple) -> None:
+        bundles = self.pg_prepared.pop(message[1], None)
+        if bundles is not None:
+            self._add(self.available, self._bundle_sum(bundles), 1)
+            self._schedule()
+
+    def _on_pg_remove(self, conn: Connection, message: tuple) -> None:
+        """Give the group's bundles back; what runs in it is stopped."""
+        pg_id = message[1]
+        self.pg_removed.add(pg_id)
+        self._on_pg_cancel(conn, message)
+        bundles = self.pg_committed.pop(pg_id, None)
+        if bundles is not None:
+            for lease in list(self.leases.values()):
+                if any(scheduling.placement_group_of(r) == pg_id for r in lease.resources):
+                    self._end_lease(lease)
+                    self._kill_worker(lease.worker)
+            created = self._group_resources(pg_id, bundles)
+            self._add(self.total, created, -1)
+            self._add(self.available, created, -1)
+            for name in created:
+                if abs(self.total.get(name, 0.0)) < 1e-9:
+                    self.total.pop(name, None)
+                    self.available.pop(name, None)
+            self._add(self.available, self._bundle_sum(bundles), 1)
+        self._schedule()
+
+    @staticmethod
+    def _bundle_sum(bundles: list[tuple[int, dict]]) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for _, bundle in bundles:
+            for name, amount in bundle.items():
+                total[name] = total.get(name, 0.0) + amount
+        return total
+
+    @staticmethod
+    def _group_resources(pg_id: str, bundles: list[tuple[int, dict]]) -> dict[str, float]:
+        from redray.util.placement_group import BUNDLE_MARKER, BUNDLE_MARKER_AMOUNT
+
+        created: dict[str, float] = {}
+        for index, bundle in bundles:
+            for name, amount in [*bundle.items(), (BUNDLE_MARKER, BUNDLE_MARKER_AMOUNT)]:
+                for key in (f"{name}_group_{index}_{pg_id}", f"{name}_group_{pg_id}"):
+                    created[key] = created.get(key, 0.0) + amount
+        return created
+
+    @staticmethod
+    def _add(target: dict[str, float], amounts: dict[str, float], sign: int) -> None:
+        for name, amount in amounts.items():
+            target[name] = target.get(name, 0.0) + sign * amount
 
     # -- object store -----------------------------------------------------------------------
     def _on_alloc(self, conn: Connection, message: tuple) -> None:
@@ -636,7 +759,7 @@ class Raylet:
                     "store_capacity": stats["capacity"],
                     "spilled_bytes": stats["spilled_bytes"],
                 }
-                self.gcs.heartbeat(self.node_id, dict(self.available), ttl, load)
+                self.gcs.heartbeat(self.node_id, dict(self.available), ttl, load, dict(self.total))
                 nodes = self.gcs.nodes()
                 self.cluster_view = [
                     scheduling.NodeView(
@@ -654,6 +777,8 @@ class Raylet:
                     for n in nodes
                     if n["alive"] and n.get("object_manager_address")
                 }
+                if self.pending:
+                    self.reactor.call_soon(self._schedule)
             except Exception:
                 log.exception("heartbeat failed")
 

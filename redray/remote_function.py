@@ -9,7 +9,6 @@ from typing import Any
 from redray import context, serialization
 from redray import options as opts
 from redray.submitter import TaskOptions
-from redray.util import scheduling_strategies
 
 
 class RemoteFunction:
@@ -47,14 +46,17 @@ class RemoteFunction:
 
     def _build(self, options: dict[str, Any]) -> TaskOptions:
         retry = options.get("retry_exceptions", False)
+        resources, strategy = opts.placement(
+            opts.task_resources(options), options.get("scheduling_strategy")
+        )
         return TaskOptions(
             name=options.get("name") or self._name,
             num_returns=options.get("num_returns", 1),
-            resources=opts.task_resources(options),
+            resources=resources,
             max_retries=options.get("max_retries", 3),
             retry_exceptions=tuple(retry) if isinstance(retry, (list, tuple)) else bool(retry),
             runtime_env=options.get("runtime_env"),
-            strategy=scheduling_strategies.wire(options.get("scheduling_strategy")),
+            strategy=strategy,
         )
 
     def _export(self, worker: Any) -> str:

@@ -124,3 +124,57 @@ def _node_affinity(
     fallback = dict(strategy)
     del fallback["type"]
     return decide(request, "DEFAULT", local, alive, spilled=False)
+
+
+def plan_bundles(
+    bundles: list[dict[str, float]], strategy: str, nodes: list[tuple[str, dict[str, float]]]
+) -> list[str] | None:
+    """A node for each bundle under a placement strategy, or None if it cannot be placed now.
+
+    nodes: (node_id, available resources) of live nodes. Every plan respects what each node
+    has free, counting bundles already planned on it.
+    """
+    if not nodes:
+        return None
+    order = sorted(range(len(bundles)), key=lambda i: -sum(bundles[i].values()))
+    free = {node_id: dict(available) for node_id, available in nodes}
+    roomiest = sorted(free, key=lambda n: -sum(free[n].values()))
+
+    def take(node_id: str, bundle: dict[str, float]) -> None:
+        for name, amount in bundle.items():
+            free[node_id][name] = free[node_id].get(name, 0.0) - amount
+
+    if strategy in ("PACK", "STRICT_PACK"):
+        total: dict[str, float] = {}
+        for bundle in bundles:
+            for name, amount in bundle.items():
+                total[name] = total.get(name, 0.0) + amount
+        for node_id in roomiest:
+            if fits(total, free[node_id]):
+                return [node_id] * len(bundles)
+        if strategy == "STRICT_PACK":
+            return None
+    plan: list[str | None] = [None] * len(bundles)
+    used: dict[str, int] = {n: 0 for n in free}
+    for index in order:
+        bundle = bundles[index]
+        candidates = [n for n in roomiest if fits(bundle, free[n])]
+        if strategy == "STRICT_SPREAD":
+            candidates = [n for n in candidates if not used[n]]
+        if not candidates:
+            return None
+        if strategy == "PACK":
+            choice = max(candidates, key=lambda n: used[n])  # fill nodes already in use
+        else:
+            choice = min(candidates, key=lambda n: used[n])  # spread out
+        take(choice, bundle)
+        used[choice] += 1
+        plan[index] = choice
+    return plan  # type: ignore[return-value]
+
+
+def placement_group_of(resource: str) -> str | None:
+    """The placement group id a resource name belongs to (`CPU_group_1_<id>`), if any."""
+    if "_group_" not in resource:
+        return None
+    return resource.rsplit("_group_", 1)[1].split("_")[-1]

@@ -10,6 +10,7 @@ when the raylet asks for it back). Redis is never involved.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import os
@@ -164,6 +165,8 @@ class TaskSubmitter:
             worker.new_owned(rid)
         refs = [ObjectRef(rid, worker.address) for rid in return_ids]
         parent = worker.executor.current_task_id() if worker.executor is not None else None
+        if parent is not None and options.strategy is None and actor is None:
+            options = self._captured(options)
         task = _Task(task_id, fn_key, options, wire_args, wire_kwargs, keep, return_ids, parent)
         task.actor = actor
         with self._lock:
@@ -171,6 +174,20 @@ class TaskSubmitter:
             if parent is not None:
                 self._children.setdefault(parent, []).append(task_id)
         return task, refs, deps
+
+    def _captured(self, options: TaskOptions) -> TaskOptions:
+        """Children of a task in a placement group that captures them run in it too."""
+        ctx = self.worker.executor.context()
+        grant = (ctx.grant if ctx is not None else None) or {}
+        if not grant.get("capture"):
+            return options
+        from redray.util.placement_group import bundle_resources
+
+        pg_id = grant["pg_id"]
+        strategy = {"type": "placement_group", "pg_id": pg_id, "bundle_index": -1, "capture": True}
+        return dataclasses.replace(
+            options, resources=bundle_resources(options.resources, pg_id, -1), strategy=strategy
+        )
 
     def await_dependencies(self, task: _Task, deps: list[ObjectRef]) -> None:
         """Resolve ObjectRef arguments without holding a worker, then schedule the task."""
@@ -286,13 +303,14 @@ class TaskSubmitter:
             pass
 
     # -- leases -----------------------------------------------------------------------------
-    def _request_lease(self, shape: _Shape, raylet: Connection) -> None:
+    def _request_lease(self, shape: _Shape, raylet: Connection, spilled: bool = False) -> None:
         options = shape.options
         request = {
             "resources": options.resources,
             "env_vars": (options.runtime_env or {}).get("env_vars") or {},
             "strategy": options.strategy,
             "name": options.name,
+            "spilled": spilled,
         }
         self.worker.call_async(
             raylet, "lease", (request,), lambda reply: self._on_lease_reply(shape, raylet, reply)
@@ -338,11 +356,15 @@ class TaskSubmitter:
 
             def forward(conn: Connection | None) -> None:
                 if conn is None:
-                    with self._lock:
-                        shape.requesting -= 1
-                        self._dispatch(shape)
+                    # That node is unreachable (dying?): ask again shortly, not in a tight loop.
+                    def retry() -> None:
+                        with self._lock:
+                            shape.requesting -= 1
+                            self._dispatch(shape)
+
+                    self.worker.reactor.call_later(0.2, retry)
                     return
-                self._request_lease(shape, conn)
+                self._request_lease(shape, conn, spilled=True)
 
             self._raylet_async(node_id, raylet_address, forward)
         elif kind == "error":

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from redray import context, exceptions, serialization
+from redray import gcs as gcs_schema
 from redray.gcs import Gcs
 from redray.ids import IdSource
 from redray.object_ref import Address, ObjectRef
@@ -128,6 +129,18 @@ class CoreWorker:
 
         self.submitter = TaskSubmitter(self)
         self.actors = ActorSubmitter(self)
+        from redray.util.placement_group import PlacementGroups
+        from redray.watcher import Watcher
+
+        self.placement_groups = PlacementGroups(self)
+        self.watcher = Watcher(
+            self.gcs,
+            {
+                gcs_schema.ACTOR_STATE_CHANNEL.format(actor_id="*"): self.actors.on_state,
+                gcs_schema.PG_STATE_CHANNEL.format(pg_id="*"): self.placement_groups.on_state,
+            },
+            lambda: self.shutting_down,
+        )
         self._background: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._run_background, daemon=True, name="redray-bg").start()
         self.raylet = self.reactor.connect(raylet_address, self._on_message, self._on_raylet_lost)

@@ -2,6 +2,15 @@
 
 from typing import Any
 
+from redray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    get_placement_group,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
+
 
 def list_named_actors(all_namespaces: bool = False) -> list:
     """Names of live named actors in this namespace (or, with all_namespaces, every one)."""
@@ -11,7 +20,7 @@ def list_named_actors(all_namespaces: bool = False) -> list:
 
 
 def __getattr__(name: str) -> Any:
-    # ActorPool and placement groups are imported on first use, keeping `import redray` light.
+    # ActorPool is imported on first use, keeping `import redray` light.
     if name == "ActorPool":
         from redray.util.actor_pool import ActorPool
 
@@ -19,4 +28,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'redray.util' has no attribute {name!r}")
 
 
-__all__ = ["ActorPool", "list_named_actors"]
+__all__ = [
+    "ActorPool",
+    "PlacementGroup",
+    "get_current_placement_group",
+    "get_placement_group",
+    "list_named_actors",
+    "placement_group",
+    "placement_group_table",
+    "remove_placement_group",
+]
