@@ -166,11 +166,14 @@ def test_many_small_tasks_are_fast(ray_start):
 
 
 def test_options_override_per_call(ray_start):
-    refs = add.options(name="adder", num_cpus=0.5).remote(1, 2)
-    assert redray.get(refs) == 3
+    assert redray.get(add.options(name="adder", num_cpus=0.5).remote(1, 2)) == 3
+    assert redray.get(where.options(num_cpus=2).remote())["resources"] == {"CPU": 2.0}
     # .options() does not change the function itself.
     assert redray.get(where.remote())["resources"] == {"CPU": 1.0}
-    assert redray.get(where.options(num_cpus=2).remote())["resources"] == {"CPU": 2.0}
+    bound = where.options(resources={"CPU_like": 0}, num_cpus=0.5)
+    assert [r["resources"] for r in redray.get([bound.remote(), bound.remote()])] == [
+        {"CPU": 0.5}
+    ] * 2
 
 
 def test_calling_a_remote_function_directly_raises_type_error(ray_start):
