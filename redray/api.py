@@ -100,7 +100,7 @@ def init(
                     "When connecting to an existing cluster, num_cpus, num_gpus, resources "
                     "and object_store_memory must not be provided."
                 )
-            connection = _connect_existing(address)
+            connection = _connect_existing(address, _node_ip_address)
         try:
             _start_driver(connection, namespace, log_to_driver, runtime_env)
         except BaseException:
@@ -147,7 +147,7 @@ def _start_private_cluster(num_cpus, num_gpus, resources, object_store_memory, n
     }
 
 
-def _connect_existing(address: str) -> dict[str, Any]:
+def _connect_existing(address: str, node_ip: str | None = None) -> dict[str, Any]:
     from redray import node
     from redray.gcs import DEFAULT_CLUSTER, Gcs
 
@@ -173,7 +173,7 @@ def _connect_existing(address: str) -> dict[str, Any]:
         raise ConnectionError(f"No redray cluster {cluster!r} is registered in Redis at {address}")
     if not alive:
         raise ConnectionError("The cluster has no live node to connect to.")
-    local = _pick_local_node(alive)
+    local = _pick_local_node(alive, node_ip)
     return {
         "gcs_url": address,
         "cluster": cluster,
@@ -183,9 +183,15 @@ def _connect_existing(address: str) -> dict[str, Any]:
     }
 
 
-def _pick_local_node(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+def _pick_local_node(nodes: list[dict[str, Any]], node_ip: str | None) -> dict[str, Any]:
+    """The node this driver attaches to: the one at node_ip, else the head on this host."""
     import socket
 
+    if node_ip is not None:
+        for info in nodes:
+            if info.get("node_ip_address") == node_ip:
+                return info
+        raise ConnectionError(f"No live node of the cluster has the address {node_ip}.")
     hostname = socket.gethostname()
     for info in nodes:
         if info.get("hostname") == hostname and info.get("is_head"):

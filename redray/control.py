@@ -264,6 +264,7 @@ class ControlLoop:
         from redray.worker import CONNECTION_LOST
 
         if reply is CONNECTION_LOST:
+            self._schedule_later(actor)  # that raylet died: try again from ours
             return
         kind = reply[0]
         if actor.kill_reason is not None or attempt != actor.attempt:
@@ -284,10 +285,24 @@ class ControlLoop:
             self.client.submitter._raylet_async(
                 node_id,
                 raylet_address,
-                lambda conn: self.post(self._schedule, actor, conn) if conn else None,
+                lambda conn: (
+                    self.post(self._schedule, actor, conn) if conn else self._schedule_later(actor)
+                ),
             )
         elif kind == "error":
             self._set_dead(actor, f"The actor could not be scheduled: {reply[1]}")
+
+    def _schedule_later(self, actor: _Actor, delay: float = 0.5) -> None:
+        """Place the actor again after a pause (the node it was sent to is unreachable)."""
+        attempt = actor.attempt
+
+        def again() -> None:
+            if attempt == actor.attempt and actor.conn is None and actor.kill_reason is None:
+                self._schedule(actor)
+
+        timer = threading.Timer(delay, lambda: self.post(again))
+        timer.daemon = True
+        timer.start()
 
     def _on_worker(self, actor: _Actor, address: Any, conn: Connection | None, attempt: int):
         if attempt != actor.attempt:

@@ -22,7 +22,8 @@ import psutil
 
 ROOT_DIR = os.path.join(tempfile.gettempdir(), f"redray-{os.getuid()}")
 CURRENT_CLUSTER = os.path.join(ROOT_DIR, "current_cluster.json")
-DEFAULT_NODE_TIMEOUT = float(os.environ.get("REDRAY_NODE_TIMEOUT", "5"))
+# A node missing heartbeats this long is dead (heartbeats every 0.5 s; detection <= ~4.5 s).
+DEFAULT_NODE_TIMEOUT = float(os.environ.get("REDRAY_NODE_TIMEOUT", "4"))
 
 
 def default_resources(
@@ -107,6 +108,7 @@ def start_node(
     private: bool = False,
     node_id: str | None = None,
     timeout: float = 30.0,
+    node_timeout: float | None = None,
 ) -> StartedNode:
     """Start a raylet (and, on a head without `gcs_url`, its Redis); wait until it is ready.
 
@@ -130,7 +132,7 @@ def start_node(
         "object_store_memory": object_store_memory,
         "session_dir": session_dir,
         "spill_dir": os.path.join(session_dir, "spill"),
-        "node_timeout": DEFAULT_NODE_TIMEOUT,
+        "node_timeout": node_timeout or DEFAULT_NODE_TIMEOUT,
         "watch_stdin": private,
     }
     log_file = open(os.path.join(session_dir, "logs", "raylet.log"), "ab")

@@ -813,6 +813,10 @@ def main() -> None:
     from redray import worker_pool
 
     config = json.loads(sys.stdin.readline())
+    # Our stdout carries one line (the node's description) to whoever started us; everything
+    # else printed here or in workers goes to the log, so a pipe nobody reads never fills.
+    ready_out = os.dup(1)
+    os.dup2(2, 1)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -836,11 +840,12 @@ def main() -> None:
         "cluster": config["cluster"],
         "listen_host": config["node_ip_address"],
     }
-    zygote = worker_pool.start_zygote(worker_config)
+    zygote = worker_pool.start_zygote(worker_config, close_fds=[ready_out])
     raylet = Raylet(config, zygote)
     raylet.redis_server = redis_server
     info = raylet.start()
-    print(json.dumps(info), flush=True)
+    os.write(ready_out, (json.dumps(info) + "\n").encode())
+    os.close(ready_out)
     signal.signal(signal.SIGTERM, lambda *_: raylet.reactor.call_soon(raylet.stop))
     if config.get("watch_stdin"):
         threading.Thread(target=_exit_on_eof, args=(raylet,), daemon=True).start()

@@ -71,9 +71,9 @@ def decide(
         candidates = [n for n in [local, *alive] if fits(request, n.total)]
         if not candidates:
             return Decision("infeasible")
-        ready = [n for n in candidates if fits(request, n.available)] or candidates
-        ready.sort(key=lambda n: n.node_id)
-        choice = ready[next(_spread_counter) % len(ready)]
+        # Round-robin over every node that could run it (busy ones queue it), as Ray does.
+        candidates.sort(key=lambda n: n.node_id)
+        choice = candidates[next(_spread_counter) % len(candidates)]
         return Decision("local") if choice is local else Decision("spill", choice)
     if fits(request, local.total):
         if spilled or fits(request, local.available):

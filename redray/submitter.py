@@ -101,6 +101,7 @@ class _Lease:
         "idle_epoch",
         "returned",
         "wanted_back",
+        "single_use",
     )
 
     def __init__(self, lease_id, conn, raylet, grant):
@@ -112,6 +113,7 @@ class _Lease:
         self.idle_epoch = 0
         self.returned = False
         self.wanted_back = False  # the raylet has work waiting: return as soon as idle
+        self.single_use = False  # SPREAD: each task is placed on its own, so no reuse
 
 
 class _Shape:
@@ -262,6 +264,8 @@ class TaskSubmitter:
         while queue:
             best = None
             for lease in shape.leases:
+                if lease.single_use and (lease.inflight or lease.wanted_back):
+                    continue
                 if len(lease.inflight) < PIPELINE_DEPTH and (
                     best is None or len(lease.inflight) < len(best.inflight)
                 ):
@@ -276,15 +280,20 @@ class TaskSubmitter:
         while shape.requesting < wanted:
             shape.requesting += 1
             self._request_lease(shape, self.worker.raylet)
-        if not queue:
-            for lease in list(shape.leases):
-                if not lease.inflight:
-                    if lease.wanted_back:
-                        self._return_if_idle(lease)
-                    else:
-                        self._schedule_return(lease)
+        for lease in list(shape.leases):
+            if lease.inflight:
+                continue
+            if lease.single_use and lease.wanted_back:
+                self._return_if_idle(lease, force=True)
+            elif not queue:
+                if lease.wanted_back:
+                    self._return_if_idle(lease)
+                else:
+                    self._schedule_return(lease)
 
     def _push(self, lease: _Lease, task: _Task) -> None:
+        if lease.single_use:
+            lease.wanted_back = True  # give it back after this one task
         task.lease = lease
         lease.inflight[task.task_id] = task
         lease.idle_epoch = 0
@@ -319,6 +328,15 @@ class TaskSubmitter:
     def _on_lease_reply(self, shape: _Shape, raylet: Connection, reply: Any) -> None:
         from redray.worker import CONNECTION_LOST
 
+        if reply is CONNECTION_LOST and raylet is not self.worker.raylet:
+            # A remote node we were sent to died: ask our own raylet again, shortly.
+            def retry() -> None:
+                with self._lock:
+                    shape.requesting -= 1
+                    self._dispatch(shape)
+
+            self.worker.reactor.call_later(0.2, retry)
+            return
         if reply is CONNECTION_LOST:
             with self._lock:
                 shape.requesting -= 1
@@ -342,6 +360,7 @@ class TaskSubmitter:
                         self._dispatch(shape)
                         return
                     lease = _Lease(lease_id, conn, raylet, grant)
+                    lease.single_use = shape.options.strategy == "SPREAD"
                     # Granted after the work it was asked for went elsewhere: give it back
                     # now rather than holding resources through the idle grace period.
                     lease.wanted_back = not shape.queue or lease_id in self._early_reclaims
@@ -379,14 +398,14 @@ class TaskSubmitter:
         epoch = lease.idle_epoch = next(self._epochs)
         self.worker.reactor.call_later(LEASE_IDLE_SECONDS, self._return_if_idle, lease, epoch)
 
-    def _return_if_idle(self, lease: _Lease, epoch: int | None = None) -> None:
+    def _return_if_idle(self, lease: _Lease, epoch: int | None = None, force: bool = False):
         with self._lock:
             if lease.returned or lease.inflight:
                 return
             if epoch is not None and lease.idle_epoch != epoch:
                 return
             shape = next((s for s in self._shapes.values() if lease in s.leases), None)
-            if shape is not None and shape.queue:
+            if shape is not None and shape.queue and not force:
                 return
             self._drop_lease(lease, shape)
             lease.raylet.send(("lease_return", lease.lease_id, False))
@@ -597,8 +616,8 @@ class TaskSubmitter:
         """Re-run the task that made a lost object; False when it cannot be made again."""
         with self._lock:
             task = self._lineage.get(task_of(object_id))
-            if task is None:
-                return False
+            if task is None or task.options.max_retries == 0:
+                return False  # a put, or a task that must not run twice (max_retries=0)
             if task.task_id in self._tasks:
                 return True  # already being made again
             self._tasks[task.task_id] = task

@@ -33,12 +33,16 @@ def die_with_parent() -> None:
             pass
 
 
-def start_zygote(worker_config: dict[str, Any]) -> tuple[int, socket.socket]:
+def start_zygote(
+    worker_config: dict[str, Any], close_fds: list[int] = ()
+) -> tuple[int, socket.socket]:
     """Fork the zygote; returns its pid and the raylet's end of the command socket."""
     parent_sock, child_sock = socket.socketpair()
     pid = os.fork()
     if pid == 0:
         parent_sock.close()
+        for fd in close_fds:
+            os.close(fd)
         try:
             _zygote_main(child_sock, worker_config)
         finally:
