@@ -37,19 +37,13 @@ def create_actor(executor: Executor, conn: Connection, message: tuple) -> None:
     spec = pickle.loads(spec_blob)
     worker = executor.worker
     name = spec["class_name"]
-    ctx = TaskContext(
-        actor_id[:14],
-        f"{name}.__init__",
-        spec["job_id"],
-        None,
-        None,
-        spec["driver_address"],
-        spec["log_to_driver"],
-    )
+    job = spec["job"]
+    worker.jobs[job.job_id] = job
+    ctx = executor.task_context(actor_id[:14], f"{name}.__init__", job.job_id, None, None)
     ctx.prefix = f"({name} pid={os.getpid()})"
     runtime = ActorRuntime(executor, actor_id, spec, conn, restarts, ctx)
     executor.actor = runtime
-    worker.job_id = spec["job_id"]
+    worker.job_id = job.job_id
     token = _task_context.set(ctx)
     try:
         cls = worker.load_function(spec["class_key"])
@@ -164,21 +158,16 @@ class ActorRuntime:
             self.execute(conn, message)
 
     def _call_context(self, conn: Connection, message: tuple) -> TaskContext:
-        ctx = TaskContext(
-            message[1],
-            message[3],
-            self.spec["job_id"],
-            None,
-            conn,
-            self.spec["driver_address"],
-            self.spec["log_to_driver"],
+        # Prints of an actor go to the driver of the job that created it (as Ray does).
+        ctx = self.executor.task_context(
+            message[1], message[3], self.spec["job"].job_id, None, conn
         )
         ctx.prefix = self.context.prefix
         return ctx
 
     def execute(self, conn: Connection, message: tuple) -> None:
         """Run one call synchronously (main thread or a group's thread) and reply."""
-        _, task_id, method, name, args, kwargs, num_returns = message
+        _, task_id, method, name, args, kwargs, num_returns, _job = message
         executor = self.executor
         if task_id in executor._cancelled:
             executor._cancelled.discard(task_id)
@@ -206,7 +195,7 @@ class ActorRuntime:
             self._exit()
 
     async def _run_async(self, conn: Connection, message: tuple) -> None:
-        _, task_id, method, name, args, kwargs, num_returns = message
+        _, task_id, method, name, args, kwargs, num_returns, _job = message
         executor = self.executor
         ctx = self._call_context(conn, message)
         token = _task_context.set(ctx)

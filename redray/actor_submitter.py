@@ -135,6 +135,7 @@ class ActorSubmitter:
                     if task.cancelled:
                         continue
                     state.inflight[task.task_id] = task
+                    self.worker.introduce(conn, task.job)
                     conn.send(
                         (
                             "actor_task",
@@ -144,6 +145,7 @@ class ActorSubmitter:
                             task.args,
                             task.kwargs,
                             len(task.return_ids),
+                            task.job.job_id,
                         )
                     )
         if failed:

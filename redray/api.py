@@ -6,6 +6,7 @@ import atexit
 import logging
 import os
 import secrets
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -105,7 +106,10 @@ def init(
             _start_driver(connection, namespace, log_to_driver, runtime_env)
         except BaseException:
             if _private_node is not None:
+                from redray import node
+
                 _private_node.stop()
+                node.remove_session_dir(_private_node.session_dir)
                 _private_node = None
             raise
         return RayContext(_context_info())
@@ -163,10 +167,16 @@ def _connect_existing(address: str, node_ip: str | None = None) -> dict[str, Any
         address, cluster = current["gcs_url"], current.get("cluster", DEFAULT_CLUSTER)
     if not address.startswith(("redis://", "rediss://", "unix://")):
         address = "redis://" + address
+    import redis
+
     gcs = Gcs(address, cluster)
     try:
         token = gcs.cluster_token()
         alive = [n for n in gcs.nodes() if n["alive"]]
+    except redis.exceptions.AuthenticationError as exc:
+        raise ConnectionError(f"Redis at {address} refused our credentials: {exc}") from exc
+    except redis.exceptions.ConnectionError as exc:
+        raise ConnectionError(f"Could not reach the cluster's Redis at {address}: {exc}") from exc
     finally:
         gcs.close()
     if token is None:
@@ -202,9 +212,19 @@ def _pick_local_node(nodes: list[dict[str, Any]], node_ip: str | None) -> dict[s
     return nodes[0]
 
 
+def _driver_paths() -> tuple[str, ...]:
+    """Directories tasks must be able to import from: the script's and the cwd (as Ray)."""
+    paths = []
+    script = sys.argv[0] if sys.argv else ""
+    if script and os.path.isfile(script):
+        paths.append(os.path.dirname(os.path.abspath(script)))
+    paths.append(os.getcwd())
+    return tuple(dict.fromkeys(paths))
+
+
 def _start_driver(connection, namespace, log_to_driver, runtime_env) -> None:
     from redray.gcs import Gcs
-    from redray.worker import CoreWorker
+    from redray.worker import CoreWorker, JobInfo
 
     gcs = Gcs(connection["gcs_url"], connection["cluster"])
     job_number = gcs.next_job_id()
@@ -222,7 +242,14 @@ def _start_driver(connection, namespace, log_to_driver, runtime_env) -> None:
         listen_host=connection["node_ip_address"],
         log_to_driver=log_to_driver,
     )
-    worker.runtime_env = runtime_env
+    worker.jobs[job_id] = JobInfo(
+        job_id,
+        worker.address,
+        worker.namespace,
+        log_to_driver,
+        _driver_paths(),
+        runtime_env,
+    )
     worker.gcs.add_job(
         job_id, {"driver_pid": os.getpid(), "driver_address": list(worker.address[:2])}
     )
@@ -337,14 +364,14 @@ def wait(
             )
     if len(object_refs) != len(set(object_refs)):
         raise ValueError("Wait requires a list of unique object refs.")
+    if not object_refs:
+        return [], []
     if num_returns <= 0:
         raise ValueError(f"Invalid number of objects to return {num_returns}.")
     if num_returns > len(object_refs):
         raise ValueError(
             "num_returns cannot be greater than the number of objects provided to ray.wait."
         )
-    if not object_refs:
-        return [], []
     worker = context.worker()
     worker.process_released()
     worker.wait_ready(object_refs, num_returns, timeout)

@@ -142,7 +142,7 @@ class Executor:
                 continue  # a cancellation that arrived just after its task ended
 
     def execute(self, conn: Connection, message: tuple) -> None:
-        _, task_id, fn_key, name, args, kwargs, num_returns, grant = message
+        _, task_id, fn_key, name, args, kwargs, num_returns, grant, job_id = message
         if task_id in self._cancelled:
             self._cancelled.discard(task_id)
             error = exceptions.TaskCancelledError(task_id.hex())
@@ -150,16 +150,7 @@ class Executor:
             return
         if grant != self._applied_grant:
             self._apply_grant(grant)
-        info = conn.info
-        ctx = TaskContext(
-            task_id,
-            name,
-            info.get("job_id", ""),
-            grant,
-            conn,
-            info.get("driver"),
-            info.get("log_to_driver", True),
-        )
+        ctx = self.task_context(task_id, name, job_id, grant, conn)
         self.current = ctx
         try:
             try:
@@ -172,6 +163,16 @@ class Executor:
             self._interrupt = None
             self.current = None
         conn.send(("done", task_id, payloads, self.worker.take_task_borrows()))
+
+    def task_context(self, task_id, name, job_id, grant, conn) -> TaskContext:
+        """The context of a task of job_id, whose paths are made importable here first."""
+        job = self.worker.jobs.get(job_id)
+        if job is None:
+            return TaskContext(task_id, name, job_id, grant, conn)
+        for path in job.paths:
+            if path not in sys.path:
+                sys.path.append(path)
+        return TaskContext(task_id, name, job_id, grant, conn, job.driver, job.log_to_driver)
 
     def invoke(self, ctx: TaskContext, fn: Any, args: tuple, kwargs: dict, num_returns: int):
         """Run fn for a task or actor call; the payloads of its returns (or of its error)."""
@@ -303,16 +304,28 @@ class TaskStream:
         with self._lock:
             self._buffer.append(text)
         if "\n" in text:
-            self.flush()
+            self._send(complete_lines_only=True)
         return len(text)
 
     def flush(self) -> None:
+        self._send(complete_lines_only=False)
+
+    def _send(self, complete_lines_only: bool) -> None:
         ctx = self._executor.context()
         with self._lock:
             if not self._buffer:
-                self._original.flush()
+                if not complete_lines_only:
+                    self._original.flush()
                 return
-            text, self._buffer = "".join(self._buffer), []
+            text = "".join(self._buffer)
+            if complete_lines_only:
+                cut = text.rfind("\n") + 1
+                text, rest = text[:cut], text[cut:]
+                self._buffer = [rest] if rest else []
+            else:
+                self._buffer = []
+            if not text:
+                return
         if ctx is None:
             self._original.write(text)
             self._original.flush()

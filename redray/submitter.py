@@ -71,6 +71,7 @@ class _Task:
         "shape",
         "parent",
         "actor",
+        "job",
     )
 
     def __init__(self, task_id, fn_key, options, args, kwargs, keep, return_ids, parent):
@@ -89,6 +90,7 @@ class _Task:
         self.shape: _Shape | None = None
         self.parent = parent
         self.actor: Any = None  # the caller-side actor state for actor tasks
+        self.job: Any = None  # the JobInfo the task belongs to
 
 
 class _Lease:
@@ -169,8 +171,12 @@ class TaskSubmitter:
         parent = worker.executor.current_task_id() if worker.executor is not None else None
         if parent is not None and options.strategy is None and actor is None:
             options = self._captured(options)
+        job = worker.current_job()
+        if job.runtime_env and options.runtime_env is None and actor is None:
+            options = dataclasses.replace(options, runtime_env=job.runtime_env)
         task = _Task(task_id, fn_key, options, wire_args, wire_kwargs, keep, return_ids, parent)
         task.actor = actor
+        task.job = job
         with self._lock:
             self._tasks[task_id] = task
             if parent is not None:
@@ -222,8 +228,8 @@ class TaskSubmitter:
     def _dependency_ready(self, task: _Task) -> None:
         with self._lock:
             task.unresolved -= 1
-            if task.unresolved:
-                return
+            if task.unresolved or task.task_id not in self._tasks:
+                return  # still waiting, or already finished (cancelled, actor dead, ...)
         failure = self._resolve_args(task)
         if failure is not None:
             self.finish(task, [failure] * len(task.return_ids))
@@ -306,7 +312,9 @@ class TaskSubmitter:
             task.kwargs,
             len(task.return_ids),
             lease.grant,
+            task.job.job_id,
         )
+        self.worker.introduce(lease.conn, task.job)
         if not lease.conn.send(message):
             # The worker is gone; on_connection_lost retries or fails what was in flight.
             pass
@@ -587,11 +595,10 @@ class TaskSubmitter:
             if queued:
                 task.shape.queue.remove(task)
             lease = task.lease
-        if queued:
-            self._finish_cancelled(task)
-        elif lease is not None:
+        if lease is not None:
             lease.conn.send(("cancel", task_id, force, recursive))
-        # else: still waiting for its arguments; dropped when they resolve.
+        else:
+            self._finish_cancelled(task)  # queued, or still waiting for its arguments
 
     def cancel_children(self, parent: bytes, force: bool) -> None:
         with self._lock:

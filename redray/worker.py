@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from redray import context, exceptions, serialization
@@ -68,6 +69,18 @@ class _Obj:
         self.fetching = False
 
 
+@dataclass(frozen=True)
+class JobInfo:
+    """What every process running a job's tasks needs to know about the job."""
+
+    job_id: str
+    driver: Address  # where prints of the job's tasks go
+    namespace: str
+    log_to_driver: bool = True
+    paths: tuple[str, ...] = ()  # the driver's script directory and cwd, importable by tasks
+    runtime_env: dict | None = None
+
+
 class CoreWorker:
     """The runtime inside one driver or worker process."""
 
@@ -89,8 +102,9 @@ class CoreWorker:
         self.token = token
         self.worker_id = worker_id
         self.job_id = job_id
-        self.namespace = namespace
+        self._namespace = namespace
         self.log_to_driver = log_to_driver
+        self.jobs: dict[str, JobInfo] = {}
         self.ids = IdSource(worker_id[:8])
         self.reactor = Reactor(token, name=f"redray-io-{mode}")
         host, port = self.reactor.listen(listen_host, 0, self._on_message, self._on_conn_closed)
@@ -99,6 +113,7 @@ class CoreWorker:
         self._lock = threading.Lock()
         self._objects: dict[bytes, _Obj] = {}
         self._locations: dict[bytes, set[str]] = {}  # copies of our objects on other nodes
+        self._watching_deaths = False
         self._released: collections.deque[bytes] = collections.deque()
         self._calls: dict[int, Callable[[Any], None]] = {}
         self._call_ids = itertools.count(1)
@@ -109,13 +124,13 @@ class CoreWorker:
         self._exported: set[str] = set()
         self._arena = None
         self.shutting_down = False
-        self.driver_address: Address = self.address
         self.executor = None  # set in worker processes
         self.blocked_depth = 0
 
         self._handlers: dict[str, Callable[[Connection, tuple], None]] = {
             "reply": self._on_reply,
             "hello": self._on_hello,
+            "job": self._on_job,
             "get_obj": self._on_get_object,
             "borrow": self._on_borrow,
             "unborrow": self._on_unborrow,
@@ -138,6 +153,7 @@ class CoreWorker:
             {
                 gcs_schema.ACTOR_STATE_CHANNEL.format(actor_id="*"): self.actors.on_state,
                 gcs_schema.PG_STATE_CHANNEL.format(pg_id="*"): self.placement_groups.on_state,
+                gcs_schema.WORKER_CHANNEL: self._on_process_death,
             },
             lambda: self.shutting_down,
         )
@@ -228,14 +244,8 @@ class CoreWorker:
             log.error("lost the connection to the raylet; the cluster is gone")
 
     def _on_hello(self, conn: Connection, message: tuple) -> None:
-        _, address, job_id, driver_address, log_to_driver = message
-        conn.info.update(
-            peer=address,
-            peer_id=address[2],
-            job_id=job_id,
-            driver=driver_address,
-            log_to_driver=log_to_driver,
-        )
+        address = message[1]
+        conn.info.update(peer=address, peer_id=address[2])
         with self._peer_lock:
             self._peers.setdefault(address[2], conn)
 
@@ -247,7 +257,7 @@ class CoreWorker:
             return conn
         conn = self.reactor.connect(address[:2], self._on_message, self._on_conn_closed)
         conn.info.update(peer=address, peer_id=address[2])
-        conn.send(("hello", self.address, self.job_id, self.driver_address, self.log_to_driver))
+        conn.send(("hello", self.address))
         with self._peer_lock:
             current = self._peers.get(address[2])
             if current is not None and not current.closed:
@@ -295,6 +305,38 @@ class CoreWorker:
                         log.exception("peer callback failed")
 
         threading.Thread(target=connect, daemon=True, name="redray-connect").start()
+
+    # -- jobs -------------------------------------------------------------------------------
+    def current_job(self) -> JobInfo:
+        """The job the calling code belongs to (the running task's, or the driver's)."""
+        executor = self.executor
+        if executor is not None:
+            ctx = executor.context()
+            if ctx is not None:
+                job = self.jobs.get(ctx.job_id)
+                if job is not None:
+                    return job
+        job = self.jobs.get(self.job_id)
+        if job is None:
+            job = JobInfo(self.job_id, self.address, self._namespace, self.log_to_driver)
+        return job
+
+    @property
+    def namespace(self) -> str:
+        return self.current_job().namespace
+
+    def introduce(self, conn: Connection, job: JobInfo) -> None:
+        """Tell a peer about a job before the first task of that job is sent to it."""
+        known = conn.info.get("jobs")
+        if known is None:
+            known = conn.info["jobs"] = set()
+        if job.job_id not in known:
+            known.add(job.job_id)
+            conn.send(("job", job))
+
+    def _on_job(self, conn: Connection, message: tuple) -> None:
+        job = message[1]
+        self.jobs[job.job_id] = job
 
     # -- reference counting -----------------------------------------------------------------
     def add_local_ref(self, object_id: bytes, owner: Address | None) -> None:
@@ -452,8 +494,15 @@ class CoreWorker:
     def _on_add_location(self, conn: Connection, message: tuple) -> None:
         self.add_location(message[1], message[2])
 
+    def _on_process_death(self, event: dict) -> None:
+        """A process died somewhere: whatever it borrowed from us is released."""
+        self.forget_borrower(bytes.fromhex(event["worker_id"]))
+
     def _on_borrow(self, conn: Connection, message: tuple) -> None:
         _, oids, borrower = message
+        if not self._watching_deaths:
+            self._watching_deaths = True
+            self.background(self.watcher.ensure_running)
         with self._lock:
             for oid in oids:
                 obj = self._objects.get(oid)
@@ -763,7 +812,10 @@ class CoreWorker:
             if not self.submitter.reconstruct(oid):
                 return ("e", _pickle_error(exceptions.ObjectLostError(oid.hex(), self.address)))
             return self.wait_payload(oid)
-        conn = self.peer(owner)
+        try:
+            conn = self.peer(owner)
+        except OSError:
+            return ("e", _pickle_error(exceptions.OwnerDiedError(oid.hex(), owner)))
         reply = self.call(conn, "reconstruct", oid)
         if reply is CONNECTION_LOST or isinstance(reply, BaseException):
             return ("e", _pickle_error(exceptions.OwnerDiedError(oid.hex(), owner)))
