@@ -130,6 +130,9 @@ class ActorRuntime:
     def accept(self, conn: Connection, message: tuple) -> None:
         """Route an incoming call to where it runs."""
         method = message[2]
+        if self._exit_reason is not None:
+            self._refuse(conn, message)
+            return
         if self.is_async and method != TERMINATE:
             future = asyncio.run_coroutine_threadsafe(self._run_async(conn, message), self._loop)
             self._running[message[1]] = future
@@ -194,8 +197,19 @@ class ActorRuntime:
         if self._exit_reason is not None:
             self._exit()
 
+    def _refuse(self, conn: Connection, message: tuple) -> None:
+        """A call that arrives after the actor decided to exit fails as Ray's do."""
+        error = exceptions.ActorDiedError(
+            f"The actor {self.name} is exiting ({self._exit_reason}).", self.actor_id.hex()
+        )
+        conn.send(("done", message[1], [error_payload(error)] * message[6], []))
+
     async def _run_async(self, conn: Connection, message: tuple) -> None:
         _, task_id, method, name, args, kwargs, num_returns, _job = message
+        if self._exit_reason is not None:
+            self._running.pop(task_id, None)
+            self._refuse(conn, message)
+            return
         executor = self.executor
         ctx = self._call_context(conn, message)
         token = _task_context.set(ctx)

@@ -107,6 +107,7 @@ class ActorSubmitter:
         tasks = self.worker.submitter
         task, refs, deps = tasks.prepare(method, args, kwargs, options, actor=state)
         with self._lock:
+            task.unresolved = len(deps) + 1  # not sendable before its arguments are resolved
             state.queue.append(task)
         if state.state == "UNKNOWN":
             self._lookup(state)
@@ -120,7 +121,9 @@ class ActorSubmitter:
         """Send queued calls in order while the head of the queue is ready."""
         with self._lock:
             if state.state == "DEAD":
-                failed = list(state.queue)
+                # Calls in flight fail too: their connection may have closed before we knew.
+                failed = list(state.inflight.values()) + list(state.queue)
+                state.inflight.clear()
                 state.queue.clear()
             else:
                 failed = None
@@ -245,7 +248,12 @@ class ActorSubmitter:
         self._ensure_watching()
 
         def read() -> None:
-            info = self.worker.gcs.actor(state.hex)
+            try:
+                info = self.worker.gcs.actor(state.hex)
+            except Exception:
+                if self.worker.shutting_down:
+                    return
+                raise
             if info is None:
                 info = {"state": "DEAD", "death_cause": "The actor does not exist.", "seq": 1 << 60}
             self._apply(state, info, from_table=True)

@@ -109,11 +109,13 @@ def start_node(
     node_id: str | None = None,
     timeout: float = 30.0,
     node_timeout: float | None = None,
+    command_prefix: tuple[str, ...] = (),
 ) -> StartedNode:
     """Start a raylet (and, on a head without `gcs_url`, its Redis); wait until it is ready.
 
     private=True ties the node to this process: it exits when our end of its stdin closes.
     Otherwise it runs in its own session and outlives us (as `redray start` wants).
+    command_prefix wraps the raylet's command (e.g. `ip netns exec NS` to run it elsewhere).
     """
     session_dir = session_dir or new_session_dir()
     os.makedirs(os.path.join(session_dir, "logs"), exist_ok=True)
@@ -142,7 +144,7 @@ def start_node(
     stdout = subprocess.PIPE if private else open(out_path, "wb")
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "redray.raylet"],
+            [*command_prefix, sys.executable, "-m", "redray.raylet"],
             stdin=subprocess.PIPE,
             stdout=stdout,
             stderr=log_file,

@@ -34,6 +34,7 @@ log = logging.getLogger("redray.raylet")
 
 HEARTBEAT_SECONDS = 0.5
 IDLE_WORKER_SECONDS = 10.0
+UNKNOWN_NODE_SECONDS = 3.0  # how long a request may name a node nobody has heard of
 INFEASIBLE_WARNING_SECONDS = 1.0  # a new node (or placement group) may make it fit meanwhile
 
 
@@ -76,6 +77,7 @@ class _Request:
     spilled: bool = False
     since: float = 0.0
     warned: bool = False
+    undecided: bool = False  # names a node not known yet: decide again as the view updates
 
 
 class Raylet:
@@ -374,6 +376,7 @@ class Raylet:
             conn.send(("reply", call_id, ("error", error)))
             return
         strategy = request.get("strategy")
+        undecided = decision.kind == "unknown"
         self.pending.append(
             _Request(
                 conn,
@@ -387,6 +390,7 @@ class Raylet:
                 strategy=strategy,
                 spilled=bool(request.get("spilled")),
                 since=time.monotonic(),
+                undecided=undecided,
             )
         )
         self._schedule()
@@ -396,6 +400,21 @@ class Raylet:
         decision = scheduling.decide(
             request.resources, request.strategy, self._local_view(), self.cluster_view, False
         )
+        if request.undecided:
+            if decision.kind == "unknown" and now - request.since < UNKNOWN_NODE_SECONDS:
+                return
+            request.undecided = False
+            if decision.kind in ("error", "unknown"):
+                self.pending.remove(request)
+                error = exceptions.TaskUnschedulableError(
+                    decision.message
+                    or f"The node named by the scheduling strategy of {request.name} does not "
+                    "exist in the cluster."
+                )
+                request.conn.send(("reply", request.call_id, ("error", error)))
+                return
+            if decision.kind == "local":
+                return  # granted by the normal pass
         if decision.kind == "spill" and not request.spilled:
             self.pending.remove(request)
             node = decision.node
@@ -430,7 +449,7 @@ class Raylet:
             if request.conn.closed:
                 self.pending.remove(request)
                 continue
-            if not scheduling.fits(request.resources, self.total):
+            if request.undecided or not scheduling.fits(request.resources, self.total):
                 self._place_elsewhere(request, now)
                 continue
             if not scheduling.fits(request.resources, self.available):

@@ -51,7 +51,7 @@ _spread_counter = itertools.count()
 class Decision:
     """Run locally, spill to another node, wait (infeasible now), or fail."""
 
-    kind: str  # "local" | "spill" | "infeasible" | "error"
+    kind: str  # "local" | "spill" | "infeasible" | "unknown" | "error"
     node: NodeView | None = None
     message: str = ""
 
@@ -66,6 +66,11 @@ def decide(
     """Choose where a request runs."""
     alive = [n for n in others if n.alive and n.node_id != local.node_id]
     if isinstance(strategy, dict) and strategy.get("type") == "node_affinity":
+        known = {n.node_id for n in others} | {local.node_id}
+        if strategy["node_id"] not in known:
+            if strategy.get("soft"):
+                return decide(request, "DEFAULT", local, others, spilled)
+            return Decision("unknown")  # not heard of yet (a new node?): wait for the view
         return _node_affinity(request, strategy, local, alive)
     if strategy == "SPREAD" and not spilled:
         candidates = [n for n in [local, *alive] if fits(request, n.total)]

@@ -200,7 +200,7 @@ class TaskSubmitter:
     def await_dependencies(self, task: _Task, deps: list[ObjectRef]) -> None:
         """Resolve ObjectRef arguments without holding a worker, then schedule the task."""
         with self._lock:
-            task.unresolved = len(deps) + 1
+            task.unresolved = len(deps) + 1  # +1: released below, once every callback is set
         for dep in deps:
             self.worker.on_ready(dep, lambda t=task: self._dependency_ready(t))
         self._dependency_ready(task)
@@ -267,6 +267,12 @@ class TaskSubmitter:
     def _dispatch(self, shape: _Shape) -> None:
         """Push queued tasks to leases with room; ask for more leases if still queued (lock held)."""
         queue = shape.queue
+        if shape.options.strategy == "SPREAD":
+            # Each task gets a lease requested for it alone, so placement follows the
+            # raylet's round-robin over nodes instead of whichever lease comes back first.
+            while queue and shape.requesting < MAX_LEASE_REQUESTS:
+                shape.requesting += 1
+                self._request_lease(shape, self.worker.raylet, bound=queue.popleft())
         while queue:
             best = None
             for lease in shape.leases:
@@ -320,7 +326,14 @@ class TaskSubmitter:
             pass
 
     # -- leases -----------------------------------------------------------------------------
-    def _request_lease(self, shape: _Shape, raylet: Connection, spilled: bool = False) -> None:
+    def _request_lease(
+        self,
+        shape: _Shape,
+        raylet: Connection,
+        spilled: bool = False,
+        bound: _Task | None = None,
+    ) -> None:
+        """Ask a raylet for a lease; `bound`: the one task this lease is for (SPREAD)."""
         options = shape.options
         request = {
             "resources": options.resources,
@@ -330,27 +343,38 @@ class TaskSubmitter:
             "spilled": spilled,
         }
         self.worker.call_async(
-            raylet, "lease", (request,), lambda reply: self._on_lease_reply(shape, raylet, reply)
+            raylet,
+            "lease",
+            (request,),
+            lambda reply: self._on_lease_reply(shape, raylet, reply, bound),
         )
 
-    def _on_lease_reply(self, shape: _Shape, raylet: Connection, reply: Any) -> None:
+    def _retry_soon(self, shape: _Shape, bound: _Task | None) -> None:
+        """The node we were sent to is unreachable (dying?): ask again shortly."""
+
+        def retry() -> None:
+            with self._lock:
+                shape.requesting -= 1
+                if bound is not None:
+                    shape.queue.appendleft(bound)
+                self._dispatch(shape)
+
+        self.worker.reactor.call_later(0.2, retry)
+
+    def _on_lease_reply(
+        self, shape: _Shape, raylet: Connection, reply: Any, bound: _Task | None = None
+    ) -> None:
         from redray.worker import CONNECTION_LOST
 
         if reply is CONNECTION_LOST and raylet is not self.worker.raylet:
-            # A remote node we were sent to died: ask our own raylet again, shortly.
-            def retry() -> None:
-                with self._lock:
-                    shape.requesting -= 1
-                    self._dispatch(shape)
-
-            self.worker.reactor.call_later(0.2, retry)
+            self._retry_soon(shape, bound)
             return
         if reply is CONNECTION_LOST:
             with self._lock:
                 shape.requesting -= 1
                 if self.worker.shutting_down:
                     return
-                failed = list(shape.queue)
+                failed = list(shape.queue) + ([bound] if bound is not None else [])
                 shape.queue.clear()
             error = exceptions.LocalRayletDiedError("the raylet handling this task died")
             for task in failed:
@@ -365,16 +389,22 @@ class TaskSubmitter:
                     shape.requesting -= 1
                     if conn is None:
                         raylet.send(("lease_return", lease_id, True))
+                        if bound is not None:
+                            shape.queue.appendleft(bound)
                         self._dispatch(shape)
                         return
                     lease = _Lease(lease_id, conn, raylet, grant)
                     lease.single_use = shape.options.strategy == "SPREAD"
                     # Granted after the work it was asked for went elsewhere: give it back
                     # now rather than holding resources through the idle grace period.
-                    lease.wanted_back = not shape.queue or lease_id in self._early_reclaims
+                    lease.wanted_back = (
+                        bound is None and not shape.queue
+                    ) or lease_id in self._early_reclaims
                     self._early_reclaims.discard(lease_id)
                     conn.info.setdefault("leases", []).append(lease)
                     shape.leases.append(lease)
+                    if bound is not None and bound.task_id in self._tasks and not bound.cancelled:
+                        self._push(lease, bound)
                     self._dispatch(shape)
 
             self.worker.peer_async(tuple(address), connected)
@@ -383,21 +413,15 @@ class TaskSubmitter:
 
             def forward(conn: Connection | None) -> None:
                 if conn is None:
-                    # That node is unreachable (dying?): ask again shortly, not in a tight loop.
-                    def retry() -> None:
-                        with self._lock:
-                            shape.requesting -= 1
-                            self._dispatch(shape)
-
-                    self.worker.reactor.call_later(0.2, retry)
+                    self._retry_soon(shape, bound)
                     return
-                self._request_lease(shape, conn, spilled=True)
+                self._request_lease(shape, conn, spilled=True, bound=bound)
 
             self._raylet_async(node_id, raylet_address, forward)
         elif kind == "error":
             with self._lock:
                 shape.requesting -= 1
-                failed = list(shape.queue)
+                failed = list(shape.queue) + ([bound] if bound is not None else [])
                 shape.queue.clear()
             for task in failed:
                 self.fail(task, reply[1])

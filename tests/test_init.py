@@ -197,11 +197,6 @@ def test_init_to_first_result_is_quick(isolated):
     assert last_json(out)["seconds"] < 3.0
 
 
-@pytest.mark.xfail(
-    reason="BUG: init(runtime_env=...) is stored on the driver but never applied to its "
-    "tasks (env_vars of the job's runtime_env are not set in workers)",
-    strict=True,
-)
 def test_job_runtime_env_applies_to_tasks(isolated):
     out = run_driver(
         """
@@ -257,11 +252,6 @@ def test_address_of_redis_without_a_cluster_is_a_connection_error(bare_redis):
         redray.shutdown()
 
 
-@pytest.mark.xfail(
-    reason="BUG: init(address=...) of an unreachable Redis raises redis.exceptions."
-    "ConnectionError, which is not a builtin ConnectionError as in Ray",
-    strict=True,
-)
 def test_unreachable_address_is_a_connection_error():
     try:
         with pytest.raises(ConnectionError):

@@ -139,7 +139,8 @@ def test_node_affinity_and_spread(cluster3):
     spread = redray.get(
         [where.options(scheduling_strategy="SPREAD").remote(0.3) for _ in range(6)], timeout=60
     )
-    assert len(set(spread)) == 3
+    names = {v: k for k, v in ids.items()}
+    assert len(set(spread)) == 3, [names.get(n) for n in spread]
 
 
 def test_large_array_made_on_one_node_and_summed_on_another(cluster3):

@@ -486,11 +486,6 @@ def test_dead_reader_releases_its_pins(cluster):
     wait_empty()
 
 
-@pytest.mark.xfail(
-    reason="BUG: a borrower's death never releases its borrows: CoreWorker.forget_borrower "
-    "(redray/worker.py) has no caller, so the owner keeps the object forever",
-    strict=True,
-)
 def test_dead_borrower_releases_its_refs(cluster):
     arr = pattern(8, 64 * MiB)
     ref = redray.put(arr)
@@ -552,11 +547,6 @@ def test_actor_owner_sigkill_frees_its_objects_and_get_raises(cluster):
     _assert_lost(box[0])  # never fetched: the owner is unreachable
 
 
-@pytest.mark.xfail(
-    reason="BUG: get of an object fetched before its owner died raises ConnectionRefusedError: "
-    "CoreWorker.recover (redray/worker.py) calls self.peer(owner) without catching OSError",
-    strict=True,
-)
 def test_get_after_owner_death_of_an_already_fetched_object_raises(cluster):
     base = store_stats()
     owner = Owner.remote()

@@ -167,11 +167,6 @@ def test_wait_validation_errors(ray_start):
         redray.wait([a, b], timeout=-1)
 
 
-@pytest.mark.xfail(
-    reason="BUG: wait([]) raises ValueError (num_returns > len) instead of returning "
-    "([], []) as Ray does",
-    strict=True,
-)
 def test_wait_on_empty_list(ray_start):
     assert redray.wait([]) == ([], [])
 

@@ -68,11 +68,6 @@ def test_each_task_has_its_own_id(ray_start):
     assert len({next(iter(ids)) for ids in by_pid.values()}) == len(by_pid)
 
 
-@pytest.mark.xfail(
-    reason="BUG: tasks submitted by a task report job id '' (worker processes say hello "
-    "with their own empty job id instead of the job of the task they run)",
-    strict=True,
-)
 def test_nested_task_context(ray_start):
     outer_task_id, inner = redray.get(nested_context.remote())
     assert outer_task_id and inner["task_id"] and outer_task_id != inner["task_id"]
@@ -172,21 +167,11 @@ def test_task_output_is_prefixed_on_the_driver(log_run):
     assert not any("err line" in line for line in out)
 
 
-@pytest.mark.xfail(
-    reason="BUG: a print of text with an inner newline is followed by an empty prefixed "
-    "line (TaskStream flushes the partial last line, then the newline alone)",
-    strict=True,
-)
 def test_multi_line_print_adds_no_blank_line(log_run):
     plain = log_run["plain"]
     assert f"(chatty pid={plain}) " not in log_run["out"]
 
 
-@pytest.mark.xfail(
-    reason="BUG: output of a task submitted by another task is sent to the submitting "
-    "worker (its 'driver' is itself) and dropped, not shown on the job's driver",
-    strict=True,
-)
 def test_nested_task_output_reaches_the_driver(log_run):
     assert f"(inner pid={log_run['nested']}) out line nested" in log_run["out"]
 

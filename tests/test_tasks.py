@@ -402,11 +402,6 @@ def test_cancel_queued_task_never_runs(ray_start, gate):
     assert not os.path.exists(victim_file)
 
 
-@pytest.mark.xfail(
-    reason="BUG: cancel() of a task still waiting for its arguments only fails it when "
-    "they resolve (submitter.cancel leaves it pending), not at once as Ray",
-    strict=True,
-)
 @pytest.mark.timeout(60)
 def test_cancel_task_waiting_for_its_arguments(ray_start, gate):
     """A task whose argument is not ready yet is cancelled at once, and never runs."""
@@ -673,11 +668,6 @@ def test_nested_fib_on_one_cpu(ray_start_1cpu):
 
 
 # -- drivers as users run them -----------------------------------------------------------------
-@pytest.mark.xfail(
-    reason="BUG: workers do not get the driver script's directory on sys.path, "
-    "so classes from modules next to the script cannot be unpickled",
-    strict=True,
-)
 @pytest.mark.timeout(60)
 def test_module_next_to_the_driver_script_is_importable(tmp_path):
     """As in Ray: a script run from another directory can use helpers beside it."""

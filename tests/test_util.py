@@ -477,18 +477,11 @@ def test_queue_shutdown():
         q.shutdown()  # twice is fine
 
 
-@pytest.mark.xfail(
-    reason="BUG: a call in flight when its actor dies hangs forever if the DEAD state "
-    "(pub/sub) reaches the caller before its connection to the actor is seen closing: "
-    "ActorSubmitter._apply drops state.conn without failing state.inflight, and "
-    "on_connection_lost then skips the connection (redray/actor_submitter.py:265, :208)",
-    strict=True,
-)
 def test_queue_blocked_get_fails_when_queue_dies_while_caller_is_busy(signals):
     """A get waiting in the queue when the queue is shut down fails with RayActorError.
 
-    Without the busy I/O thread this passes most of the time, but fails (hangs) in about
-    one run in twenty, also when the waiting get comes from a task: the race is real."""
+    The busy I/O thread makes the actor's DEAD state arrive before its connection is seen
+    closing, a race that also happens under load: in-flight calls must still fail."""
     q = Queue()
     blocked = q.actor.get.remote(None)  # a blocking get, waiting inside the queue actor
     assert q.qsize() == 0  # calls start in order: the get is waiting by now

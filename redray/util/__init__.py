@@ -20,11 +20,15 @@ def list_named_actors(all_namespaces: bool = False) -> list:
 
 
 def __getattr__(name: str) -> Any:
-    # ActorPool is imported on first use, keeping `import redray` light.
+    # ActorPool and queue are imported on first use, keeping `import redray` light.
     if name == "ActorPool":
         from redray.util.actor_pool import ActorPool
 
         return ActorPool
+    if name == "queue":
+        import importlib
+
+        return importlib.import_module("redray.util.queue")
     raise AttributeError(f"module 'redray.util' has no attribute {name!r}")
 
 
