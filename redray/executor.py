@@ -278,7 +278,8 @@ def task_error(name: str, exc: BaseException) -> exceptions.RayTaskError:
         cause = exc
     except Exception:
         cause = None
-    return exceptions.RayTaskError(name, tb, cause, proctitle=f"ray::{name}()")
+    ip = (context.current.node or {}).get("node_ip_address") if context.current else None
+    return exceptions.RayTaskError(name, tb, cause, proctitle=f"ray::{name}()", ip=ip)
 
 
 def error_payload(error: BaseException) -> tuple:

@@ -663,7 +663,21 @@ class Raylet:
             else:
                 self._answer_pin(conn, call_id, oid, copied=True)
 
-        self.object_manager.pull(oid, self.object_managers.get(node_id), owner, pulled)
+        address = self.object_managers.get(node_id)
+        if address is not None:
+            self.object_manager.pull(oid, address, owner, pulled)
+            return
+
+        def locate() -> None:  # a node our view has not caught up with yet: ask the GCS
+            info = self.gcs.node(node_id)
+            found = (
+                info.get("object_manager_address")
+                if info and info.get("state") == "ALIVE"
+                else None
+            )
+            self.reactor.call_soon(self.object_manager.pull, oid, found, owner, pulled)
+
+        self.publish_later(locate)
 
     def _answer_pin(self, conn: Connection, call_id: int, oid: bytes, copied: bool) -> None:
         try:
