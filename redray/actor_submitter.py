@@ -212,26 +212,33 @@ class ActorSubmitter:
             with self._lock:
                 if state.conn is not conn:
                     continue
-                state.conn = None
-                lost = list(state.inflight.values())
-                state.inflight.clear()
-                retry = [t for t in lost if t.retries_left != 0 and not t.cancelled]
-                for task in reversed(retry):
-                    if task.retries_left > 0:
-                        task.retries_left -= 1
-                    state.queue.appendleft(task)
                 if state.state == "ALIVE":
                     state.state = "RESTARTING?"  # until the control loop says what happened
-            for task in lost:
-                if task in retry:
-                    continue
-                error = exceptions.ActorDiedError(
-                    f"The actor {state.info.get('class_name', '')} ({state.hex}) died "
-                    "unexpectedly before finishing this task.",
-                    state.hex,
-                )
-                self.worker.submitter.fail(task, error)
+                failed = self._lose_connection(state)
+            self._fail_lost(state, failed)
             self._lookup(state)
+
+    def _lose_connection(self, state: _ActorState) -> list:
+        """Drop the connection to an actor (lock held): calls in flight with retries left go
+        back to the front of the queue, in order; the others are returned to be failed."""
+        state.conn = None
+        lost = list(state.inflight.values())
+        state.inflight.clear()
+        retry = [t for t in lost if t.retries_left != 0 and not t.cancelled]
+        for task in reversed(retry):
+            if task.retries_left > 0:
+                task.retries_left -= 1
+            state.queue.appendleft(task)
+        return [t for t in lost if t not in retry]
+
+    def _fail_lost(self, state: _ActorState, failed: list) -> None:
+        for task in failed:
+            error = exceptions.ActorDiedError(
+                f"The actor {state.info.get('class_name', '')} ({state.hex}) died "
+                "unexpectedly before finishing this task.",
+                state.hex,
+            )
+            self.worker.submitter.fail(task, error)
 
     # -- actor states -----------------------------------------------------------------------
     def _state(self, actor_id: bytes) -> _ActorState:
@@ -267,12 +274,16 @@ class ActorSubmitter:
                 seq == state.seq and state.state not in ("UNKNOWN", "RESTARTING?")
             ):
                 return
+            moved = state.info.get("address") != info.get("address")
             state.seq = seq
             state.info = info
             state.state = info["state"]
             state.cause = info.get("death_cause", "")
-            if state.state != "ALIVE" and state.conn is not None:
-                state.conn = None
+            failed = []
+            if state.conn is not None and (state.state != "ALIVE" or moved):
+                # Heard of the death before seeing the connection close: same handling.
+                failed = self._lose_connection(state)
+        self._fail_lost(state, failed)
         self._pump(state)
 
     def _death_error(self, state: _ActorState) -> exceptions.ActorDiedError:
