@@ -139,6 +139,7 @@ def _start_private_cluster(num_cpus, num_gpus, resources, object_store_memory, n
         node_ip_address=node_ip,
         redis_password=secrets.token_hex(16),
         private=True,
+        while_starting=_import_runtime,  # overlaps our imports with the node's start-up
     )
     _private_node = started
     info = started.info
@@ -149,6 +150,10 @@ def _start_private_cluster(num_cpus, num_gpus, resources, object_store_memory, n
         "raylet_address": tuple(info["raylet_address"]),
         "node_ip_address": info["node_ip_address"],
     }
+
+
+def _import_runtime() -> None:
+    import redray.worker  # noqa: F401 - redis, cloudpickle and the core worker
 
 
 def _connect_existing(address: str, node_ip: str | None = None) -> dict[str, Any]:
@@ -357,12 +362,11 @@ def wait(
         raise TypeError(f"wait() expected a list of ray.ObjectRef, got {type(object_refs)}")
     if timeout is not None and timeout < 0:
         raise ValueError(f"The 'timeout' argument must be nonnegative. Received {timeout}")
-    for ref in object_refs:
-        if type(ref) is not ObjectRef:
-            raise TypeError(
-                f"wait() expected a list of ray.ObjectRef, got list containing {type(ref)}"
-            )
-    if len(object_refs) != len(set(object_refs)):
+    if object_refs and set(map(type, object_refs)) != {ObjectRef}:
+        bad = next(type(r) for r in object_refs if type(r) is not ObjectRef)
+        raise TypeError(f"wait() expected a list of ray.ObjectRef, got list containing {bad}")
+    ids = [ref._id for ref in object_refs]
+    if len(set(ids)) != len(ids):
         raise ValueError("Wait requires a list of unique object refs.")
     if not object_refs:
         return [], []
@@ -374,13 +378,17 @@ def wait(
         )
     worker = context.worker()
     worker.process_released()
-    worker.wait_ready(object_refs, num_returns, timeout)
-    ready, not_ready = [], []
-    for ref in object_refs:
-        if len(ready) < num_returns and worker.payload_of(ref._id) is not None:
-            ready.append(ref)
-        else:
-            not_ready.append(ref)
+    chosen = worker.first_ready(ids, num_returns)
+    if len(chosen) < num_returns:
+        worker.wait_ready(object_refs, num_returns, timeout)
+        chosen = worker.first_ready(ids, num_returns)
+    ready = [object_refs[i] for i in chosen]
+    if len(chosen) == 1:
+        index = chosen[0]
+        not_ready = object_refs[:index] + object_refs[index + 1 :]
+    else:
+        taken = set(chosen)
+        not_ready = [ref for i, ref in enumerate(object_refs) if i not in taken]
     if fetch_local and ready:
         worker.prefetch(ready)
     return ready, not_ready

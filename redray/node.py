@@ -110,12 +110,14 @@ def start_node(
     timeout: float = 30.0,
     node_timeout: float | None = None,
     command_prefix: tuple[str, ...] = (),
+    while_starting: Any = None,
 ) -> StartedNode:
     """Start a raylet (and, on a head without `gcs_url`, its Redis); wait until it is ready.
 
     private=True ties the node to this process: it exits when our end of its stdin closes.
     Otherwise it runs in its own session and outlives us (as `redray start` wants).
     command_prefix wraps the raylet's command (e.g. `ip netns exec NS` to run it elsewhere).
+    while_starting() is called while the node boots (e.g. to import what the caller needs).
     """
     session_dir = session_dir or new_session_dir()
     os.makedirs(os.path.join(session_dir, "logs"), exist_ok=True)
@@ -159,6 +161,8 @@ def start_node(
     process.stdin.flush()
     if not private:
         process.stdin.close()
+    if while_starting is not None:
+        while_starting()
     line = _read_line(process, timeout) if private else _read_file_line(process, out_path, timeout)
     if not line:
         process.kill()

@@ -113,6 +113,9 @@ class CoreWorker:
         self._lock = threading.Lock()
         self._objects: dict[bytes, _Obj] = {}
         self._locations: dict[bytes, set[str]] = {}  # copies of our objects on other nodes
+        self._ready = threading.Condition()  # signalled when any object becomes ready here
+        self._ready_version = 0
+        self._ready_waiters = 0
         self._watching_deaths = False
         self._released: collections.deque[bytes] = collections.deque()
         self._calls: dict[int, Callable[[Any], None]] = {}
@@ -566,6 +569,10 @@ class CoreWorker:
                     callback()
                 except Exception:
                     log.exception("object-ready callback failed")
+        if self._ready_waiters:
+            with self._ready:
+                self._ready_version += 1
+                self._ready.notify_all()
         return True
 
     def payload_of(self, object_id: bytes) -> Payload | None:
@@ -629,26 +636,67 @@ class CoreWorker:
 
         self.peer_async(owner, ask)
 
+    def first_ready(self, ids: list[bytes], num: int) -> list[int]:
+        """Positions of the first `num` objects (in order) whose payload is known here."""
+        objects = self._objects
+        found = []
+        for index, oid in enumerate(ids):
+            obj = objects.get(oid)
+            if obj is not None and obj.value is not None:
+                found.append(index)
+                if len(found) == num:
+                    break
+        return found
+
     def wait_ready(self, refs: list[ObjectRef], num: int, timeout: float | None) -> None:
-        """Block until `num` of refs are ready here or timeout passes (no error)."""
-        pending = [r for r in refs if self.payload_of(r._id) is None]
-        needed = num - (len(refs) - len(pending))
-        if needed <= 0:
+        """Block until `num` of refs are ready here or timeout passes (no error).
+
+        Rather than a callback per ref (costly for long lists), waiters sleep on one
+        condition that `set_value` signals, and rescan from the start: with results arriving
+        roughly in order, the scan stops after a few refs.
+        """
+        ids = [r._id for r in refs]
+        if len(self.first_ready(ids, num)) >= num:
             return
+        self._start_fetches(refs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ready = self._ready
+        with ready:
+            self._ready_waiters += 1
+
+        def wait() -> None:
+            while True:
+                with ready:
+                    seen = self._ready_version
+                if len(self.first_ready(ids, num)) >= num:
+                    return
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return
+                with ready:
+                    if self._ready_version == seen:
+                        ready.wait(remaining)
+
+        try:
+            self._block(wait)
+        finally:
+            with ready:
+                self._ready_waiters -= 1
+
+    def _start_fetches(self, refs: list[ObjectRef]) -> None:
+        """Ask owners for the borrowed objects among refs (all at once, not one by one)."""
+        objects = self._objects
+        for ref in refs:
+            obj = objects.get(ref._id)
+            if obj is None or (obj.owner is not None and obj.value is None and not obj.fetching):
+                self.on_ready(ref, _nothing)
+
+    def _wait_for(self, ref: ObjectRef, timeout: float | None) -> bool:
+        """Block until one object is ready here; False on timeout."""
         done = threading.Lock()
         done.acquire()
-        state = [needed]
-        guard = threading.Lock()
-
-        def one_ready() -> None:
-            with guard:
-                state[0] -= 1
-                if state[0] == 0:
-                    done.release()
-
-        for ref in pending:
-            self.on_ready(ref, one_ready)
-        self._block(lambda: done.acquire(timeout=-1 if timeout is None else max(0.0, timeout)))
+        self.on_ready(ref, done.release)
+        return done.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
 
     def _block(self, wait: Callable[[], Any]) -> Any:
         """Wait, lending this worker's CPU back to the raylet meanwhile."""
@@ -667,27 +715,29 @@ class CoreWorker:
 
     # -- get / put / wait -------------------------------------------------------------------
     def get_objects(self, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
-        deadline = None if timeout is None else time.monotonic() + timeout
         self.process_released()
-        if any(self.payload_of(r._id) is None for r in refs):
-            self.wait_ready(refs, len(refs), timeout)
-        values = []
+        objects = self._objects
+        pending = []
         for ref in refs:
-            payload = self.payload_of(ref._id)
-            if payload is None:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if remaining is not None and remaining <= 0:
-                    raise exceptions.GetTimeoutError(
-                        f"Get timed out: some object(s) not ready after {timeout} s."
-                    )
-                self.wait_ready([ref], 1, remaining)
-                payload = self.payload_of(ref._id)
-                if payload is None:
-                    raise exceptions.GetTimeoutError(
-                        f"Get timed out: some object(s) not ready after {timeout} s."
-                    )
-            values.append(self.materialize(ref._id, payload))
-        return values
+            obj = objects.get(ref._id)
+            if obj is None or obj.value is None:
+                pending.append(ref)
+        if pending:
+            self._start_fetches(pending)
+            deadline = None if timeout is None else time.monotonic() + timeout
+
+            def wait_all() -> bool:
+                for ref in pending:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if self.payload_of(ref._id) is None and not self._wait_for(ref, remaining):
+                        return False
+                return True
+
+            if not self._block(wait_all):
+                raise exceptions.GetTimeoutError(
+                    f"Get timed out: some object(s) not ready after {timeout} s."
+                )
+        return [self.materialize(ref._id, self.payload_of(ref._id)) for ref in refs]
 
     def materialize(self, oid: bytes, payload: Payload, _attempt: int = 0) -> Any:
         """Turn a payload into the user's value (raising the task's error, if it failed)."""
@@ -933,6 +983,10 @@ class CoreWorker:
         if self._arena is not None:
             self._arena.close()
         self.gcs.close()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _pickle_error(exc: BaseException) -> bytes:
