@@ -154,7 +154,7 @@ class Executor:
         self.current = ctx
         try:
             try:
-                fn = self.worker.load_function(fn_key)
+                fn = self.worker.load_function(fn_key, conn)
             except Exception as exc:
                 payloads = [error_payload(task_error(name, exc))] * num_returns
             else:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis
+if TYPE_CHECKING:
+    import redis
 
 DEFAULT_CLUSTER = "default"
 
@@ -87,16 +88,31 @@ class Gcs:
         cluster: str = DEFAULT_CLUSTER,
         client: redis.Redis | None = None,
     ):
-        if client is None:
-            if url is None:
-                raise ValueError("Gcs needs a Redis URL or a client")
-            client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+        if client is None and url is None:
+            raise ValueError("Gcs needs a Redis URL or a client")
         self.url = url
         self.cluster = cluster
-        self.redis = client
         self.prefix = f"redray:{cluster}:"
-        self._leader_script = client.register_script(_LEADER_SCRIPT)
-        self._claim_script = client.register_script(_CLAIM_NAME_SCRIPT)
+        self._client = client
+        self._scripts: dict[str, Any] = {}
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The Redis client, made (and the redis package imported) on first use: a worker
+        that only runs tasks never needs it, and the package costs ~16 MB per process."""
+        if self._client is None:
+            import redis
+
+            self._client = redis.Redis.from_url(
+                self.url, socket_connect_timeout=5, health_check_interval=30
+            )
+        return self._client
+
+    def _script(self, source: str) -> Any:
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.redis.register_script(source)
+        return script
 
     def key(self, template: str, **fields: str) -> str:
         return self.prefix + template.format(**fields)
@@ -108,7 +124,8 @@ class Gcs:
         return bool(self.redis.ping())
 
     def close(self) -> None:
-        self.redis.close()
+        if self._client is not None:
+            self._client.close()
 
     # -- cluster ----------------------------------------------------------------------------
     def init_cluster(self, token: bytes, config: dict[str, Any] | None = None) -> bytes:
@@ -269,7 +286,9 @@ class Gcs:
     # -- leadership of the control loop ----------------------------------------------------
     def hold_leadership(self, holder: str, ttl: float) -> bool:
         """Take or renew the control loop's lease; False while someone else holds it."""
-        return bool(self._leader_script(keys=[self.key(LEADER)], args=[holder, int(ttl * 1000)]))
+        return bool(
+            self._script(_LEADER_SCRIPT)(keys=[self.key(LEADER)], args=[holder, int(ttl * 1000)])
+        )
 
     def leader(self) -> str | None:
         raw = self.redis.get(self.key(LEADER))
@@ -337,7 +356,7 @@ class Gcs:
     # -- named entries (actors, placement groups) ------------------------------------------
     def claim_name(self, table: str, namespace: str, name: str, value: str) -> str:
         """Bind name to value unless already bound; return the value bound now."""
-        current = self._claim_script(
+        current = self._script(_CLAIM_NAME_SCRIPT)(
             keys=[self.key(table)], args=[_name_field(namespace, name), value]
         )
         return current.decode() if isinstance(current, bytes) else current

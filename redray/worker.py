@@ -124,7 +124,7 @@ class CoreWorker:
         self._peer_lock = threading.Lock()
         self._connecting: dict[bytes, list[Callable]] = {}
         self._functions: dict[str, Any] = {}
-        self._exported: set[str] = set()
+        self._exported: dict[str, bytes] = {}  # functions we exported, served to our workers
         self._arena = None
         self.shutting_down = False
         self.executor = None  # set in worker processes
@@ -139,6 +139,7 @@ class CoreWorker:
             "unborrow": self._on_unborrow,
             "add_location": self._on_add_location,
             "reconstruct": self._on_reconstruct,
+            "get_function": self._on_get_function,
             "log": self._on_log,
             "warn": self._on_warning,
         }
@@ -930,18 +931,31 @@ class CoreWorker:
 
     # -- functions --------------------------------------------------------------------------
     def export_function(self, key: str, blob_factory: Callable[[], bytes]) -> None:
+        """Record a function or class in the GCS (once); we also serve it to our workers."""
         if key not in self._exported:
-            self.gcs.export_function(key, blob_factory())
-            self._exported.add(key)
+            blob = blob_factory()
+            self.gcs.export_function(key, blob)
+            self._exported[key] = blob
 
-    def load_function(self, key: str) -> Any:
+    def load_function(self, key: str, owner: Connection | None = None) -> Any:
+        """A function by key: cached, else from the owner that submitted it (no Redis on the
+        task path), else from the GCS function table."""
         fn = self._functions.get(key)
         if fn is None:
-            blob = self.gcs.function(key)
+            blob = None
+            if owner is not None:
+                reply = self.call(owner, "get_function", key)
+                blob = reply if isinstance(reply, bytes) else None
+            if blob is None:
+                blob = self.gcs.function(key)
             if blob is None:
                 raise exceptions.RaySystemError(f"function {key} was never exported")
             fn = self._functions[key] = serialization.loads_function(blob)
         return fn
+
+    def _on_get_function(self, conn: Connection, message: tuple) -> None:
+        _, call_id, key = message
+        conn.send(("reply", call_id, self._exported.get(key)))
 
     # -- logs -------------------------------------------------------------------------------
     def _on_log(self, conn: Connection, message: tuple) -> None:

@@ -100,13 +100,12 @@ def _zygote_main(sock: socket.socket, worker_config: dict[str, Any]) -> None:
 
 
 def _warm_up() -> None:
-    """Import what most workers will need, while nobody is waiting for a fork."""
-    try:
-        import numpy  # noqa: F401
+    """Import what many workers will need, while nobody is waiting for a fork.
 
-        import redray.objstore.layout  # noqa: F401
-    except ImportError:
-        pass
+    numpy and redis are left out on purpose: they would add ~30 MB to every idle process
+    of the node, and a worker imports them the first time it needs them."""
+    import redray.actor_runtime  # noqa: F401
+    import redray.util.placement_group  # noqa: F401
 
 
 def _reap(sock: socket.socket) -> None:

@@ -64,6 +64,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("redray", "ray")
 INIT_ROW = "init seconds"
+MEMORY_ROW = "idle 2-CPU cluster memory (RSS MB)"
 PG_ROW = "placement group create/removal"
 PROBE_MARKER = "@@MICROBENCH_INIT@@"
 
@@ -107,7 +108,7 @@ def first_line(exc: BaseException) -> str:
 
 def error_row(name: str, message: str) -> RowResult:
     """A row that failed with `message`."""
-    unit = "s" if name == INIT_ROW else "ops/s"
+    unit = {INIT_ROW: "s", MEMORY_ROW: "MB"}.get(name, "ops/s")
     return RowResult(name=name, unit=unit, error=message)
 
 
@@ -490,7 +491,7 @@ def sections(n_cpu: int) -> list[tuple[dict[str, Any], list[Row]]]:
 
 
 def all_row_names(n_cpu: int) -> list[str]:
-    return [INIT_ROW] + [row.name for _, rows in sections(n_cpu) for row in rows]
+    return [INIT_ROW, MEMORY_ROW] + [row.name for _, rows in sections(n_cpu) for row in rows]
 
 
 def selected(name: str, only: list[str]) -> bool:
@@ -594,6 +595,60 @@ def measure_init(backend: str, timing: Timing) -> RowResult:
     return row
 
 
+MEMORY_PROBE_CODE = """
+import json, os, time
+import psutil
+import {backend} as ray
+ray.init(num_cpus=2)
+
+@ray.remote
+def f(i):
+    return i
+
+assert ray.get([f.remote(i) for i in range(20)]) == list(range(20))
+time.sleep(3)  # idle: what a quiet cluster costs
+procs = []
+for p in psutil.Process().children(recursive=True):
+    try:
+        info = p.memory_full_info()
+        procs.append({{"pid": p.pid, "name": " ".join(p.cmdline()[:3])[-60:],
+                       "rss": info.rss, "pss": getattr(info, "pss", info.rss)}})
+    except psutil.Error:
+        pass
+print({marker!r} + json.dumps(procs), flush=True)
+ray.shutdown()
+"""
+
+
+def measure_memory(backend: str, timing: Timing) -> RowResult:
+    """RSS of every process of a local 2-CPU cluster (not the driver), idle after 20 tasks."""
+    row = RowResult(name=MEMORY_ROW, unit="MB")
+    code = MEMORY_PROBE_CODE.format(backend=backend, marker=PROBE_MARKER)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=backend_env(backend),
+            timeout=timing.row_timeout if timing.row_timeout > 0 else 600.0,
+        )
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(PROBE_MARKER))
+        procs = json.loads(line[len(PROBE_MARKER) :])
+    except (StopIteration, subprocess.TimeoutExpired, OSError, ValueError) as e:
+        row.error = f"memory probe failed: {first_line(e) if str(e) else type(e).__name__}"
+        return row
+    rss = sum(p["rss"] for p in procs) / 2**20
+    row.mean, row.std, row.trials = rss, 0.0, [rss]
+    row.extra = {
+        "processes": len(procs),
+        "pss_mb": sum(p["pss"] for p in procs) / 2**20,
+        "largest": sorted(
+            ((p["name"], round(p["rss"] / 2**20, 1)) for p in procs), key=lambda x: -x[1]
+        )[:12],
+    }
+    return row
+
+
 # --------------------------------------------------------------------------- runner
 
 
@@ -680,6 +735,15 @@ def run_backend(backend: str, timing: Timing, only: list[str]) -> dict[str, Any]
     if selected(INIT_ROW, only):
         results.append(measure_init(backend, timing))
         log(format_init_log(results[-1]))
+    if selected(MEMORY_ROW, only):
+        results.append(measure_memory(backend, timing))
+        memory = results[-1]
+        if not memory.error:
+            log(
+                f"{MEMORY_ROW}: {memory.mean:.0f} MB RSS in {memory.extra['processes']} "
+                f"processes (PSS {memory.extra['pss_mb']:.0f} MB); largest: "
+                f"{memory.extra['largest']}"
+            )
     ray: ModuleType | None = None
     todo = [(kw, [r for r in rows if selected(r.name, only)]) for kw, rows in sections(n_cpu)]
     todo = [(kw, rows) for kw, rows in todo if rows]
@@ -779,7 +843,7 @@ def fmt_cell(row: dict[str, Any] | None, width: int = 100) -> str:
     if row["error"]:
         text = f"ERROR {row['error']}"
         return text if len(text) <= width else text[: width - 3] + "..."
-    suffix = " s" if row["unit"] == "s" else ""
+    suffix = {"s": " s", "MB": " MB"}.get(row["unit"], "")
     return f"{fmt_number(row['mean'])} ± {fmt_number(row['std'])}{suffix}"
 
 
@@ -790,7 +854,8 @@ def fmt_ratio(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> str
     if not ours["mean"] or not theirs["mean"]:
         return "-"
     ratio = ours["mean"] / theirs["mean"]
-    return f"{1 / ratio if ours['unit'] == 's' else ratio:.2f}x"
+    lower_is_better = ours["unit"] in ("s", "MB")
+    return f"{1 / ratio if lower_is_better else ratio:.2f}x"
 
 
 def render_table(headers: list[str], rows: list[list[str]]) -> str:
