@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 Payload = tuple
 
 CONNECTION_LOST = ConnectionError("connection lost")
+RELEASE_SECONDS = 0.02
 
 
 class _Obj:
@@ -118,6 +119,7 @@ class CoreWorker:
         self._ready_waiters = 0
         self._watching_deaths = False
         self._released: collections.deque[bytes] = collections.deque()
+        self._release_pending = False
         self._calls: dict[int, Callable[[Any], None]] = {}
         self._call_ids = itertools.count(1)
         self._peers: dict[bytes, Connection] = {}
@@ -419,10 +421,16 @@ class CoreWorker:
         return ids
 
     def remove_local_ref(self, object_id: bytes) -> None:
-        released = self._released
-        released.append(object_id)
-        if len(released) == 1:
-            self.reactor.call_soon(self.process_released)
+        # Applied by the next API call (submit, get, put, wait) or within RELEASE_SECONDS:
+        # waking the I/O thread for every dropped ref would cost a syscall per task.
+        self._released.append(object_id)
+        if not self._release_pending:
+            self._release_pending = True
+            self.reactor.call_later(RELEASE_SECONDS, self._release_tick)
+
+    def _release_tick(self) -> None:
+        self._release_pending = False
+        self.process_released()
 
     def unpin(self, object_ids: Iterable[bytes]) -> None:
         self._released.extend(object_ids)
