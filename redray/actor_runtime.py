@@ -134,19 +134,29 @@ class ActorRuntime:
             self._refuse(conn, message)
             return
         if self.is_async and method != TERMINATE:
-            future = asyncio.run_coroutine_threadsafe(self._run_async(conn, message), self._loop)
-            self._running[message[1]] = future
+            self._loop.call_soon_threadsafe(self._start_async, conn, message)
         elif self.threaded and method != TERMINATE:
             self._queues[self._group(method)].put((conn, message))
         else:
             self.executor.inbox.put((conn, message))
 
+    def _start_async(self, conn: Connection, message: tuple) -> None:
+        """On the loop: start a call as a task (cheaper than run_coroutine_threadsafe)."""
+        self._running[message[1]] = self._loop.create_task(self._run_async(conn, message))
+
     def cancel(self, task_id: bytes) -> bool:
         """Cancel a running async call; False when it is not one (handled elsewhere)."""
-        future = self._running.get(task_id)
-        if future is None:
+        if not self.is_async:
             return False
-        future.cancel()
+
+        def cancel_on_loop() -> None:
+            task = self._running.get(task_id)
+            if task is not None:
+                task.cancel()
+            else:
+                self.executor._cancelled.add(task_id)  # not started yet: refuse it then
+
+        self._loop.call_soon_threadsafe(cancel_on_loop)
         return True
 
     def on_connection_lost(self, conn: Connection) -> None:
@@ -209,6 +219,12 @@ class ActorRuntime:
         if self._exit_reason is not None:
             self._running.pop(task_id, None)
             self._refuse(conn, message)
+            return
+        if task_id in self.executor._cancelled:
+            self.executor._cancelled.discard(task_id)
+            self._running.pop(task_id, None)
+            error = exceptions.TaskCancelledError(task_id.hex())
+            conn.send(("done", task_id, [error_payload(error)] * num_returns, []))
             return
         executor = self.executor
         ctx = self._call_context(conn, message)
