@@ -33,6 +33,16 @@ from redray.runtime_context import get_runtime_context
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `redray.util` and `redray.actor` as attributes (as `ray.util`), imported on first use.
+    if name in ("util", "actor"):
+        import importlib
+
+        return importlib.import_module(f"redray.{name}")
+    raise AttributeError(f"module 'redray' has no attribute {name!r}")
+
+
 __all__ = [
     "ObjectID",
     "ObjectRef",

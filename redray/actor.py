@@ -196,6 +196,7 @@ class ActorHandle:
         self._methods = info["methods"]
         self._max_task_retries = info.get("max_task_retries", 0)
         self._info = info
+        self._method_options: dict[str, Any] = {}
         if _register:
             context.worker().add_local_ref(actor_id, self._owner)
 
@@ -214,9 +215,13 @@ class ActorHandle:
                 f"'ActorHandle' object has no attribute '{name}'"
                 + (f" (class {self._class_name} has no method {name!r})" if methods else "")
             )
-        bound = ActorMethod(self, name, methods.get(name, {"num_returns": 1}))
-        self.__dict__[name] = bound
-        return bound
+        # Not cached on the handle: the method refers to the handle, and a cycle would keep
+        # a dropped handle (and so its actor) alive until the cyclic GC runs.
+        meta = methods.get(name, {"num_returns": 1})
+        options = self._method_options.get(name)
+        if options is None:
+            options = self._method_options[name] = _call_options(self, name, meta, {})
+        return ActorMethod(self, name, meta, options)
 
     def __reduce__(self):
         context.note_serialized_ref(self)
@@ -254,11 +259,11 @@ def _rebuild_handle(actor_id: bytes, info: dict[str, Any]) -> ActorHandle:
 class ActorMethod:
     """`handle.method`: call `.remote(...)` (or `.options(...).remote(...)`)."""
 
-    def __init__(self, handle: ActorHandle, name: str, meta: dict[str, Any]):
+    def __init__(self, handle: ActorHandle, name: str, meta: dict[str, Any], call_options: Any):
         self._handle = handle
         self._name = name
         self._meta = meta
-        self._call_options = _call_options(handle, name, meta, {})
+        self._call_options = call_options
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -299,6 +304,7 @@ def _call_options(handle: ActorHandle, name: str, meta: dict, overrides: dict) -
         resources={},
         max_retries=retries,
         retry_exceptions=tuple(retry) if isinstance(retry, (list, tuple)) else bool(retry),
+        concurrency_group=overrides.get("concurrency_group", meta.get("concurrency_group")),
     )
 
 
@@ -356,6 +362,12 @@ def exit_actor() -> None:
     if runtime is None:
         raise TypeError("exit_actor API is called on a non-actor worker.")
     runtime.request_exit("exit_actor() was called")
+    raise ActorExit()
+
+
+class ActorExit(BaseException):
+    """Raised by exit_actor() to leave the running method (BaseException: `except
+    Exception` in user code does not swallow it)."""
 
 
 def list_named_actors(all_namespaces: bool = False) -> list:

@@ -19,7 +19,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from redray import exceptions
-from redray.actor import TERMINATE
+from redray.actor import TERMINATE, ActorExit
 from redray.executor import TaskContext, _task_context, error_payload, task_error
 from redray.reactor import Connection
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from redray.executor import Executor
 
 DEFAULT_GROUP = "_default"
+_TERMINATING = "the actor was terminated by __ray_terminate__"
 
 
 def create_actor(executor: Executor, conn: Connection, message: tuple) -> None:
@@ -90,7 +91,10 @@ class ActorRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._semaphores: dict[str, asyncio.Semaphore] = {}
         self._running: dict[bytes, Any] = {}  # async calls in progress, by task id
+        self._started: set[bytes] = set()  # ...of which these have begun running
         self._exit_reason: str | None = None
+        self._active = 0  # calls running on group threads or the event loop
+        self._idle = threading.Condition()
 
     def handle(self) -> Any:
         from redray.actor import ActorHandle
@@ -122,8 +126,9 @@ class ActorRuntime:
         ready.set()
         self._loop.run_forever()
 
-    def _group(self, method: str) -> str:
-        group = (self.methods.get(method) or {}).get("concurrency_group")
+    def _group(self, method: str, chosen: str | None = None) -> str:
+        """The concurrency group a call runs in: chosen per call, else the method's."""
+        group = chosen or (self.methods.get(method) or {}).get("concurrency_group")
         return group if group in self.groups else DEFAULT_GROUP
 
     # -- reactor thread ---------------------------------------------------------------------
@@ -133,12 +138,21 @@ class ActorRuntime:
         if self._exit_reason is not None:
             self._refuse(conn, message)
             return
-        if self.is_async and method != TERMINATE:
-            self._loop.call_soon_threadsafe(self._start_async, conn, message)
-        elif self.threaded and method != TERMINATE:
-            self._queues[self._group(method)].put((conn, message))
-        else:
+        if method == TERMINATE or not (self.is_async or self.threaded):
             self.executor.inbox.put((conn, message))
+            return
+        with self._idle:
+            self._active += 1
+        if self.is_async:
+            self._loop.call_soon_threadsafe(self._start_async, conn, message)
+        else:
+            self._queues[self._group(method, message[8])].put((conn, message))
+
+    def _call_done(self) -> None:
+        with self._idle:
+            self._active -= 1
+            if not self._active:
+                self._idle.notify_all()
 
     def _start_async(self, conn: Connection, message: tuple) -> None:
         """On the loop: start a call as a task (cheaper than run_coroutine_threadsafe)."""
@@ -151,10 +165,12 @@ class ActorRuntime:
 
         def cancel_on_loop() -> None:
             task = self._running.get(task_id)
-            if task is not None:
+            if task is not None and task_id in self._started:
                 task.cancel()
             else:
-                self.executor._cancelled.add(task_id)  # not started yet: refuse it then
+                # Not started yet (a task cancelled before its first step would never run
+                # our code, so never reply): it refuses itself when it starts.
+                self.executor._cancelled.add(task_id)
 
         self._loop.call_soon_threadsafe(cancel_on_loop)
         return True
@@ -168,7 +184,10 @@ class ActorRuntime:
     def _serve(self, inbox: queue.SimpleQueue) -> None:
         while True:
             conn, message = inbox.get()
-            self.execute(conn, message)
+            try:
+                self.execute(conn, message)
+            finally:
+                self._call_done()
 
     def _call_context(self, conn: Connection, message: tuple) -> TaskContext:
         # Prints of an actor go to the driver of the job that created it (as Ray does).
@@ -180,7 +199,7 @@ class ActorRuntime:
 
     def execute(self, conn: Connection, message: tuple) -> None:
         """Run one call synchronously (main thread or a group's thread) and reply."""
-        _, task_id, method, name, args, kwargs, num_returns, _job = message
+        task_id, method, name, args, kwargs, num_returns = message[1:7]
         executor = self.executor
         if task_id in executor._cancelled:
             executor._cancelled.discard(task_id)
@@ -189,7 +208,10 @@ class ActorRuntime:
             return
         ctx = self._call_context(conn, message)
         if method == TERMINATE:
-            self.request_exit("the actor was terminated by __ray_terminate__")
+            # Graceful: refuse new calls, let the running ones finish, then go.
+            self.request_exit(_TERMINATING)
+            with self._idle:
+                self._idle.wait_for(lambda: not self._active)
             payloads = executor.return_payloads(None, num_returns, ctx)
         else:
             main = threading.get_ident() == executor._main_thread
@@ -199,56 +221,68 @@ class ActorRuntime:
                 payloads = executor.invoke(
                     ctx, self._bound(method, name), args, kwargs, num_returns
                 )
+            except ActorExit:
+                payloads = [error_payload(self._exit_error())] * num_returns
             finally:
                 if main:
                     executor.current = None
                     executor._interrupt = None
         conn.send(("done", task_id, payloads, executor.worker.take_task_borrows()))
-        if self._exit_reason is not None:
+        if self._exit_reason is not None and (
+            method == TERMINATE or self._exit_reason != _TERMINATING
+        ):
             self._exit()
+
+    def _exit_error(self) -> exceptions.ActorDiedError:
+        return exceptions.ActorDiedError(
+            f"The actor {self.name} is dead: it exited on purpose ({self._exit_reason}).",
+            self.actor_id.hex(),
+        )
 
     def _refuse(self, conn: Connection, message: tuple) -> None:
         """A call that arrives after the actor decided to exit fails as Ray's do."""
-        error = exceptions.ActorDiedError(
-            f"The actor {self.name} is exiting ({self._exit_reason}).", self.actor_id.hex()
-        )
-        conn.send(("done", message[1], [error_payload(error)] * message[6], []))
+        conn.send(("done", message[1], [error_payload(self._exit_error())] * message[6], []))
 
     async def _run_async(self, conn: Connection, message: tuple) -> None:
-        _, task_id, method, name, args, kwargs, num_returns, _job = message
-        if self._exit_reason is not None:
-            self._running.pop(task_id, None)
-            self._refuse(conn, message)
-            return
-        if task_id in self.executor._cancelled:
-            self.executor._cancelled.discard(task_id)
-            self._running.pop(task_id, None)
-            error = exceptions.TaskCancelledError(task_id.hex())
-            conn.send(("done", task_id, [error_payload(error)] * num_returns, []))
-            return
+        task_id, method, name, args, kwargs, num_returns = message[1:7]
         executor = self.executor
-        ctx = self._call_context(conn, message)
-        token = _task_context.set(ctx)
+        self._started.add(task_id)
         try:
-            async with self._semaphores[self._group(method)]:
-                try:
+            # Accepted before __ray_terminate__: runs (it waits for us). After exit_actor: fails.
+            if self._exit_reason is not None and self._exit_reason != _TERMINATING:
+                self._refuse(conn, message)
+                return
+            if task_id in executor._cancelled:
+                executor._cancelled.discard(task_id)
+                error = exceptions.TaskCancelledError(task_id.hex())
+                conn.send(("done", task_id, [error_payload(error)] * num_returns, []))
+                return
+            ctx = self._call_context(conn, message)
+            token = _task_context.set(ctx)
+            try:
+                async with self._semaphores[self._group(method, message[8])]:
                     fn = self._bound(method, name)
                     call_args, call_kwargs = executor.materialize_args(args, kwargs)
                     result = fn(*call_args, **call_kwargs)
                     if inspect.isawaitable(result):
                         result = await result
                     payloads = executor.return_payloads(result, num_returns, ctx)
-                except asyncio.CancelledError:
-                    error = exceptions.TaskCancelledError(task_id.hex())
-                    payloads = [error_payload(error)] * num_returns
-                except Exception as exc:
-                    payloads = [error_payload(task_error(name, exc))] * num_returns
+            except asyncio.CancelledError:  # while running or while waiting for its group
+                error = exceptions.TaskCancelledError(task_id.hex())
+                payloads = [error_payload(error)] * num_returns
+            except ActorExit:
+                payloads = [error_payload(self._exit_error())] * num_returns
+            except Exception as exc:
+                payloads = [error_payload(task_error(name, exc))] * num_returns
+            finally:
+                _task_context.reset(token)
+            conn.send(("done", task_id, payloads, executor.worker.take_task_borrows()))
+            if self._exit_reason is not None and self._exit_reason != _TERMINATING:
+                self._exit()
         finally:
-            _task_context.reset(token)
+            self._started.discard(task_id)
             self._running.pop(task_id, None)
-        conn.send(("done", task_id, payloads, executor.worker.take_task_borrows()))
-        if self._exit_reason is not None:
-            self._exit()
+            self._call_done()
 
     def _bound(self, method: str, name: str) -> Any:
         try:

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEATH_CAUSE_WAIT = 2.0  # how long failed in-flight calls wait to learn why the actor died
+
 
 class _ActorState:
     """What this process knows of one actor it calls."""
@@ -39,6 +41,7 @@ class _ActorState:
         "inflight",
         "seq",
         "cause",
+        "dying",
     )
 
     def __init__(self, actor_id: bytes):
@@ -52,6 +55,7 @@ class _ActorState:
         self.inflight: dict[bytes, Any] = {}  # sent, awaiting a reply (insertion = send order)
         self.seq = -1
         self.cause = ""
+        self.dying: list = []  # in-flight calls lost with the process, failed once its fate is known
 
 
 class ActorSubmitter:
@@ -149,6 +153,7 @@ class ActorSubmitter:
                             task.kwargs,
                             len(task.return_ids),
                             task.job.job_id,
+                            task.options.concurrency_group,
                         )
                     )
         if failed:
@@ -214,8 +219,9 @@ class ActorSubmitter:
                     continue
                 if state.state == "ALIVE":
                     state.state = "RESTARTING?"  # until the control loop says what happened
-                failed = self._lose_connection(state)
-            self._fail_lost(state, failed)
+                state.dying.extend(self._lose_connection(state))
+            # Their error should say why the actor died: wait (briefly) for its new state.
+            self.worker.reactor.call_later(DEATH_CAUSE_WAIT, self._fail_dying, state)
             self._lookup(state)
 
     def _lose_connection(self, state: _ActorState) -> list:
@@ -232,13 +238,24 @@ class ActorSubmitter:
         return [t for t in lost if t not in retry]
 
     def _fail_lost(self, state: _ActorState, failed: list) -> None:
-        for task in failed:
+        if not failed:
+            return
+        if state.state == "DEAD":
+            error = self._death_error(state)
+        else:
             error = exceptions.ActorDiedError(
                 f"The actor {state.info.get('class_name', '')} ({state.hex}) died "
-                "unexpectedly before finishing this task.",
+                "unexpectedly before finishing this task"
+                + (" (it is being restarted)." if state.state == "RESTARTING" else "."),
                 state.hex,
             )
+        for task in failed:
             self.worker.submitter.fail(task, error)
+
+    def _fail_dying(self, state: _ActorState) -> None:
+        with self._lock:
+            failed, state.dying = state.dying, []
+        self._fail_lost(state, failed)
 
     # -- actor states -----------------------------------------------------------------------
     def _state(self, actor_id: bytes) -> _ActorState:
@@ -275,6 +292,7 @@ class ActorSubmitter:
             ):
                 return
             moved = state.info.get("address") != info.get("address")
+            newer = seq > state.seq
             state.seq = seq
             state.info = info
             state.state = info["state"]
@@ -283,6 +301,9 @@ class ActorSubmitter:
             if state.conn is not None and (state.state != "ALIVE" or moved):
                 # Heard of the death before seeing the connection close: same handling.
                 failed = self._lose_connection(state)
+            if newer and state.state != "ALIVE":
+                failed += state.dying
+                state.dying = []
         self._fail_lost(state, failed)
         self._pump(state)
 

@@ -186,13 +186,13 @@ class ControlLoop:
 
     # -- actors: requests -------------------------------------------------------------------
     def _request_create_actor(self, actor_id: str) -> None:
+        if actor_id in self.actors:
+            return  # already being placed (adopted from the table when we took over)
         info = self.gcs.actor(actor_id)
         spec = self.gcs.actor_spec(actor_id)
         if info is None or spec is None or info.get("state") == "DEAD":
             return
-        actor = self.actors.get(actor_id)
-        if actor is None:
-            actor = self.actors[actor_id] = _Actor(actor_id, info, spec)
+        actor = self.actors[actor_id] = _Actor(actor_id, info, spec)
         self._schedule(actor)
 
     def _request_kill_actor(self, actor_id: str, no_restart: bool) -> None:
@@ -224,6 +224,13 @@ class ControlLoop:
     def _on_process_died(self, worker_id_hex: str) -> None:
         """A driver or worker died: what it owned (unless detached) dies with it."""
         self.pgs.owner_died(worker_id_hex)
+        for actor in list(self.actors.values()):
+            address = actor.info.get("address")
+            if address and address[2] == worker_id_hex and actor.conn is not None:
+                # The actor's own process exited (its socket may live on in a child).
+                conn, actor.conn = actor.conn, None
+                conn.close()
+                self._actor_gone(actor)
         for actor in list(self.actors.values()):
             owner = actor.info.get("owner") or ["", 0, ""]
             if owner[2] == worker_id_hex and not actor.info.get("detached"):
@@ -278,7 +285,9 @@ class ControlLoop:
             actor.lease = (raylet, lease_id)
             self.client.peer_async(
                 tuple(address),
-                lambda conn: self.post(self._on_worker, actor, address, conn, attempt),
+                lambda conn: self.post(
+                    self._on_worker, actor, address, conn, attempt, (raylet, lease_id)
+                ),
             )
         elif kind == "spillback":
             _, node_id, raylet_address = reply
@@ -304,8 +313,11 @@ class ControlLoop:
         timer.daemon = True
         timer.start()
 
-    def _on_worker(self, actor: _Actor, address: Any, conn: Connection | None, attempt: int):
+    def _on_worker(
+        self, actor: _Actor, address: Any, conn: Connection | None, attempt: int, lease: tuple
+    ) -> None:
         if attempt != actor.attempt:
+            lease[0].send(("lease_return", lease[1], True))  # a newer attempt took over
             return
         if conn is None:
             self._return_lease(actor, kill=True)
@@ -358,6 +370,10 @@ class ControlLoop:
         if actor.conn is not conn:
             return
         actor.conn = None
+        self._actor_gone(actor)
+
+    def _actor_gone(self, actor: _Actor) -> None:
+        """The actor's process is gone: restart it or record its death."""
         actor.lease = None
         info = actor.info
         if actor.kill_reason is not None:

@@ -263,13 +263,8 @@ class Raylet:
             # The owner is gone: its workers may be running its tasks; they go too.
             self._end_lease(lease)
             self._kill_worker(lease.worker)
-        if client_id is not None:
-            self.publish_later(
-                lambda: self.gcs.publish(
-                    gcs_schema.WORKER_CHANNEL,
-                    {"worker_id": client_id.hex(), "node_id": self.node_id},
-                )
-            )
+        if client_id is not None and client_id not in self.workers:
+            self._announce_death(client_id)  # a driver (pool workers: in _worker_died)
         if client_id is not None:
             self.store.delete_owned_by(client_id)
             worker = self.workers.get(client_id)
@@ -302,10 +297,21 @@ class Raylet:
             log.error("the worker fork server died; stopping the node")
             self.reactor.call_soon(self.stop)
 
+    def _announce_death(self, process_id: bytes) -> None:
+        """Tell the cluster a process died: its owners, borrowers and actors react."""
+        self.publish_later(
+            lambda: self.gcs.publish(
+                gcs_schema.WORKER_CHANNEL,
+                {"worker_id": process_id.hex(), "node_id": self.node_id},
+            )
+        )
+
     def _worker_died(self, worker: _Worker) -> None:
         if worker.dead:
             return
         worker.dead = True
+        # Also when its sockets outlive it (held by a forked child): the exit is what counts.
+        self._announce_death(worker.worker_id)
         self.workers.pop(worker.worker_id, None)
         if not worker.ready:
             self.starting[worker.env_key] -= 1
@@ -395,6 +401,20 @@ class Raylet:
         )
         self._schedule()
 
+    def _spill_busy(self, request: _Request) -> bool:
+        """This node is busy: send the request where it can run now, if such a node is known."""
+        decision = scheduling.decide(
+            request.resources, request.strategy, self._local_view(), self.cluster_view, False
+        )
+        if decision.kind != "spill":
+            return False
+        self.pending.remove(request)
+        node = decision.node
+        request.conn.send(
+            ("reply", request.call_id, ("spillback", node.node_id, node.raylet_address))
+        )
+        return True
+
     def _place_elsewhere(self, request: _Request, now: float) -> None:
         """A request this node can never run: spill it once a node that fits is known."""
         decision = scheduling.decide(
@@ -453,6 +473,8 @@ class Raylet:
                 self._place_elsewhere(request, now)
                 continue
             if not scheduling.fits(request.resources, self.available):
+                if self.cluster_view and not request.spilled and self._spill_busy(request):
+                    continue
                 if scheduling.fits(request.resources, self.total):
                     self._ask_leases_back()
                 continue

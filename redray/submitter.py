@@ -44,6 +44,7 @@ class TaskOptions:
     retry_exceptions: bool | tuple = False
     runtime_env: dict | None = None
     strategy: Any = None  # None/"DEFAULT", "SPREAD", or a strategy object's wire form
+    concurrency_group: str | None = None  # actor calls: the group to run in
 
     def shape_key(self) -> tuple:
         env = self.runtime_env or {}
@@ -610,6 +611,8 @@ class TaskSubmitter:
             task = self._tasks.get(task_id)
             if task is None or task.cancelled:
                 return
+            if task.actor is not None and force:
+                raise ValueError("force=True is not supported for actor tasks.")
             task.cancelled = True
             task.force = force
             if task.actor is not None:

@@ -882,7 +882,6 @@ def test_handle_borrowed_by_a_task_without_calls_is_released(cluster):
     wait_gone(pid, timeout=10, what="out-of-scope actor")
 
 
-@pytest.mark.xfail(reason=HANDLE_CYCLE, strict=True)
 def test_handle_used_by_a_task_keeps_nothing_alive_after(cluster):
     """A handle a finished task borrowed (and called through) does not keep the actor alive."""
     counter = Counter.remote()
@@ -893,7 +892,6 @@ def test_handle_used_by_a_task_keeps_nothing_alive_after(cluster):
     wait_gone(pid, timeout=3, what="out-of-scope actor")
 
 
-@pytest.mark.xfail(reason=HANDLE_CYCLE, strict=True)
 def test_del_of_a_used_handle_kills_without_a_gc_pass(cluster):
     """Out of scope means refcount zero (as in CPython and Ray), not "after the next GC"."""
     counter = Counter.remote()
@@ -1162,22 +1160,12 @@ def test_ray_terminate_lets_earlier_calls_finish(cluster):
         redray.get(counter.incr.remote(), timeout=20)
 
 
-TERMINATE_KILLS_RUNNING_CALLS = (
-    "BUG: actor_runtime.accept() runs __ray_terminate__ on the main thread at once for "
-    "threaded/async actors and execute() then os._exit()s, killing earlier calls still running"
-)
-
-
 @pytest.mark.parametrize(
     "kind",
     [
         "plain",
-        pytest.param(
-            "threaded", marks=pytest.mark.xfail(reason=TERMINATE_KILLS_RUNNING_CALLS, strict=True)
-        ),
-        pytest.param(
-            "async", marks=pytest.mark.xfail(reason=TERMINATE_KILLS_RUNNING_CALLS, strict=True)
-        ),
+        "threaded",
+        "async",
     ],
 )
 def test_ray_terminate_waits_for_running_calls(cluster, kind):
@@ -1216,12 +1204,6 @@ def test_exit_actor_inside_a_method(cluster):
         redray.get(counter.incr.remote(), timeout=20)
 
 
-@pytest.mark.xfail(
-    reason="BUG: redray.actor.exit_actor() returns (actor.py exit_actor -> "
-    "runtime.request_exit) so the method runs on and its call succeeds; in Ray it does not "
-    "return and the call raises RayActorError naming exit_actor()",
-    strict=True,
-)
 def test_exit_actor_does_not_return(cluster, tmp_path):
     counter = Counter.remote()
     after = str(tmp_path / "after-exit-actor")
@@ -1340,11 +1322,6 @@ def test_every_pending_and_future_call_fails_after_last_restart(cluster, gate, t
             redray.get(slow.incr.remote(), timeout=20)
 
 
-@pytest.mark.xfail(
-    reason="BUG: calls in flight when an actor dies fail at once with a generic message "
-    "(actor_submitter.on_connection_lost), never with the death cause the GCS records",
-    strict=True,
-)
 def test_pending_calls_carry_the_death_cause(cluster, gate, tmp_path):
     _, _, pending = pending_calls_at_final_death(gate, tmp_path)
     for ref in pending:
@@ -1364,13 +1341,6 @@ def forked_helpers() -> Iterator[list[int]]:
             pass
 
 
-@pytest.mark.xfail(
-    reason="BUG: an actor's death is only noticed when its TCP connections close "
-    "(control._on_actor_conn_closed; the raylet's 'exited' report from the zygote is not "
-    "used), so a SIGKILLed actor whose forked child inherited its sockets is never declared "
-    "dead or restarted and every call to it hangs",
-    strict=True,
-)
 def test_sigkill_is_noticed_while_a_forked_child_holds_the_sockets(cluster, gate, forked_helpers):
     actor = Forker.options(max_restarts=1).remote()
     pid = redray.get(actor.pid.remote())
@@ -1502,15 +1472,7 @@ def test_cancel_async_actor_call(cluster):
     "cls",
     [
         Blockable,
-        pytest.param(
-            AsyncBlockable,
-            marks=pytest.mark.xfail(
-                reason="BUG: actor_runtime._run_async catches CancelledError only inside "
-                "`async with semaphore`; a call cancelled while waiting for the semaphore "
-                "never replies, so get() hangs",
-                strict=True,
-            ),
-        ),
+        AsyncBlockable,
     ],
     ids=["plain", "async"],
 )
@@ -1527,11 +1489,6 @@ def test_cancel_a_queued_actor_call(cluster, gate, cls):
     assert redray.get(actor.runs.remote(), timeout=20) == []  # it never ran
 
 
-@pytest.mark.xfail(
-    reason="BUG: cancel(force=True) of an actor call is silently accepted; Ray raises "
-    "ValueError('force=True is not supported for actor tasks.')",
-    strict=True,
-)
 def test_force_cancel_of_an_actor_call_is_an_error(cluster):
     counter = Counter.remote()
     ref = counter.incr.remote()
@@ -1547,11 +1504,6 @@ def test_async_concurrency_groups_limit_overlap(cluster):
     assert redray.get(actor.max_inside.remote()) > 2  # the default group: up to 1000
 
 
-@pytest.mark.xfail(
-    reason="BUG: method.options(concurrency_group=...) is accepted but ignored: the call "
-    "carries no group (actor._call_options) and the actor uses the method's annotation",
-    strict=True,
-)
 def test_concurrency_group_chosen_per_call(cluster, gate):
     actor = TwoGroups.remote()
     blocked = actor.wait_gate.remote(gate.path("started-a"), gate.release_file)
@@ -1647,11 +1599,6 @@ def test_errors_are_ray_errors():
     assert issubclass(ActorDiedError, RayActorError) and issubclass(RayActorError, RayError)
 
 
-@pytest.mark.xfail(
-    reason="BUG: redray/__init__.py imports neither redray.util nor redray.actor, so "
-    "`import redray as ray; ray.util.list_named_actors()` / `ray.actor.exit_actor()` fail",
-    strict=True,
-)
 def test_ray_module_paths_after_a_bare_import():
     """Ray's __init__ imports ray.actor and ray.util: scripts use them after `import ray`."""
     proc = run_driver(
