@@ -13,7 +13,6 @@ Redis calls happen on that thread too, never on a reactor thread.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -133,7 +132,17 @@ class ControlLoop:
             )
             self.client.handle("actor_exiting", self._on_actor_exiting)
             threading.Thread(target=self._take_requests, daemon=True, name="requests").start()
-            threading.Thread(target=self._watch_workers, daemon=True, name="deaths").start()
+            from redray.watcher import Watcher
+
+            Watcher(
+                self.gcs,
+                {
+                    gcs_schema.WORKER_CHANNEL: lambda e: self.post(
+                        self._on_process_died, e["worker_id"]
+                    )
+                },
+                self.stopping.is_set,
+            ).ensure_running()
         self._adopt_actors()
         self.pgs.adopt()
 
@@ -159,23 +168,6 @@ class ControlLoop:
                     log.warning("unknown control request %r", request[0])
                 else:
                     self.post(handler, *request[1:])
-
-    def _watch_workers(self) -> None:
-        pubsub = self.gcs.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(self.gcs.channel(gcs_schema.WORKER_CHANNEL))
-        while not self.stopping.is_set():
-            try:
-                message = pubsub.get_message(timeout=1.0)
-            except Exception:
-                if self.stopping.is_set():
-                    return
-                time.sleep(TICK_SECONDS)
-                pubsub = self.gcs.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.gcs.channel(gcs_schema.WORKER_CHANNEL))
-                continue
-            if message is not None and message.get("type") == "message":
-                event = json.loads(message["data"])
-                self.post(self._on_process_died, event["worker_id"])
 
     # -- nodes ------------------------------------------------------------------------------
     def _check_nodes(self) -> None:

@@ -173,7 +173,11 @@ class Raylet:
             self._start_worker(())
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
         threading.Thread(target=self._gcs_writer, daemon=True, name="gcs-writer").start()
-        threading.Thread(target=self._watch_deaths, daemon=True, name="deaths").start()
+        from redray.watcher import Watcher
+
+        Watcher(
+            self.gcs, {gcs_schema.WORKER_CHANNEL: self._on_death_event}, self.stopping.is_set
+        ).start()
         if self.config.get("head"):
             from redray.control import ControlLoop
 
@@ -782,25 +786,11 @@ class Raylet:
                 if not self.stopping.is_set():
                     log.exception("GCS write failed")
 
-    def _watch_deaths(self) -> None:
-        """Objects here owned by a process that died anywhere in the cluster are freed."""
-        pubsub = self.gcs.redis.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(self.gcs.channel(gcs_schema.WORKER_CHANNEL))
-        while not self.stopping.is_set():
-            try:
-                message = pubsub.get_message(timeout=1.0)
-            except Exception:
-                if self.stopping.is_set():
-                    return
-                time.sleep(HEARTBEAT_SECONDS)
-                pubsub = self.gcs.redis.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.gcs.channel(gcs_schema.WORKER_CHANNEL))
-                continue
-            if message is not None and message.get("type") == "message":
-                event = json.loads(message["data"])
-                if event.get("node_id") != self.node_id:
-                    owner = bytes.fromhex(event["worker_id"])
-                    self.reactor.call_soon(self.store.delete_owned_by, owner)
+    def _on_death_event(self, event: dict) -> None:
+        """Objects here owned by a process that died on another node are freed."""
+        if event.get("node_id") != self.node_id:
+            owner = bytes.fromhex(event["worker_id"])
+            self.reactor.call_soon(self.store.delete_owned_by, owner)
 
     # -- heartbeats -------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:

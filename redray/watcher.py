@@ -1,8 +1,8 @@
-"""One Redis pub/sub subscription per process, following actor and placement-group states.
+"""Following published state changes: one Redis pub/sub subscription on its own thread.
 
-Callers learn that an actor died or a placement group was placed without polling: the
-control loop publishes every state change on the entity's channel, and this thread
-pattern-subscribes to all of them once and hands each message to its handler.
+Callers learn that an actor died, a placement group was placed or a process died without
+polling: state changes are published on channels, and a watcher (pattern-)subscribes to the
+channels it is given and hands each message to its handler, resubscribing after errors.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ class Watcher:
 
     def ensure_running(self, timeout: float = 10.0) -> None:
         """Start the subscription if needed; return once it is confirmed."""
+        self.start()
+        self._ready.wait(timeout)
+
+    def start(self) -> None:
+        """Start the subscription if needed (without waiting for it)."""
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
@@ -36,7 +41,6 @@ class Watcher:
                         target=self._run, daemon=True, name="redray-watch"
                     )
                     self._thread.start()
-        self._ready.wait(timeout)
 
     def _subscribe(self) -> Any:
         pubsub = self._gcs.redis.pubsub()
