@@ -56,10 +56,14 @@ class Executor:
         self.current: TaskContext | None = None  # the normal task on the main thread
         self.actor: ActorRuntime | None = None
         self._cancelled: set[bytes] = set()
+        self._waiting: set[bytes] = set()  # tasks in the inbox, not started
+        self._stolen: set[bytes] = set()  # ...of which these were given back to their owner
+        self._waiting_lock = threading.Lock()
         self._interrupt: bytes | None = None
         self._main_thread = threading.get_ident()
         self._applied_grant: Any = None
-        worker.handle("task", self._on_message)
+        worker.handle("task", self._on_task)
+        worker.handle("steal", self._on_steal)
         worker.handle("actor_create", self._on_message)
         worker.handle("actor_task", self._on_actor_task)
         worker.handle("cancel", self._on_cancel)
@@ -93,6 +97,20 @@ class Executor:
             conn.send(("done", message[1], [error_payload(error)] * message[6], []))
             return
         self.actor.accept(conn, message)
+
+    def _on_task(self, conn: Connection, message: tuple) -> None:
+        with self._waiting_lock:
+            self._waiting.add(message[1])
+        self.inbox.put((conn, message))
+
+    def _on_steal(self, conn: Connection, message: tuple) -> None:
+        """Give back the named tasks that have not started (their owner runs them elsewhere)."""
+        with self._waiting_lock:
+            stolen = [task_id for task_id in message[1] if task_id in self._waiting]
+            self._waiting.difference_update(stolen)
+            self._stolen.update(stolen)
+        if stolen:
+            conn.send(("stolen", stolen))
 
     def _on_actor_control(self, conn: Connection, message: tuple) -> None:
         """A new control loop (after a head failover) now watches this actor."""
@@ -143,6 +161,11 @@ class Executor:
 
     def execute(self, conn: Connection, message: tuple) -> None:
         _, task_id, fn_key, name, args, kwargs, num_returns, grant, job_id = message
+        with self._waiting_lock:
+            if task_id in self._stolen:
+                self._stolen.discard(task_id)
+                return  # given back to its owner, which runs it elsewhere
+            self._waiting.discard(task_id)
         if task_id in self._cancelled:
             self._cancelled.discard(task_id)
             error = exceptions.TaskCancelledError(task_id.hex())

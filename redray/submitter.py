@@ -15,10 +15,11 @@ import itertools
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from redray import exceptions, serialization
+from redray import exceptions, protocol, serialization
 from redray.ids import return_id, task_of
 from redray.object_ref import ObjectRef
 from redray.reactor import Connection
@@ -28,7 +29,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PIPELINE_DEPTH = int(os.environ.get("REDRAY_PIPELINE_DEPTH", "1"))
+# Tasks pushed ahead to a worker whose recent tasks were quick (< FAST_TASK_SECONDS): it
+# finds the next one waiting instead of idling a round trip. Slow tasks get one at a time, so
+# a long task never holds short ones hostage.
+PIPELINE_DEPTH = int(os.environ.get("REDRAY_PIPELINE_DEPTH", "4"))
+FAST_TASK_SECONDS = 0.005
+STEAL_AFTER_SECONDS = 0.02  # a task still at the head of its line this long is slow
 LEASE_IDLE_SECONDS = float(os.environ.get("REDRAY_LEASE_IDLE_SECONDS", "0.05"))
 MAX_LEASE_REQUESTS = 16
 
@@ -73,6 +79,7 @@ class _Task:
         "parent",
         "actor",
         "job",
+        "pushed",
     )
 
     def __init__(self, task_id, fn_key, options, args, kwargs, keep, return_ids, parent):
@@ -92,6 +99,7 @@ class _Task:
         self.parent = parent
         self.actor: Any = None  # the caller-side actor state for actor tasks
         self.job: Any = None  # the JobInfo the task belongs to
+        self.pushed = 0.0  # when it was sent to its worker
 
 
 class _Lease:
@@ -105,6 +113,7 @@ class _Lease:
         "returned",
         "wanted_back",
         "single_use",
+        "fast",
     )
 
     def __init__(self, lease_id, conn, raylet, grant):
@@ -117,6 +126,7 @@ class _Lease:
         self.returned = False
         self.wanted_back = False  # the raylet has work waiting: return as soon as idle
         self.single_use = False  # SPREAD: each task is placed on its own, so no reuse
+        self.fast = False  # its last task was quick: more may be pushed ahead
 
 
 class _Shape:
@@ -145,6 +155,7 @@ class TaskSubmitter:
         self._early_reclaims: set[int] = set()
         self._lineage: dict[bytes, _Task] = {}  # tasks whose stored returns may need rebuilding
         worker.handle("done", self._on_done)
+        worker.handle("stolen", self._on_stolen)
         worker.handle("lease_reclaim", self._on_reclaim)
 
     # -- submission -------------------------------------------------------------------------
@@ -274,12 +285,14 @@ class TaskSubmitter:
             while queue and shape.requesting < MAX_LEASE_REQUESTS:
                 shape.requesting += 1
                 self._request_lease(shape, self.worker.raylet, bound=queue.popleft())
+        batches: dict[_Lease, list[bytes]] = {}
         while queue:
             best = None
             for lease in shape.leases:
                 if lease.single_use and (lease.inflight or lease.wanted_back):
                     continue
-                if len(lease.inflight) < PIPELINE_DEPTH and (
+                depth = PIPELINE_DEPTH if lease.fast else 1
+                if len(lease.inflight) < depth and (
                     best is None or len(lease.inflight) < len(best.inflight)
                 ):
                     best = lease
@@ -288,7 +301,13 @@ class TaskSubmitter:
             if best is None:
                 break
             task = queue.popleft()
-            self._push(best, task)
+            batches.setdefault(best, []).append(self._push(best, task))
+        for lease, frames in batches.items():
+            # One send per worker per pass: several frames in one syscall.
+            lease.conn.send_bytes(frames[0] if len(frames) == 1 else b"".join(frames))
+            if len(lease.inflight) > 1:
+                head = next(iter(lease.inflight))
+                self.worker.reactor.call_later(STEAL_AFTER_SECONDS, self._steal, lease, head)
         wanted = min(len(queue), MAX_LEASE_REQUESTS)
         while shape.requesting < wanted:
             shape.requesting += 1
@@ -304,10 +323,37 @@ class TaskSubmitter:
                 else:
                     self._schedule_return(lease)
 
-    def _push(self, lease: _Lease, task: _Task) -> None:
+    def _steal(self, lease: _Lease, head: bytes) -> None:
+        """The task at the head of a worker's line is slow: take back those queued behind it
+        (the worker gives back those it has not started), so they run elsewhere."""
+        with self._lock:
+            if lease.returned or len(lease.inflight) < 2 or next(iter(lease.inflight)) != head:
+                return
+            lease.fast = False
+            behind = list(lease.inflight)[1:]
+        lease.conn.send(("steal", behind))
+
+    def _on_stolen(self, conn: Connection, message: tuple) -> None:
+        """Tasks a worker gave back unstarted: first in line again, in their order."""
+        with self._lock:
+            returned = []
+            for task_id in message[1]:
+                task = self._tasks.get(task_id)
+                lease = task.lease if task is not None else None
+                if lease is not None and lease.inflight.pop(task_id, None) is not None:
+                    task.lease = None
+                    returned.append(task)
+            for task in reversed(returned):
+                task.shape.queue.appendleft(task)
+            for shape in {task.shape for task in returned}:
+                self._dispatch(shape)
+
+    def _push(self, lease: _Lease, task: _Task) -> bytes:
+        """Bind task to lease; returns its frame, for the caller to send."""
         if lease.single_use:
             lease.wanted_back = True  # give it back after this one task
         task.lease = lease
+        task.pushed = time.monotonic()
         lease.inflight[task.task_id] = task
         lease.idle_epoch = 0
         message = (
@@ -322,9 +368,7 @@ class TaskSubmitter:
             task.job.job_id,
         )
         self.worker.introduce(lease.conn, task.job)
-        if not lease.conn.send(message):
-            # The worker is gone; on_connection_lost retries or fails what was in flight.
-            pass
+        return protocol.encode(message)
 
     # -- leases -----------------------------------------------------------------------------
     def _request_lease(
@@ -405,7 +449,7 @@ class TaskSubmitter:
                     conn.info.setdefault("leases", []).append(lease)
                     shape.leases.append(lease)
                     if bound is not None and bound.task_id in self._tasks and not bound.cancelled:
-                        self._push(lease, bound)
+                        conn.send_bytes(self._push(lease, bound))
                     self._dispatch(shape)
 
             self.worker.peer_async(tuple(address), connected)
@@ -472,6 +516,7 @@ class TaskSubmitter:
             lease = task.lease if task is not None else None
             if lease is not None:
                 lease.inflight.pop(task_id, None)
+                lease.fast = time.monotonic() - task.pushed < FAST_TASK_SECONDS
                 task.lease = None
         if task is None:
             return
