@@ -283,7 +283,7 @@ class ControlLoop:
             )
         elif kind == "spillback":
             _, node_id, raylet_address = reply
-            self.client.submitter._raylet_async(
+            self.client.submitter.connect_raylet(
                 node_id,
                 raylet_address,
                 lambda conn: (

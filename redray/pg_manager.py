@@ -157,7 +157,7 @@ class PlacementGroupManager:
         if node_id == self.control.raylet.node_id:
             then(client.raylet)
         else:
-            client.submitter._raylet_async(node_id, address, then)
+            client.submitter.connect_raylet(node_id, address, then)
 
     def _call(self, node_id: str, address: Any, message: tuple, on_reply: Any) -> None:
         def send(conn: Connection | None) -> None:

@@ -462,7 +462,7 @@ class TaskSubmitter:
                     return
                 self._request_lease(shape, conn, spilled=True, bound=bound)
 
-            self._raylet_async(node_id, raylet_address, forward)
+            self.connect_raylet(node_id, raylet_address, forward)
         elif kind == "error":
             with self._lock:
                 shape.requesting -= 1
@@ -709,7 +709,8 @@ class TaskSubmitter:
         self._enqueue(task)
         return True
 
-    def _raylet_async(self, node_id: str, address, then) -> None:
+    def connect_raylet(self, node_id: str, address: Any, then: Any) -> None:
+        """then(connection to node_id's raylet, or None if unreachable); made once, reused."""
         conn = self._raylets.get(node_id)
         if conn is not None and not conn.closed:
             then(conn)
@@ -732,7 +733,7 @@ class TaskSubmitter:
         info = self.worker.gcs.node(node_id)
         if info is None or info.get("state") != "ALIVE":
             return
-        self._raylet_async(
+        self.connect_raylet(
             node_id, info["raylet_address"], lambda c: c.send(message) if c else None
         )
 
