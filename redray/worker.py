@@ -700,6 +700,13 @@ class CoreWorker:
             if obj is None or (obj.owner is not None and obj.value is None and not obj.fetching):
                 self.on_ready(ref, _nothing)
 
+    def _wait_for(self, ref: ObjectRef, timeout: float | None) -> bool:
+        """Block until one object is ready here; False on timeout."""
+        done = threading.Lock()
+        done.acquire()
+        self.on_ready(ref, done.release)
+        return done.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+
     def _block(self, wait: Callable[[], Any]) -> Any:
         """Wait, lending this worker's CPU back to the raylet meanwhile."""
         lend = self.executor is not None and self.executor.running_task()
@@ -725,23 +732,23 @@ class CoreWorker:
             if obj is None or obj.value is None:
                 pending.append(ref)
         if pending:
-            # One wake-up when the last one is ready (not one per ref): each callback counts
-            # down, and registering it also asks the owner for borrowed objects.
-            done = threading.Lock()
-            done.acquire()
-            count = [len(pending)]
-            guard = threading.Lock()
+            self._start_fetches(pending)  # borrowed ones: ask every owner at once
+            deadline = None if timeout is None else time.monotonic() + timeout
 
-            def one_ready() -> None:
-                with guard:
-                    count[0] -= 1
-                    if count[0] == 0:
-                        done.release()
+            def wait_all() -> bool:
+                # Results on one connection arrive in order: wait for the last pending one
+                # (one callback, one wake-up), then for whatever is still missing.
+                left = pending
+                while left:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if self.payload_of(left[-1]._id) is None and not self._wait_for(
+                        left[-1], remaining
+                    ):
+                        return False
+                    left = [r for r in left if self.payload_of(r._id) is None]
+                return True
 
-            for ref in pending:
-                self.on_ready(ref, one_ready)
-            wait = -1 if timeout is None else max(0.0, timeout)
-            if not self._block(lambda: done.acquire(timeout=wait)):
+            if not self._block(wait_all):
                 raise exceptions.GetTimeoutError(
                     f"Get timed out: some object(s) not ready after {timeout} s."
                 )
