@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import logging
 import os
 import threading
@@ -109,7 +108,8 @@ class _Lease:
         "raylet",
         "inflight",
         "grant",
-        "idle_epoch",
+        "idle_since",
+        "timer",
         "returned",
         "wanted_back",
         "single_use",
@@ -122,7 +122,8 @@ class _Lease:
         self.raylet: Connection = raylet
         self.inflight: dict[bytes, _Task] = {}
         self.grant = grant  # what the worker needs to know about its lease (GPU ids, ...)
-        self.idle_epoch = 0
+        self.idle_since: float | None = None  # when it last went idle (None: busy)
+        self.timer = False  # an idle check is scheduled
         self.returned = False
         self.wanted_back = False  # the raylet has work waiting: return as soon as idle
         self.single_use = False  # SPREAD: each task is placed on its own, so no reuse
@@ -151,7 +152,6 @@ class TaskSubmitter:
         self._shapes: dict[tuple, _Shape] = {}
         self._children: dict[bytes, list[bytes]] = {}
         self._raylets: dict[str, Connection] = {}
-        self._epochs = itertools.count(1)
         self._early_reclaims: set[int] = set()
         self._lineage: dict[bytes, _Task] = {}  # tasks whose stored returns may need rebuilding
         worker.handle("done", self._on_done)
@@ -355,7 +355,7 @@ class TaskSubmitter:
         task.lease = lease
         task.pushed = time.monotonic()
         lease.inflight[task.task_id] = task
-        lease.idle_epoch = 0
+        lease.idle_since = None
         message = (
             "task",
             task.task_id,
@@ -472,14 +472,28 @@ class TaskSubmitter:
                 self.fail(task, reply[1])
 
     def _schedule_return(self, lease: _Lease) -> None:
-        epoch = lease.idle_epoch = next(self._epochs)
-        self.worker.reactor.call_later(LEASE_IDLE_SECONDS, self._return_if_idle, lease, epoch)
+        """Give an idle lease back after LEASE_IDLE_SECONDS unless work comes meanwhile
+        (one pending check per lease, however often it goes idle)."""
+        lease.idle_since = time.monotonic()
+        if not lease.timer:
+            lease.timer = True
+            self.worker.reactor.call_later(LEASE_IDLE_SECONDS, self._idle_check, lease)
 
-    def _return_if_idle(self, lease: _Lease, epoch: int | None = None, force: bool = False):
+    def _idle_check(self, lease: _Lease) -> None:
+        lease.timer = False
+        since = lease.idle_since
+        if lease.returned or lease.inflight or since is None:
+            return  # busy again: the next idle moment schedules a new check
+        left = since + LEASE_IDLE_SECONDS - time.monotonic()
+        if left > 0:
+            lease.timer = True
+            self.worker.reactor.call_later(left, self._idle_check, lease)
+            return
+        self._return_if_idle(lease)
+
+    def _return_if_idle(self, lease: _Lease, force: bool = False) -> None:
         with self._lock:
             if lease.returned or lease.inflight:
-                return
-            if epoch is not None and lease.idle_epoch != epoch:
                 return
             shape = next((s for s in self._shapes.values() if lease in s.leases), None)
             if shape is not None and shape.queue and not force:
