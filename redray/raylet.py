@@ -741,6 +741,11 @@ class Raylet:
         conn.send(("reply", message[1], self.store.stats()))
 
     def _on_debug_state(self, conn: Connection, message: tuple) -> None:
+        """This node's scheduling state, for diagnosing stuck work (pids, not ids)."""
+
+        def pid_of(client: Connection) -> Any:
+            return getattr(self.workers.get(client.info.get("worker_id")), "pid", "client")
+
         state = {
             "available": self.available,
             "pending": [(r.resources, r.name, r.conn.info.get("mode")) for r in self.pending],
@@ -749,24 +754,13 @@ class Raylet:
                     lease.worker.pid,
                     lease.resources,
                     lease.lent_cpu,
-                    getattr(self.workers.get(lease.holder.info.get("worker_id")), "pid", "driver"),
+                    pid_of(lease.holder),
                 )
                 for lease in self.leases.values()
             },
             "workers": {w.pid: (w.ready, w.lease is not None) for w in self.workers.values()},
             "idle": {str(k): [w.pid for w in v] for k, v in self.idle.items()},
             "starting": dict(self.starting),
-            "conns": {
-                getattr(self.workers.get(c.info.get("worker_id")), "pid", "driver"): (
-                    len(c._in),
-                    c.closed,
-                    c.fileno in self.reactor._connections,
-                    self.reactor._selector.get_key(c.fileno).data is c
-                    if c.fileno in self.reactor._selector.get_map()
-                    else "nokey",
-                )
-                for c in self.clients
-            },
         }
         conn.send(("reply", message[1], state))
 

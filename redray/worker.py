@@ -632,9 +632,9 @@ class CoreWorker:
     def _fetch_from_owner(self, oid: bytes, owner: Address) -> None:
         def on_reply(reply: Any) -> None:
             if reply is CONNECTION_LOST or isinstance(reply, BaseException):
-                reply = ("e", _pickle_error(exceptions.OwnerDiedError(oid.hex(), owner)))
+                reply = ("e", pickle_error(exceptions.OwnerDiedError(oid.hex(), owner)))
             elif reply[0] == "lost":
-                reply = ("e", _pickle_error(exceptions.ObjectLostError(oid.hex(), owner)))
+                reply = ("e", pickle_error(exceptions.ObjectLostError(oid.hex(), owner)))
             self.set_value(oid, reply)
 
         def ask(conn: Connection | None) -> None:
@@ -875,15 +875,15 @@ class CoreWorker:
         """The payload of a lost object once its owner made it again (lineage), or an error."""
         if owner is None:
             if not self.submitter.reconstruct(oid):
-                return ("e", _pickle_error(exceptions.ObjectLostError(oid.hex(), self.address)))
+                return ("e", pickle_error(exceptions.ObjectLostError(oid.hex(), self.address)))
             return self.wait_payload(oid)
         try:
             conn = self.peer(owner)
         except OSError:
-            return ("e", _pickle_error(exceptions.OwnerDiedError(oid.hex(), owner)))
+            return ("e", pickle_error(exceptions.OwnerDiedError(oid.hex(), owner)))
         reply = self.call(conn, "reconstruct", oid)
         if reply is CONNECTION_LOST or isinstance(reply, BaseException):
-            return ("e", _pickle_error(exceptions.OwnerDiedError(oid.hex(), owner)))
+            return ("e", pickle_error(exceptions.OwnerDiedError(oid.hex(), owner)))
         with self._lock:
             obj = self._objects.get(oid)
             if obj is not None:
@@ -899,7 +899,7 @@ class CoreWorker:
         def start() -> None:
             if not self.submitter.reconstruct(oid):
                 error = exceptions.ObjectLostError(oid.hex(), self.address)
-                conn.send(("reply", call_id, ("e", _pickle_error(error))))
+                conn.send(("reply", call_id, ("e", pickle_error(error))))
                 return
             self.on_payload(oid, answer)
 
@@ -931,7 +931,7 @@ class CoreWorker:
         self._block(done.acquire)
         payload = self.payload_of(oid)
         if payload is None:
-            return ("e", _pickle_error(exceptions.ObjectLostError(oid.hex(), self.address)))
+            return ("e", pickle_error(exceptions.ObjectLostError(oid.hex(), self.address)))
         return payload
 
     def prefetch(self, refs: list[ObjectRef]) -> None:
@@ -1017,7 +1017,7 @@ def _nothing() -> None:
     pass
 
 
-def _pickle_error(exc: BaseException) -> bytes:
+def pickle_error(exc: BaseException) -> bytes:
     import cloudpickle
 
     try:
@@ -1034,6 +1034,3 @@ def _unpickle_error(data: bytes) -> BaseException:
     if isinstance(err, exceptions.RayTaskError):
         return err.as_instanceof_cause()
     return err
-
-
-pickle_error = _pickle_error
