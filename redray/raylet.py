@@ -27,6 +27,7 @@ from typing import Any
 
 from redray import exceptions, scheduling
 from redray import gcs as gcs_schema
+from redray.bundles import Bundles
 from redray.gcs import Gcs
 from redray.reactor import Connection, Reactor
 
@@ -98,9 +99,7 @@ class Raylet:
         self.leases: dict[int, _Lease] = {}
         self.pending: list[_Request] = []
         self.clients: dict[Connection, bytes] = {}
-        self.pg_prepared: dict[str, list[tuple[int, dict]]] = {}
-        self.pg_committed: dict[str, list[tuple[int, dict]]] = {}
-        self.pg_removed: set[str] = set()
+        self.bundles = Bundles(self.total, self.available)
         self.lease_ids = itertools.count(1)
         self.cluster_view: list[scheduling.NodeView] = []
         self.stopping = threading.Event()
@@ -364,7 +363,7 @@ class Raylet:
         resources = scheduling.normalize(request["resources"])
         env_vars = request.get("env_vars") or {}
         groups = {scheduling.placement_group_of(r) for r in resources} - {None}
-        if groups & self.pg_removed:
+        if groups & self.bundles.removed:
             error = exceptions.TaskUnschedulableError(
                 "The placement group this task or actor should run in was removed."
             )
@@ -582,83 +581,28 @@ class Raylet:
         self.available["CPU"] = self.available.get("CPU", 0.0) - lease.lent_cpu
         lease.lent_cpu = 0.0
 
-    # -- placement groups -------------------------------------------------------------------
+    # -- placement groups (two-phase, driven by the control loop) ---------------------------
     def _on_pg_prepare(self, conn: Connection, message: tuple) -> None:
-        """Phase one: set the bundles' resources aside if they all fit now."""
         _, call_id, pg_id, bundles = message
-        needed: dict[str, float] = {}
-        for _, bundle in bundles:
-            for name, amount in bundle.items():
-                needed[name] = needed.get(name, 0.0) + amount
-        if pg_id in self.pg_removed or not scheduling.fits(needed, self.available):
-            conn.send(("reply", call_id, False))
-            return
-        self._add(self.available, needed, -1)
-        self.pg_prepared[pg_id] = bundles
-        conn.send(("reply", call_id, True))
+        conn.send(("reply", call_id, self.bundles.prepare(pg_id, bundles)))
 
     def _on_pg_commit(self, conn: Connection, message: tuple) -> None:
-        """Phase two: the set-aside resources become the group's (CPU_group_<i>_<id>, ...)."""
-        pg_id = message[1]
-        bundles = self.pg_prepared.pop(pg_id, None)
-        if bundles is None:
-            return
-        self.pg_committed[pg_id] = bundles
-        created = self._group_resources(pg_id, bundles)
-        self._add(self.total, created, 1)
-        self._add(self.available, created, 1)
-        self._schedule()
+        if self.bundles.commit(message[1]):
+            self._schedule()
 
     def _on_pg_cancel(self, conn: Connection, message: tuple) -> None:
-        bundles = self.pg_prepared.pop(message[1], None)
-        if bundles is not None:
-            self._add(self.available, self._bundle_sum(bundles), 1)
+        if self.bundles.cancel(message[1]):
             self._schedule()
 
     def _on_pg_remove(self, conn: Connection, message: tuple) -> None:
         """Give the group's bundles back; what runs in it is stopped."""
         pg_id = message[1]
-        self.pg_removed.add(pg_id)
-        self._on_pg_cancel(conn, message)
-        bundles = self.pg_committed.pop(pg_id, None)
-        if bundles is not None:
-            for lease in list(self.leases.values()):
-                if any(scheduling.placement_group_of(r) == pg_id for r in lease.resources):
-                    self._end_lease(lease)
-                    self._kill_worker(lease.worker)
-            created = self._group_resources(pg_id, bundles)
-            self._add(self.total, created, -1)
-            self._add(self.available, created, -1)
-            for name in created:
-                if abs(self.total.get(name, 0.0)) < 1e-9:
-                    self.total.pop(name, None)
-                    self.available.pop(name, None)
-            self._add(self.available, self._bundle_sum(bundles), 1)
+        for lease in list(self.leases.values()):
+            if any(scheduling.placement_group_of(r) == pg_id for r in lease.resources):
+                self._end_lease(lease)
+                self._kill_worker(lease.worker)
+        self.bundles.remove(pg_id)
         self._schedule()
-
-    @staticmethod
-    def _bundle_sum(bundles: list[tuple[int, dict]]) -> dict[str, float]:
-        total: dict[str, float] = {}
-        for _, bundle in bundles:
-            for name, amount in bundle.items():
-                total[name] = total.get(name, 0.0) + amount
-        return total
-
-    @staticmethod
-    def _group_resources(pg_id: str, bundles: list[tuple[int, dict]]) -> dict[str, float]:
-        from redray.util.placement_group import BUNDLE_MARKER, BUNDLE_MARKER_AMOUNT
-
-        created: dict[str, float] = {}
-        for index, bundle in bundles:
-            for name, amount in [*bundle.items(), (BUNDLE_MARKER, BUNDLE_MARKER_AMOUNT)]:
-                for key in (f"{name}_group_{index}_{pg_id}", f"{name}_group_{pg_id}"):
-                    created[key] = created.get(key, 0.0) + amount
-        return created
-
-    @staticmethod
-    def _add(target: dict[str, float], amounts: dict[str, float], sign: int) -> None:
-        for name, amount in amounts.items():
-            target[name] = target.get(name, 0.0) + sign * amount
 
     # -- object store -----------------------------------------------------------------------
     def _on_alloc(self, conn: Connection, message: tuple) -> None:

@@ -21,8 +21,7 @@ NAMED_PGS = "named_pgs"  # the GCS tables (see redray.gcs), named here to keep i
 PLACEMENT_GROUPS = "pgs"
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-BUNDLE_MARKER = "bundle"  # every bundle also offers bundle_group_<i>_<id>: 1000
-BUNDLE_MARKER_AMOUNT = 1000.0
+BUNDLE_MARKER = "bundle"  # every bundle also offers bundle_group_<i>_<id> (redray.bundles)
 
 
 class PlacementGroupID:
