@@ -149,7 +149,8 @@ def remove_placement_group(placement_group: PlacementGroup) -> None:
     if not isinstance(placement_group, PlacementGroup):
         raise TypeError(f"Expected a PlacementGroup, got {type(placement_group).__name__}")
     worker = context.worker()
-    worker.gcs.push_request(pickle.dumps(("remove_pg", placement_group.id.hex())))
+    request = pickle.dumps(("remove_pg", placement_group.id.hex()))
+    worker.background(worker.gcs.push_request, request)  # asynchronous, as Ray's
 
 
 def get_placement_group(placement_group_name: str) -> PlacementGroup:
