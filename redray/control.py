@@ -414,12 +414,12 @@ class ControlLoop:
     def _set_dead(self, actor: _Actor, cause: str) -> None:
         if actor.info.get("state") == "DEAD":
             return
-        self._publish(actor, state="DEAD", death_cause=cause, address=None)
         name = actor.info.get("name")
-        if name:
+        if name:  # free first: whoever sees it dead may at once reuse the name
             self.gcs.release_name(
                 gcs_schema.NAMED_ACTORS, actor.info.get("namespace", ""), name, actor.actor_id
             )
+        self._publish(actor, state="DEAD", death_cause=cause, address=None)
         self.actors.pop(actor.actor_id, None)
 
     def _publish(self, actor: _Actor, **changes: Any) -> None:

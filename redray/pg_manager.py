@@ -65,10 +65,10 @@ class PlacementGroupManager:
         for node in self._nodes():
             if node["alive"]:
                 self._send(node["node_id"], ("pg_remove", pg_id))
-        self._publish(group, state="REMOVED")
         name = group.info.get("name")
-        if name:
+        if name:  # free first: whoever sees it removed may at once reuse the name
             self.control.gcs.release_name(NAMED_PGS, group.info.get("namespace", ""), name, pg_id)
+        self._publish(group, state="REMOVED")
         self.control.kill_actors_in_group(pg_id)
 
     def owner_died(self, worker_hex: str) -> None:
