@@ -76,13 +76,11 @@ class ActorSubmitter:
         wire_kwargs = {k: tasks._wire_arg(v, keep, deps, name) for k, v in kwargs.items()}
         if deps:
             self.worker.wait_ready(deps, len(deps), None)
-        for items in (wire_args, wire_kwargs.values()):
-            for item in items:
-                if type(item) is list:
-                    payload = self.worker.payload_of(item[0])
-                    if payload[0] == "e":
-                        raise self.worker.materialize(item[0], payload)
-                    item[1] = payload
+        failure = tasks.fill_ref_args(wire_args, wire_kwargs)
+        if failure is not None:
+            from redray.worker import unpickle_error
+
+            raise unpickle_error(failure[1])  # an argument's task failed
         return wire_args, wire_kwargs, keep
 
     def create(self, actor_id: bytes, info: dict, spec: bytes, keep: list) -> ActorHandle:

@@ -258,23 +258,10 @@ class Executor:
             payload, refs = self.worker.serialize_value(
                 value, oid, "the return value", owner_id=caller
             )
-            if refs:
-                self._lend_to_caller(refs, caller)
+            if refs:  # refs inside a return value: the caller borrows them before seeing them
+                self.worker.lend([(r._id, r._owner) for r in refs], caller)
             payloads.append(payload)
         return payloads
-
-    def _lend_to_caller(self, refs: list, caller: bytes | None) -> None:
-        """Refs inside a return value: the caller becomes a borrower before it sees them."""
-        worker = self.worker
-        mine = [r._id for r in refs if r._owner == worker.address]
-        if mine:
-            worker._on_borrow(None, ("borrow", mine, caller))
-        others: dict[tuple, list[bytes]] = {}
-        for ref in refs:
-            if ref._owner != worker.address:
-                others.setdefault(tuple(ref._owner), []).append(ref._id)
-        for owner, oids in others.items():
-            worker.send_to_owner(owner, ("borrow", oids, caller))
 
     def _apply_grant(self, grant: Any) -> None:
         """Make the lease's resources visible to user code (GPU ids as CUDA_VISIBLE_DEVICES)."""

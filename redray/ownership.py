@@ -229,6 +229,18 @@ class Ownership:
         """A process died somewhere: whatever it borrowed from us is released."""
         self.forget_borrower(bytes.fromhex(event["worker_id"]))
 
+    def lend(self, refs: list[tuple[bytes, Address | None]], borrower: bytes) -> None:
+        """Register `borrower` with the owner of each (object id, owner) (None: ours)."""
+        by_owner: dict[tuple, list[bytes]] = {}
+        for oid, owner in refs:
+            owner = None if owner is None or tuple(owner) == self.address else tuple(owner)
+            by_owner.setdefault(owner, []).append(oid)
+        for owner, oids in by_owner.items():
+            if owner is None:
+                self._on_borrow(None, ("borrow", oids, borrower))
+            else:
+                self.send_to_owner(owner, ("borrow", oids, borrower))
+
     def _on_borrow(self, conn: Connection, message: tuple) -> None:
         _, oids, borrower = message
         if not self._watching_deaths:

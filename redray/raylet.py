@@ -377,8 +377,7 @@ class Raylet:
             spilled=request.get("spilled", False),
         )
         if decision.kind == "spill":
-            node = decision.node
-            conn.send(("reply", call_id, ("spillback", node.node_id, node.raylet_address)))
+            _reply_spillback(conn, call_id, decision.node)
             return
         if decision.kind == "error":
             error = exceptions.TaskUnschedulableError(decision.message)
@@ -404,25 +403,27 @@ class Raylet:
         )
         self._schedule()
 
-    def _spill_busy(self, request: _Request) -> bool:
-        """This node is busy: send the request where it can run now, if such a node is known."""
-        decision = scheduling.decide(
+    def _redecide(self, request: _Request) -> scheduling.Decision:
+        """Where a pending request would go now, with the current view of the cluster."""
+        return scheduling.decide(
             request.resources, request.strategy, self._local_view(), self.cluster_view, False
         )
+
+    def _spill(self, request: _Request, node: scheduling.NodeView) -> None:
+        self.pending.remove(request)
+        _reply_spillback(request.conn, request.call_id, node)
+
+    def _spill_busy(self, request: _Request) -> bool:
+        """This node is busy: send the request where it can run now, if such a node is known."""
+        decision = self._redecide(request)
         if decision.kind != "spill":
             return False
-        self.pending.remove(request)
-        node = decision.node
-        request.conn.send(
-            ("reply", request.call_id, ("spillback", node.node_id, node.raylet_address))
-        )
+        self._spill(request, decision.node)
         return True
 
     def _place_elsewhere(self, request: _Request, now: float) -> None:
         """A request this node can never run: spill it once a node that fits is known."""
-        decision = scheduling.decide(
-            request.resources, request.strategy, self._local_view(), self.cluster_view, False
-        )
+        decision = self._redecide(request)
         if request.undecided:
             if decision.kind == "unknown" and now - request.since < UNKNOWN_NODE_SECONDS:
                 return
@@ -439,11 +440,7 @@ class Raylet:
             if decision.kind == "local":
                 return  # granted by the normal pass
         if decision.kind == "spill" and not request.spilled:
-            self.pending.remove(request)
-            node = decision.node
-            request.conn.send(
-                ("reply", request.call_id, ("spillback", node.node_id, node.raylet_address))
-            )
+            self._spill(request, decision.node)
         elif not request.warned and now - request.since > INFEASIBLE_WARNING_SECONDS:
             request.warned = True
             self._warn_infeasible(request.conn, request.name, request.resources)
@@ -764,6 +761,11 @@ class Raylet:
                     self.reactor.call_soon(self._schedule)
             except Exception:
                 log.exception("heartbeat failed")
+
+
+def _reply_spillback(conn: Connection, call_id: int, node: scheduling.NodeView) -> None:
+    """Answer a lease request with "try node X"."""
+    conn.send(("reply", call_id, ("spillback", node.node_id, node.raylet_address)))
 
 
 def _kill(pid: int) -> None:

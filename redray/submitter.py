@@ -255,8 +255,11 @@ class TaskSubmitter:
             self._enqueue(task)
 
     def _resolve_args(self, task: _Task) -> tuple | None:
+        return self.fill_ref_args(task.args, task.kwargs)
+
+    def fill_ref_args(self, args: tuple, kwargs: dict) -> tuple | None:
         """Fill each ref argument with its payload; return an error payload to propagate."""
-        for items in (task.args, task.kwargs.values()):
+        for items in (args, kwargs.values()):
             for item in items:
                 if type(item) is list:
                     payload = self.worker.payload_of(item[0])
@@ -553,28 +556,16 @@ class TaskSubmitter:
 
     def _adopt_borrows(self, borrowed: list, borrower: bytes | None) -> None:
         """The worker kept refs it got as arguments: it now borrows them from their owners."""
-        if borrower is None:
-            return
-        mine = [oid for oid, owner in borrowed if owner is None]
-        if mine:
-            self.worker._on_borrow(None, ("borrow", mine, borrower))
-        others: dict[tuple, list[bytes]] = {}
-        for oid, owner in borrowed:
-            if owner is not None:
-                others.setdefault(tuple(owner), []).append(oid)
-        for owner, oids in others.items():
-            if owner == self.worker.address:
-                self.worker._on_borrow(None, ("borrow", oids, borrower))
-            else:
-                self.worker.send_to_owner(owner, ("borrow", oids, borrower))
+        if borrower is not None:
+            self.worker.lend(borrowed, borrower)
 
     def should_retry_error(self, task: _Task, payload: tuple) -> bool:
         retry = task.options.retry_exceptions
         if not retry or task.retries_left == 0 or task.cancelled:
             return False
-        from redray.worker import _unpickle_error
+        from redray.worker import unpickle_error
 
-        error = _unpickle_error(payload[1])
+        error = unpickle_error(payload[1])
         if isinstance(error, exceptions.TaskCancelledError):
             return False
         if retry is True:

@@ -472,7 +472,7 @@ class CoreWorker(Ownership):
                 self.register_borrows(scope.refs)
             return value
         if kind == "e":
-            raise _unpickle_error(payload[1])
+            raise unpickle_error(payload[1])
         if kind == "s":
             return self.read_from_store(oid, payload, _attempt)
         raise exceptions.RaySystemError(f"unknown payload kind {kind!r}")
@@ -731,7 +731,7 @@ def pickle_error(exc: BaseException) -> bytes:
         return cloudpickle.dumps(exceptions.RaySystemError(repr(exc)))
 
 
-def _unpickle_error(data: bytes) -> BaseException:
+def unpickle_error(data: bytes) -> BaseException:
     try:
         err = serialization.loads(data)
     except Exception as exc:
