@@ -315,15 +315,7 @@ class ControlLoop:
             self._return_lease(actor, kill=True)
             self._schedule(actor)
             return
-        actor.conn = conn
-        previous = conn.on_close
-
-        def closed(c: Connection) -> None:
-            if previous is not None:
-                previous(c)
-            self.post(self._on_actor_conn_closed, actor, c)
-
-        conn.on_close = closed
+        self._watch(actor, conn)
         actor_bytes = bytes.fromhex(actor.actor_id)
         restarts = actor.info.get("num_restarts", 0)
         self.client.call_async(
@@ -462,7 +454,8 @@ class ControlLoop:
 
         self.client.peer_async(address, connected)
 
-    def _watch_existing(self, actor: _Actor, conn: Connection) -> None:
+    def _watch(self, actor: _Actor, conn: Connection) -> None:
+        """Follow the actor's process through our connection to it: its close is a death."""
         actor.conn = conn
         previous = conn.on_close
 
@@ -472,6 +465,9 @@ class ControlLoop:
             self.post(self._on_actor_conn_closed, actor, c)
 
         conn.on_close = closed
+
+    def _watch_existing(self, actor: _Actor, conn: Connection) -> None:
+        self._watch(actor, conn)
         conn.send(("actor_control", bytes.fromhex(actor.actor_id)))
 
     def _on_lost_on_takeover(self, actor: _Actor) -> None:
