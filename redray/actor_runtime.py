@@ -139,7 +139,7 @@ class ActorRuntime:
             self._refuse(conn, message)
             return
         if method == TERMINATE or not (self.is_async or self.threaded):
-            self.executor.inbox.put((conn, message))
+            self.executor.post(conn, message)
             return
         with self._idle:
             self._active += 1

@@ -6,6 +6,7 @@ import atexit
 import logging
 import os
 import secrets
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -259,6 +260,31 @@ def _start_driver(connection, namespace, log_to_driver, runtime_env) -> None:
         job_id, {"driver_pid": os.getpid(), "driver_address": list(worker.address[:2])}
     )
     context.current = worker
+    _defer_sigint(worker)
+
+
+def _defer_sigint(worker) -> None:
+    """Ctrl-C still raises KeyboardInterrupt in the driver, but never inside the runtime's
+    message handling when the main thread runs it (see Reactor.block); a handler the user
+    installed is left alone (the main thread then never runs the reactor loop)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+    reactor = worker.reactor
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        reactor.keyboard_interrupt()
+
+    on_sigint.defers_in_reactor = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGINT, on_sigint)
+
+
+def _restore_sigint() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if getattr(signal.getsignal(signal.SIGINT), "defers_in_reactor", False):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _context_info() -> dict[str, Any]:
@@ -285,6 +311,7 @@ def shutdown(_exiting_interpreter: bool = False) -> None:
             except Exception:
                 pass
             worker.shutdown()
+            _restore_sigint()
         if _private_node is not None:
             started, _private_node = _private_node, None
             started.stop()

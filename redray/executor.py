@@ -8,9 +8,9 @@ that receives an actor's creation becomes that actor for the rest of its life (s
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import os
-import queue
 import signal
 import sys
 import threading
@@ -18,7 +18,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from redray import context, exceptions
-from redray.reactor import Connection
+from redray.reactor import Connection, Waiter
 
 if TYPE_CHECKING:
     from redray.actor_runtime import ActorRuntime
@@ -52,7 +52,8 @@ class Executor:
 
     def __init__(self, worker: CoreWorker):
         self.worker = worker
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox: collections.deque[tuple[Connection, tuple]] = collections.deque()
+        self._idle: Waiter | None = None  # set while the main thread waits for work
         self.current: TaskContext | None = None  # the normal task on the main thread
         self.actor: ActorRuntime | None = None
         self._cancelled: set[bytes] = set()
@@ -87,9 +88,28 @@ class Executor:
             return self.actor.context
         return ctx
 
+    def post(self, conn: Connection, message: tuple) -> None:
+        """Queue a task or call for the main thread (from any thread)."""
+        self.inbox.append((conn, message))
+        idle = self._idle
+        if idle is not None:
+            idle.set()
+
+    def _next(self) -> tuple[Connection, tuple]:
+        """The next queued message; while there is none, the main thread runs the reactor
+        loop, so a task arriving wakes it directly (see Reactor.block)."""
+        inbox = self.inbox
+        reactor = self.worker.reactor
+        while not inbox:
+            waiter = self._idle = reactor.waiter()
+            if not inbox:  # (post() may have run before _idle was set)
+                reactor.block(waiter)
+        self._idle = None
+        return inbox.popleft()
+
     # -- reactor thread ---------------------------------------------------------------------
     def _on_message(self, conn: Connection, message: tuple) -> None:
-        self.inbox.put((conn, message))
+        self.post(conn, message)
 
     def _on_actor_task(self, conn: Connection, message: tuple) -> None:
         if self.actor is None:
@@ -101,7 +121,7 @@ class Executor:
     def _on_task(self, conn: Connection, message: tuple) -> None:
         with self._waiting_lock:
             self._waiting.add(message[1])
-        self.inbox.put((conn, message))
+        self.post(conn, message)
 
     def _on_steal(self, conn: Connection, message: tuple) -> None:
         """Give back the named tasks that have not started (their owner runs them elsewhere)."""
@@ -135,7 +155,9 @@ class Executor:
     def _on_sigint(self, signum: int, frame: Any) -> None:
         current = self.current
         if current is not None and self._interrupt == current.task_id:
-            raise KeyboardInterrupt
+            self.worker.reactor.keyboard_interrupt()
+
+    _on_sigint.defers_in_reactor = True  # type: ignore[attr-defined]
 
     def on_connection_lost(self, conn: Connection) -> None:
         if self.actor is not None:
@@ -143,10 +165,9 @@ class Executor:
 
     # -- main thread ------------------------------------------------------------------------
     def run(self) -> None:
-        inbox = self.inbox
         while True:
             try:
-                conn, message = inbox.get()
+                conn, message = self._next()
                 kind = message[0]
                 if kind == "task":
                     self.execute(conn, message)

@@ -4,6 +4,11 @@ Senders write straight to the socket from whatever thread they are on (the commo
 one syscall and no thread hand-off); only what the kernel would not take is queued for the
 reactor to flush. Incoming frames are decoded and handed to the connection's handler on the
 reactor thread, in order, so handlers must not block.
+
+A thread that blocks for something the reactor will produce (a reply, a task) may run the
+reactor loop itself meanwhile (`Reactor.block`): the I/O thread hands the loop over and
+sleeps until it is given back. The reply then wakes the waiting thread directly, instead of
+waking the I/O thread which wakes the waiting thread: half the thread wake-ups per round trip.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import pickle
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -139,42 +145,45 @@ class Connection:
             return True
 
     def _on_readable(self) -> None:
+        scratch = self.reactor._scratch
         try:
-            data = self.sock.recv(_RECV_SIZE)
+            received = self.sock.recv_into(scratch)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            received = 0
+        if not received:
             self.close()
             return
         buf = self._in
-        buf += data
+        buf += scratch[:received]
         if self._nonce is not None and not self._finish_handshake():
             return
         offset, size = 0, len(buf)
         unpack = protocol.HEADER.unpack_from
         header = protocol.HEADER.size
-        while size - offset >= header:
-            (length,) = unpack(buf, offset)
-            end = offset + header + length
-            if end > size:
-                break
-            try:
-                message = pickle.loads(memoryview(buf)[offset + header : end])
-            except Exception:
-                log.exception("undecodable frame from %r; closing", self)
-                self.close()
-                return
-            offset = end
-            try:
-                self.handler(self, message)
-            except Exception:
-                log.exception("handler failed on %r for %.200r", self, message)
-            if self.closed:
-                return
-        if offset:
-            del buf[:offset]
+        try:
+            while size - offset >= header:
+                (length,) = unpack(buf, offset)
+                end = offset + header + length
+                if end > size:
+                    break
+                try:
+                    message = pickle.loads(memoryview(buf)[offset + header : end])
+                except Exception:
+                    log.exception("undecodable frame from %r; closing", self)
+                    self.close()
+                    return
+                offset = end
+                try:
+                    self.handler(self, message)
+                except Exception:
+                    log.exception("handler failed on %r for %.200r", self, message)
+                if self.closed:
+                    return
+        finally:
+            if offset and not self.closed:
+                del buf[:offset]  # each frame is handled once, even if a handler raised
 
     def _finish_handshake(self) -> bool:
         """Server side: check the client's proof before any frame is decoded."""
@@ -190,6 +199,30 @@ class Connection:
         self._nonce = None
         self.send_bytes(answer)
         return True
+
+
+class Waiter:
+    """A one-shot wake-up for a thread blocked in `Reactor.block`; `set` from any thread."""
+
+    __slots__ = ("_reactor", "_lock", "done", "leading", "thread")
+
+    def __init__(self, reactor: Reactor):
+        self._reactor = reactor
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.done = False
+        self.leading = False  # the blocked thread runs the reactor loop
+        self.thread = 0
+
+    def set(self) -> None:
+        with self._reactor._role:
+            if self.done:
+                return
+            self.done = True
+            # A leading waiter sees `done` after the event that set it; only a sleeping
+            # one needs waking (and the lock is released once at most: here or by a grant).
+            if not self.leading and self._lock.locked():
+                self._lock.release()
 
 
 class Reactor:
@@ -209,6 +242,14 @@ class Reactor:
         self._connections: dict[int, Connection] = {}
         self._listeners: dict[int, tuple[socket.socket, Callable]] = {}
         self._stopping = False
+        self._role = threading.Lock()  # guards the hand-over of the loop to a blocked thread
+        self._borrower: Waiter | None = None  # a blocked thread asking to run the loop
+        self._resume = threading.Lock()  # the I/O thread sleeps on it while lent out
+        self._resume.acquire()
+        self._leader = 0  # ident of the thread running the loop
+        self.interrupted = False  # a deferred SIGINT waits to be raised
+        # Reads land here first: a fresh buffer per recv would cost an mmap/munmap pair.
+        self._scratch = memoryview(bytearray(_RECV_SIZE))
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -216,12 +257,7 @@ class Reactor:
     def call_soon(self, fn: Callable, *args: Any) -> None:
         """Run fn(*args) on the reactor thread."""
         self._calls.append((fn, args))
-        if not self._woken:
-            self._woken = True
-            try:
-                os.write(self._wake_w, b"x")
-            except (BlockingIOError, OSError):
-                pass
+        self._wake()
 
     def call_later(self, delay: float, fn: Callable, *args: Any) -> None:
         """Run fn(*args) on the reactor thread after `delay` seconds."""
@@ -229,7 +265,99 @@ class Reactor:
         self.call_soon(heapq.heappush, self._timers, entry)
 
     def in_reactor(self) -> bool:
-        return threading.current_thread() is self.thread
+        """True on the thread running the loop (the I/O thread, or a thread it lent it to)."""
+        return threading.get_ident() == self._leader
+
+    def waiter(self) -> Waiter:
+        return Waiter(self)
+
+    def block(self, waiter: Waiter, timeout: float | None = None) -> bool:
+        """Sleep until waiter is set (True) or timeout passes (False).
+
+        Meanwhile this thread runs the reactor loop itself if the I/O thread can lend it, so
+        what sets the waiter (a reply on a socket) wakes this thread directly. The main
+        thread leads only while SIGINT's handler defers KeyboardInterrupt (see
+        `keyboard_interrupt`): it must never land inside a message handler.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not waiter.done:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            if self._may_lead():
+                waiter.thread = threading.get_ident()
+                with self._role:
+                    ask = self._borrower is None and not waiter.done and not self._stopping
+                    if ask:
+                        self._borrower = waiter
+                if ask:
+                    self._wake()
+            waiter._lock.acquire(timeout=-1 if left is None else left)
+            with self._role:
+                if self._borrower is waiter:
+                    self._borrower = None
+                leading = waiter.leading
+            if leading:
+                try:
+                    self._lead(waiter, deadline)
+                finally:
+                    with self._role:
+                        waiter.leading = False
+                        self._leader = self.thread.ident
+                    self._resume.release()
+                if self.interrupted and waiter.thread == threading.main_thread().ident:
+                    self.interrupted = False
+                    raise KeyboardInterrupt
+        return True
+
+    def keyboard_interrupt(self) -> None:
+        """Raise KeyboardInterrupt in the calling (main) thread: at once, or, when it is
+        running the reactor loop, as soon as it hands the loop back. For SIGINT handlers,
+        which mark themselves with `defers_in_reactor = True`."""
+        if self._leader == threading.get_ident():
+            self.interrupted = True
+            self._wake()
+            return
+        raise KeyboardInterrupt
+
+    def _may_lead(self) -> bool:
+        ident = threading.get_ident()
+        if ident == self._leader:
+            return False
+        if ident == threading.main_thread().ident:
+            return getattr(signal.getsignal(signal.SIGINT), "defers_in_reactor", False)
+        return True
+
+    def _wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):
+                pass
+
+    def _lead(self, waiter: Waiter, deadline: float | None) -> None:
+        while not waiter.done and not self._stopping and not self.interrupted:
+            # (`interrupted` is only ever set while the main thread leads)
+            if deadline is None:
+                self._run_once(None)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._run_once(left)
+
+    def _lend(self) -> None:
+        """On the I/O thread: give the loop to the blocked thread asking for it, and sleep
+        until it gives it back."""
+        with self._role:
+            waiter, self._borrower = self._borrower, None
+            if waiter is None or waiter.done:
+                return
+            waiter.leading = True
+            self._leader = waiter.thread
+            waiter._lock.release()
+        self._resume.acquire()
 
     def listen(
         self,
@@ -313,6 +441,51 @@ class Reactor:
             return
         self._selector.modify(conn.fileno, _READ | _WRITE, conn)
 
+    def _run_once(self, limit: float | None) -> None:
+        """One pass: wait (at most `limit` seconds) for sockets, then run calls and timers."""
+        calls = self._calls
+        timers = self._timers
+        if calls:
+            timeout = 0.0
+        elif timers:
+            timeout = max(0.0, timers[0][0] - time.monotonic())
+            if limit is not None and limit < timeout:
+                timeout = limit
+        else:
+            timeout = limit
+        for key, events in self._selector.select(timeout):
+            target = key.data
+            if target is None:
+                # Drain first, then clear: a caller that saw the flag set is then sure its
+                # call is seen by this pass over `calls`.
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+                self._woken = False
+            elif isinstance(target, Connection):
+                if events & _WRITE and target._flush() and not target.closed:
+                    self._selector.modify(target.fileno, _READ, target)
+                if events & _READ and not target.closed:
+                    target._on_readable()
+            else:
+                target()
+        while calls:
+            fn, args = calls.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("reactor call %r failed", fn)
+        if timers:
+            now = time.monotonic()
+            while timers and timers[0][0] <= now:
+                _, _, fn, args = heapq.heappop(timers)
+                try:
+                    fn(*args)
+                except Exception:
+                    log.exception("reactor timer %r failed", fn)
+
     def _forget(self, conn: Connection) -> None:
         if self._connections.get(conn.fileno) is conn:
             del self._connections[conn.fileno]
@@ -322,48 +495,12 @@ class Reactor:
                 pass
 
     def _run(self) -> None:
-        select = self._selector.select
-        calls = self._calls
-        timers = self._timers
+        self._leader = threading.get_ident()
         while not self._stopping:
-            if calls:
-                timeout = 0.0
-            elif timers:
-                timeout = max(0.0, timers[0][0] - time.monotonic())
-            else:
-                timeout = None
-            for key, events in select(timeout):
-                target = key.data
-                if target is None:
-                    # Drain first, then clear: a caller that saw the flag set is then sure
-                    # its call is seen by this pass over `calls`.
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except (BlockingIOError, OSError):
-                        pass
-                    self._woken = False
-                elif isinstance(target, Connection):
-                    if events & _WRITE and target._flush() and not target.closed:
-                        self._selector.modify(target.fileno, _READ, target)
-                    if events & _READ and not target.closed:
-                        target._on_readable()
-                else:
-                    target()
-            while calls:
-                fn, args = calls.popleft()
-                try:
-                    fn(*args)
-                except Exception:
-                    log.exception("reactor call %r failed", fn)
-            if timers:
-                now = time.monotonic()
-                while timers and timers[0][0] <= now:
-                    _, _, fn, args = heapq.heappop(timers)
-                    try:
-                        fn(*args)
-                    except Exception:
-                        log.exception("reactor timer %r failed", fn)
+            if self._borrower is not None:
+                self._lend()
+                continue
+            self._run_once(None)
         for conn in list(self._connections.values()):
             conn.on_close = None
             conn.close()

@@ -407,10 +407,9 @@ class CoreWorker(Ownership):
 
     def _wait_for(self, ref: ObjectRef, timeout: float | None) -> bool:
         """Block until one object is ready here; False on timeout."""
-        done = threading.Lock()
-        done.acquire()
-        self.on_ready(ref, done.release)
-        return done.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+        waiter = self.reactor.waiter()
+        self.on_ready(ref, waiter.set)
+        return self.reactor.block(waiter, timeout)
 
     def _block(self, wait: Callable[[], Any]) -> Any:
         """Wait, lending this worker's CPU back to the raylet meanwhile."""
