@@ -127,7 +127,7 @@ class ObjectManager:
         error: BaseException | None = None
         created = False
         try:
-            with protocol.connect(address, self.token) as sock:
+            with protocol.connect(address, self.token, local=False) as sock:
                 protocol.send_frame(sock, ("fetch", oid))
                 header = protocol.recv_frame(sock)
                 if header[0] != "ok":

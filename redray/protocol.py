@@ -1,6 +1,6 @@
 """Wire format and trust: length-prefixed pickle frames behind an HMAC handshake.
 
-Every TCP connection between redray processes starts with a mutual challenge-response on the
+Every connection between redray processes starts with a mutual challenge-response on the
 cluster token. Until it succeeds the listener reads exactly the handshake's raw bytes and never
 unpickles anything, so a peer without the token cannot make a listener run code.
 
@@ -112,10 +112,57 @@ def recv_frame(sock: socket.socket) -> object:
     return pickle.loads(_recv_exactly(sock, length))
 
 
-def connect(address: tuple[str, int], token: bytes, timeout: float = 10.0) -> socket.socket:
-    """An authenticated, blocking TCP connection to a redray listener."""
-    sock = socket.create_connection(address, timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def local_name(host: str, port: int) -> bytes:
+    """The abstract Unix socket a listener on host:port also accepts on. Linux's abstract
+    namespace belongs to the network namespace and leaves no file behind, even on SIGKILL."""
+    return f"\0redray:{host}:{port}".encode()
+
+
+_local_hosts: dict[str, bool] = {}
+
+
+def is_local(host: str) -> bool:
+    """Whether host is an address of this machine (as seen from this network namespace)."""
+    local = _local_hosts.get(host)
+    if local is None:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.bind((host, 0))
+            local = True
+        except OSError:
+            local = False
+        finally:
+            probe.close()
+        _local_hosts[host] = local
+    return local
+
+
+def _connect_local(address: tuple[str, int], timeout: float) -> socket.socket | None:
+    """A Unix-socket connection to a listener on this machine, or None (then use TCP).
+
+    Loopback TCP costs each message a trip through the TCP stack on both sides; a Unix
+    socket does the same job in about half the time."""
+    if not hasattr(socket, "AF_UNIX") or not is_local(address[0]):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(local_name(*address))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def connect(
+    address: tuple[str, int], token: bytes, timeout: float = 10.0, local: bool = True
+) -> socket.socket:
+    """An authenticated, blocking connection to a redray listener: over a Unix socket when
+    the listener is on this machine and accepts on one (`local`), else TCP."""
+    sock = _connect_local(address, timeout) if local else None
+    if sock is None:
+        sock = socket.create_connection(address, timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         client_handshake(sock, token, timeout)
     except BaseException:

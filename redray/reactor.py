@@ -5,10 +5,15 @@ one syscall and no thread hand-off); only what the kernel would not take is queu
 reactor to flush. Incoming frames are decoded and handed to the connection's handler on the
 reactor thread, in order, so handlers must not block.
 
-A thread that blocks for something the reactor will produce (a reply, a task) may run the
-reactor loop itself meanwhile (`Reactor.block`): the I/O thread hands the loop over and
-sleeps until it is given back. The reply then wakes the waiting thread directly, instead of
-waking the I/O thread which wakes the waiting thread: half the thread wake-ups per round trip.
+A thread that blocks for something the reactor will produce (a reply, a task) runs the
+reactor loop itself meanwhile (`Reactor.block`): the I/O thread lends it the loop and sleeps.
+The reply then wakes the waiting thread directly, instead of waking the I/O thread which
+wakes the waiting thread. When the waiter is done it leaves the loop *free* without waking
+the I/O thread (a cross-CPU wake-up costs ~10 µs, a round trip's worth of Python): if it
+blocks again soon, as a caller making synchronous calls or a worker running short tasks
+does, it takes the loop straight back. The lent-out I/O thread checks every
+`PARKED_CHECK_SECONDS` and takes a loop left free, so messages arriving while the waiter runs
+user code wait about that long at most; after a long wait it is woken at once instead.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 _RECV_SIZE = 1 << 18
+PARKED_CHECK_SECONDS = 0.001
 
 Handler = Callable[["Connection", Any], None]
 
@@ -242,11 +248,14 @@ class Reactor:
         self._connections: dict[int, Connection] = {}
         self._listeners: dict[int, tuple[socket.socket, Callable]] = {}
         self._stopping = False
-        self._role = threading.Lock()  # guards the hand-over of the loop to a blocked thread
-        self._borrower: Waiter | None = None  # a blocked thread asking to run the loop
-        self._resume = threading.Lock()  # the I/O thread sleeps on it while lent out
+        self._role = threading.Lock()  # guards who runs the loop (the fields below)
+        self._leader = 0  # ident of the thread running the loop; 0: free (see module doc)
+        self._borrower: Waiter | None = None  # a blocked thread asking for the loop
+        self._lead_since = 0.0  # when the current borrower took the loop
+        self._freed_at = 0.0  # when the loop was last left free
+        self._io_deep = False  # the lent-out I/O thread sleeps until woken...
+        self._resume = threading.Lock()  # ...on this lock (held except to wake it)
         self._resume.acquire()
-        self._leader = 0  # ident of the thread running the loop
         self.interrupted = False  # a deferred SIGINT waits to be raised
         # Reads land here first: a fresh buffer per recv would cost an mmap/munmap pair.
         self._scratch = memoryview(bytearray(_RECV_SIZE))
@@ -274,41 +283,60 @@ class Reactor:
     def block(self, waiter: Waiter, timeout: float | None = None) -> bool:
         """Sleep until waiter is set (True) or timeout passes (False).
 
-        Meanwhile this thread runs the reactor loop itself if the I/O thread can lend it, so
-        what sets the waiter (a reply on a socket) wakes this thread directly. The main
-        thread leads only while SIGINT's handler defers KeyboardInterrupt (see
-        `keyboard_interrupt`): it must never land inside a message handler.
+        Meanwhile this thread runs the reactor loop itself when it can get it, so what sets
+        the waiter (a reply on a socket) wakes this thread directly. The main thread leads
+        only while SIGINT's handler defers KeyboardInterrupt (see `keyboard_interrupt`): it
+        must never land inside a message handler.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not waiter.done:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
-            if self._may_lead():
-                waiter.thread = threading.get_ident()
+            leading = self._may_lead() and self._take_or_ask(waiter)
+            if not leading:
+                waiter._lock.acquire(timeout=-1 if left is None else left)
                 with self._role:
-                    ask = self._borrower is None and not waiter.done and not self._stopping
-                    if ask:
-                        self._borrower = waiter
-                if ask:
-                    self._wake()
-            waiter._lock.acquire(timeout=-1 if left is None else left)
-            with self._role:
-                if self._borrower is waiter:
-                    self._borrower = None
-                leading = waiter.leading
+                    if self._borrower is waiter:
+                        self._borrower = None
+                    leading = waiter.leading
             if leading:
                 try:
                     self._lead(waiter, deadline)
                 finally:
-                    with self._role:
-                        waiter.leading = False
-                        self._leader = self.thread.ident
-                    self._resume.release()
+                    self._leave(waiter)
                 if self.interrupted and waiter.thread == threading.main_thread().ident:
                     self.interrupted = False
                     raise KeyboardInterrupt
         return True
+
+    def _take_or_ask(self, waiter: Waiter) -> bool:
+        """Take the loop if it is free (True); else ask the I/O thread to lend it."""
+        waiter.thread = threading.get_ident()
+        with self._role:
+            if waiter.done or self._stopping:
+                return False
+            if self._leader == 0:
+                self._leader = waiter.thread
+                self._lead_since = time.monotonic()
+                waiter.leading = True
+                return True
+            ask = self._borrower is None
+            if ask:
+                self._borrower = waiter
+        if ask:
+            self._wake()
+        return False
+
+    def _leave(self, waiter: Waiter) -> None:
+        """Leave the loop free; wake the I/O thread only if it stopped checking."""
+        with self._role:
+            waiter.leading = False
+            self._leader = 0
+            self._freed_at = time.monotonic()
+            wake, self._io_deep = self._io_deep, False
+        if wake:
+            self._resume.release()
 
     def keyboard_interrupt(self) -> None:
         """Raise KeyboardInterrupt in the calling (main) thread: at once, or, when it is
@@ -348,16 +376,39 @@ class Reactor:
             self._run_once(left)
 
     def _lend(self) -> None:
-        """On the I/O thread: give the loop to the blocked thread asking for it, and sleep
-        until it gives it back."""
+        """On the I/O thread: give the loop to the blocked thread asking for it."""
         with self._role:
             waiter, self._borrower = self._borrower, None
             if waiter is None or waiter.done:
                 return
             waiter.leading = True
             self._leader = waiter.thread
+            self._lead_since = time.monotonic()
             waiter._lock.release()
-        self._resume.acquire()
+        self._park()
+
+    def _park(self) -> None:
+        """On the I/O thread while the loop is lent out: take it back once it is left free
+        (checking every PARKED_CHECK_SECONDS), or sleep until woken while a borrower keeps
+        it longer than that (it is blocked for a while: no point in checking)."""
+        check = PARKED_CHECK_SECONDS
+        while True:
+            with self._role:
+                deep = self._io_deep
+            if deep:
+                self._resume.acquire()
+            else:
+                self._resume.acquire(timeout=check)
+            with self._role:
+                now = time.monotonic()
+                if self._leader == 0:
+                    # Left free just now: its borrower is likely back in a moment.
+                    if deep or self._stopping or now - self._freed_at >= check / 2:
+                        self._leader = threading.get_ident()
+                        self._io_deep = False
+                        return
+                elif self._stopping or now - self._lead_since >= check:
+                    self._io_deep = True
 
     def listen(
         self,
@@ -367,13 +418,35 @@ class Reactor:
         on_close: Callable[[Connection], None] | None = None,
         on_accept: Callable[[Connection], None] | None = None,
     ) -> tuple[str, int]:
-        """Accept authenticated connections on host:port (0 = any free port)."""
+        """Accept authenticated connections on host:port (0 = any free port), and on the
+        matching abstract Unix socket for peers on this machine (see protocol.connect)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)
+        address = sock.getsockname()[:2]
+        sockets = [sock]
+        if hasattr(socket, "AF_UNIX"):
+            local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                local.bind(protocol.local_name(*address))
+                sockets.append(local)
+            except OSError:  # not Linux, or the name is taken: TCP only
+                local.close()
+        for listener in sockets:
+            listener.listen(1024)
+            listener.setblocking(False)
+            self.call_soon(
+                self._add_listener, listener, self._acceptor(listener, handler, on_close, on_accept)
+            )
+        return address
 
+    def _acceptor(
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        on_close: Callable[[Connection], None] | None,
+        on_accept: Callable[[Connection], None] | None,
+    ) -> Callable[[], None]:
         def accept() -> None:
             while True:
                 try:
@@ -389,8 +462,7 @@ class Reactor:
                 if on_accept is not None:
                     on_accept(conn)
 
-        self.call_soon(self._add_listener, sock, accept)
-        return sock.getsockname()[:2]
+        return accept
 
     def connect(
         self,
@@ -418,7 +490,11 @@ class Reactor:
 
     def stop(self) -> None:
         """Close every socket and end the thread."""
-        self._stopping = True
+        with self._role:
+            self._stopping = True
+            wake, self._io_deep = self._io_deep, False
+        if wake:
+            self._resume.release()
         self.call_soon(lambda: None)
         if not self.in_reactor():
             self.thread.join(timeout=5)
