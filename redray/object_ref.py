@@ -69,7 +69,9 @@ class ObjectRef:
     def future(self) -> concurrent.futures.Future:
         """A concurrent.futures.Future resolved with this object's value (or error)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        context.worker().on_ready(self, lambda: _settle(future, self))
+        worker = context.worker()
+        worker.on_ready(self, lambda: _settle(future, self))
+        worker.reactor.ensure_running()  # the future is settled by whoever runs the loop
         return future
 
     def __await__(self):

@@ -253,9 +253,9 @@ class Reactor:
         self._borrower: Waiter | None = None  # a blocked thread asking for the loop
         self._lead_since = 0.0  # when the current borrower took the loop
         self._freed_at = 0.0  # when the loop was last left free
-        self._io_deep = False  # the lent-out I/O thread sleeps until woken...
-        self._resume = threading.Lock()  # ...on this lock (held except to wake it)
-        self._resume.acquire()
+        self._io_deep = False  # the lent-out I/O thread sleeps until woken
+        self._kicked = False  # ...and is asked to take the loop at once
+        self._parked = threading.Condition(self._role)  # where it sleeps
         self.interrupted = False  # a deferred SIGINT waits to be raised
         # Reads land here first: a fresh buffer per recv would cost an mmap/munmap pair.
         self._scratch = memoryview(bytearray(_RECV_SIZE))
@@ -334,9 +334,23 @@ class Reactor:
             waiter.leading = False
             self._leader = 0
             self._freed_at = time.monotonic()
-            wake, self._io_deep = self._io_deep, False
-        if wake:
-            self._resume.release()
+            if self._io_deep:
+                self._kick()
+
+    def ensure_running(self) -> None:
+        """Have the loop run at once: for a thread about to wait for something the reactor
+        produces without running the loop itself (as `block` does)."""
+        if self._leader:
+            return
+        with self._role:
+            if self._leader == 0:
+                self._kick()
+
+    def _kick(self) -> None:
+        """(role lock held) Wake the parked I/O thread to take the free loop now."""
+        self._io_deep = False
+        self._kicked = True
+        self._parked.notify()
 
     def keyboard_interrupt(self) -> None:
         """Raise KeyboardInterrupt in the calling (main) thread: at once, or, when it is
@@ -392,23 +406,21 @@ class Reactor:
         (checking every PARKED_CHECK_SECONDS), or sleep until woken while a borrower keeps
         it longer than that (it is blocked for a while: no point in checking)."""
         check = PARKED_CHECK_SECONDS
-        while True:
-            with self._role:
-                deep = self._io_deep
-            if deep:
-                self._resume.acquire()
-            else:
-                self._resume.acquire(timeout=check)
-            with self._role:
+        with self._parked:
+            while True:
                 now = time.monotonic()
                 if self._leader == 0:
                     # Left free just now: its borrower is likely back in a moment.
-                    if deep or self._stopping or now - self._freed_at >= check / 2:
+                    if self._kicked or self._stopping or now - self._freed_at >= check / 2:
                         self._leader = threading.get_ident()
-                        self._io_deep = False
+                        self._kicked = self._io_deep = False
                         return
+                    self._parked.wait(check)
                 elif self._stopping or now - self._lead_since >= check:
                     self._io_deep = True
+                    self._parked.wait()
+                else:
+                    self._parked.wait(check)
 
     def listen(
         self,
@@ -492,9 +504,7 @@ class Reactor:
         """Close every socket and end the thread."""
         with self._role:
             self._stopping = True
-            wake, self._io_deep = self._io_deep, False
-        if wake:
-            self._resume.release()
+            self._parked.notify()
         self.call_soon(lambda: None)
         if not self.in_reactor():
             self.thread.join(timeout=5)

@@ -170,16 +170,15 @@ class CoreWorker(Ownership):
 
     def call(self, conn: Connection, kind: str, *args: Any, timeout: float | None = None) -> Any:
         """Send a request and wait for its reply (not on the reactor thread)."""
-        done = threading.Lock()
-        done.acquire()
+        waiter = self.reactor.waiter()
         result: list[Any] = []
 
         def on_reply(reply: Any) -> None:
             result.append(reply)
-            done.release()
+            waiter.set()
 
         self.call_async(conn, kind, args, on_reply)
-        if not done.acquire(timeout=-1 if timeout is None else timeout):
+        if not self.reactor.block(waiter, timeout):
             raise exceptions.GetTimeoutError(f"no reply to {kind} within {timeout} s")
         return result[0]
 
@@ -379,6 +378,7 @@ class CoreWorker(Ownership):
             self._ready_waiters += 1
 
         def wait() -> None:
+            self.reactor.ensure_running()  # this thread sleeps on a condition, not in the loop
             while True:
                 with ready:
                     seen = self._ready_version
@@ -629,10 +629,9 @@ class CoreWorker(Ownership):
         callback()
 
     def wait_payload(self, oid: bytes) -> Payload:
-        done = threading.Lock()
-        done.acquire()
-        self.on_payload(oid, done.release)
-        self._block(done.acquire)
+        waiter = self.reactor.waiter()
+        self.on_payload(oid, waiter.set)
+        self._block(lambda: self.reactor.block(waiter))
         payload = self.payload_of(oid)
         if payload is None:
             return ("e", pickle_error(exceptions.ObjectLostError(oid.hex(), self.address)))

@@ -394,20 +394,17 @@ class Forker:
     def pid(self) -> int:
         return os.getpid()
 
-    def listen_ports(self) -> list[int]:
-        return [
-            c.laddr.port for c in psutil.Process().net_connections("tcp") if c.status == "LISTEN"
-        ]
+    def fork_helper(self, release_file: str, keep_only_caller: bool = False) -> int:
+        """Fork a helper that lives until release_file exists. With keep_only_caller, the
+        helper closes every inherited socket but the one this call came in on."""
+        from redray import context
 
-    def fork_helper(self, release_file: str, keep_only_port: int | None = None) -> int:
-        """Fork a helper that lives until release_file exists. With keep_only_port, the helper
-        closes every inherited socket but the one connected to that (caller's) port."""
         connections = psutil.Process().net_connections("all")
-        keep = [c.fd for c in connections if c.raddr and c.raddr.port == keep_only_port]
+        keep = [context.current.executor.context().conn.fileno]
         child = os.fork()
         if child == 0:
             try:
-                if keep_only_port is not None:
+                if keep_only_caller:
                     for c in connections:
                         if c.fd >= 0 and c.fd not in keep:
                             try:
@@ -1365,14 +1362,7 @@ def test_calls_in_flight_when_the_new_state_is_published_first(
     name = f"dies-before-its-connection-{restarts}-{retries}"
     actor = Forker.options(name=name, max_restarts=restarts, max_task_retries=retries).remote()
     pid = redray.get(actor.pid.remote())
-    ports = redray.get(actor.listen_ports.remote())
-    mine = [
-        c.laddr.port
-        for c in psutil.Process().net_connections("tcp")
-        if c.raddr and c.raddr.port in ports
-    ]
-    assert len(mine) == 1
-    forked_helpers.append(redray.get(actor.fork_helper.remote(gate.release_file, mine[0])))
+    forked_helpers.append(redray.get(actor.fork_helper.remote(gate.release_file, True)))
     ref = actor.nap_once.remote(str(tmp_path / "attempts"), gate.release_file)
     wait_for(lambda: count_lines(tmp_path / "attempts") == 1, message="the call never started")
     sigkill(pid)

@@ -195,6 +195,19 @@ def listener():
     lst.reactor.stop()
 
 
+def raw_connection(address: tuple[str, int], transport: str) -> socket.socket:
+    """A plain socket to a listener, over TCP or its abstract Unix socket (no handshake)."""
+    if transport == "tcp":
+        return socket.create_connection(address, timeout=5)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(protocol.local_name(*address))
+    return sock
+
+
+TRANSPORTS = pytest.mark.parametrize("transport", ["tcp", "unix"])
+
+
 def read_frame(sock: socket.socket):
     header = protocol._recv_exactly(sock, protocol.HEADER.size)
     (length,) = protocol.HEADER.unpack(header)
@@ -225,10 +238,11 @@ def test_listener_drops_a_client_with_the_wrong_token(listener):
     assert listener.messages == []
 
 
-def test_listener_never_unpickles_before_auth(listener, tmp_path):
+@TRANSPORTS
+def test_listener_never_unpickles_before_auth(listener, tmp_path, transport):
     """A frame sent instead of the handshake is dropped unread: the file is never made."""
     target = tmp_path / "pwned"
-    sock = socket.create_connection(listener.address)
+    sock = raw_connection(listener.address, transport)
     assert len(protocol._recv_exactly(sock, protocol.NONCE_BYTES)) == protocol.NONCE_BYTES
     sock.sendall(malicious_frame(str(target)) * 3)
     wait_closed_by_peer(sock)
@@ -237,9 +251,10 @@ def test_listener_never_unpickles_before_auth(listener, tmp_path):
     assert listener.messages == []
 
 
-def test_listener_ignores_frames_after_a_bad_proof(listener, tmp_path):
+@TRANSPORTS
+def test_listener_ignores_frames_after_a_bad_proof(listener, tmp_path, transport):
     target = tmp_path / "pwned"
-    sock = socket.create_connection(listener.address)
+    sock = raw_connection(listener.address, transport)
     nonce = protocol._recv_exactly(sock, protocol.NONCE_BYTES)
     bad_proof = protocol._mac(WRONG, b"client", nonce) + os.urandom(protocol.NONCE_BYTES)
     sock.sendall(bad_proof + malicious_frame(str(target)))
@@ -261,6 +276,53 @@ def test_listener_reads_frames_sent_with_the_proof(listener):
     assert read_frame(sock) == ("echo", ("first",))
     assert read_frame(sock) == ("echo", ("second",))
     sock.close()
+
+
+def test_local_peers_connect_over_the_unix_socket(listener):
+    """A listener on this machine is reached over its Unix socket, authenticated all the same."""
+    sock = protocol.connect(listener.address, TOKEN)
+    assert sock.family == socket.AF_UNIX
+    sock.sendall(protocol.encode(("over", "unix")))
+    assert read_frame(sock) == ("echo", ("over", "unix"))
+    sock.close()
+    with pytest.raises(ConnectionError):
+        protocol.connect(listener.address, WRONG)
+    tcp = protocol.connect(listener.address, TOKEN, local=False)
+    assert tcp.family == socket.AF_INET
+    tcp.sendall(protocol.encode(("over", "tcp")))
+    assert read_frame(tcp) == ("echo", ("over", "tcp"))
+    tcp.close()
+
+
+def test_other_machines_are_reached_over_tcp():
+    assert protocol.is_local("127.0.0.1")
+    assert not protocol.is_local("192.0.2.1")  # TEST-NET-1: never an address of this host
+
+
+def test_a_listener_gone_from_the_unix_socket_is_still_reached_over_tcp():
+    """A peer whose Unix name is unavailable (taken, or another network namespace) is
+    reached over TCP."""
+    reactor = Reactor(TOKEN, name="test-tcp-only")
+    try:
+        squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        squatter.bind(("127.0.0.1", 0))
+        port = squatter.getsockname()[1]
+        squatter.close()
+        blocker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        blocker.bind(protocol.local_name("127.0.0.1", port))  # the name is taken
+        try:
+            messages = []
+            address = reactor.listen("127.0.0.1", port, lambda conn, m: messages.append(m))
+            blocker.close()  # the name is free again, but nobody accepts on it
+            sock = protocol.connect(address, TOKEN)
+            assert sock.family == socket.AF_INET
+            sock.sendall(protocol.encode(("hello",)))
+            wait_for(lambda: messages == [("hello",)], timeout=5)
+            sock.close()
+        finally:
+            blocker.close()
+    finally:
+        reactor.stop()
 
 
 def test_listener_survives_half_handshakes(listener):
@@ -288,9 +350,11 @@ def worker_address_while_blocked(mark_file: str, release_file: str):
     return port
 
 
-def attack(address: tuple[str, int], target: str, with_bad_proof: bool) -> None:
+def attack(
+    address: tuple[str, int], target: str, with_bad_proof: bool, transport: str = "tcp"
+) -> None:
     """Connect without the token and send a pickle that would create `target`."""
-    sock = socket.create_connection(address, timeout=5)
+    sock = raw_connection(address, transport)
     nonce = protocol._recv_exactly(sock, protocol.NONCE_BYTES)
     data = malicious_frame(target)
     if with_bad_proof:
@@ -310,12 +374,13 @@ def request(address: tuple[str, int], token: bytes, message: tuple):
 
 
 @pytest.mark.timeout(60)
+@TRANSPORTS
 @pytest.mark.parametrize("with_bad_proof", [False, True], ids=["no-proof", "bad-proof"])
-def test_raylet_drops_clients_without_the_token(ray_start, tmp_path, with_bad_proof):
+def test_raylet_drops_clients_without_the_token(ray_start, tmp_path, with_bad_proof, transport):
     node = redray.nodes()[0]
     address = (node["NodeManagerAddress"], node["NodeManagerPort"])
     target = tmp_path / "pwned-raylet"
-    attack(address, str(target), with_bad_proof)
+    attack(address, str(target), with_bad_proof, transport)
     assert not target.exists()
     # A client holding the token is served, and the node still runs tasks.
     token = redray.context.current.token
@@ -335,14 +400,15 @@ def worker_port():
 
 
 @pytest.mark.timeout(60)
+@TRANSPORTS
 @pytest.mark.parametrize("with_bad_proof", [False, True], ids=["no-proof", "bad-proof"])
-def test_worker_drops_clients_without_the_token(ray_start, gate, with_bad_proof):
+def test_worker_drops_clients_without_the_token(ray_start, gate, with_bad_proof, transport):
     ref = worker_address_while_blocked.remote(gate.path("address"), gate.release_file)
     host, port, pid = gate.wait_mark("address").split(":")
     address = (host, int(port))
     assert host == "127.0.0.1"  # listeners bind to loopback unless told otherwise
     target = gate.path("pwned-worker")
-    attack(address, target, with_bad_proof)
+    attack(address, target, with_bad_proof, transport)
     assert not os.path.exists(target)
     # The worker is alive and serves a client that holds the token.
     assert psutil.pid_exists(int(pid))

@@ -13,7 +13,7 @@ import time
 
 import psutil
 import pytest
-from conftest import REPO, block_until, count_lines, mark, wait_for
+from conftest import REPO, block_until, count_lines, last_json, mark, run_driver, wait_for
 
 import redray
 from redray.exceptions import (
@@ -505,6 +505,43 @@ def test_cancel_finished_task_keeps_its_value(ray_start):
     assert redray.get(ref) == 5
     redray.cancel(ref)
     assert redray.get(ref) == 5
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_in_get_raises_keyboard_interrupt_and_the_driver_goes_on(tmp_path):
+    """Ctrl-C while the driver waits in get() interrupts the wait (the driver's main thread
+    runs the runtime's message loop meanwhile, so the interrupt must not land inside it):
+    afterwards results still arrive, including the one that was being waited for."""
+    release = tmp_path / "release"
+    script = f"""
+        import json, os, signal, redray
+        from conftest import block_until
+        redray.init(num_cpus=2)
+
+        @redray.remote
+        def interrupt_driver_then_wait(pid):
+            os.kill(pid, signal.SIGINT)
+            block_until({str(release)!r})
+            return "released"
+
+        @redray.remote
+        def echo(x):
+            return x
+
+        ref = interrupt_driver_then_wait.remote(os.getpid())
+        try:
+            redray.get(ref, timeout=60)
+            outcome = "not interrupted"
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+        open({str(release)!r}, "w").close()
+        later = redray.get([echo.remote(i) for i in range(200)], timeout=60)
+        print(json.dumps([outcome, later == list(range(200)), redray.get(ref, timeout=60)]))
+        redray.shutdown()
+    """
+    path = os.pathsep.join([str(REPO / "tests"), str(REPO)])
+    proc = run_driver(script, timeout=80, env={"PYTHONPATH": path})
+    assert last_json(proc.stdout) == ["interrupted", True, "released"]
 
 
 def _running(pid: int) -> bool:
