@@ -142,7 +142,9 @@ def _connect_local(address: tuple[str, int], timeout: float) -> socket.socket | 
 
     Loopback TCP costs each message a trip through the TCP stack on both sides; a Unix
     socket does the same job in about half the time."""
-    if not hasattr(socket, "AF_UNIX") or not is_local(address[0]):
+    if not hasattr(socket, "AF_UNIX") or os.environ.get("REDRAY_UNIX_SOCKETS") == "0":
+        return None
+    if not is_local(address[0]):
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)

@@ -18,6 +18,7 @@ user code wait about that long at most; after a long wait it is woken at once in
 
 from __future__ import annotations
 
+import _signal
 import collections
 import heapq
 import itertools
@@ -249,7 +250,9 @@ class Reactor:
         self._listeners: dict[int, tuple[socket.socket, Callable]] = {}
         self._stopping = False
         self._role = threading.Lock()  # guards who runs the loop (the fields below)
-        self._leader = 0  # ident of the thread running the loop; 0: free (see module doc)
+        # The ident of the thread running the loop; 0: free (see the module doc); -1: the
+        # I/O thread, before it has started.
+        self._leader = -1
         self._borrower: Waiter | None = None  # a blocked thread asking for the loop
         self._lead_since = 0.0  # when the current borrower took the loop
         self._freed_at = 0.0  # when the loop was last left free
@@ -367,7 +370,8 @@ class Reactor:
         if ident == self._leader:
             return False
         if ident == threading.main_thread().ident:
-            return getattr(signal.getsignal(signal.SIGINT), "defers_in_reactor", False)
+            # (signal.getsignal would cost ~10 µs: it tries to make an enum of the handler)
+            return getattr(_signal.getsignal(signal.SIGINT), "defers_in_reactor", False)
         return True
 
     def _wake(self) -> None:
@@ -581,7 +585,8 @@ class Reactor:
                 pass
 
     def _run(self) -> None:
-        self._leader = threading.get_ident()
+        with self._role:
+            self._leader = threading.get_ident()
         while not self._stopping:
             if self._borrower is not None:
                 self._lend()

@@ -50,14 +50,19 @@ class TaskOptions:
     runtime_env: dict | None = None
     strategy: Any = None  # None/"DEFAULT", "SPREAD", or a strategy object's wire form
     concurrency_group: str | None = None  # actor calls: the group to run in
+    _shape_key: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def shape_key(self) -> tuple:
-        env = self.runtime_env or {}
-        return (
-            tuple(sorted(self.resources.items())),
-            tuple(sorted((env.get("env_vars") or {}).items())),
-            repr(self.strategy),
-        )
+        """Tasks with equal keys can share leases (options are made once per function and
+        `.options()` call, so the key is computed once too)."""
+        if self._shape_key is None:
+            env = self.runtime_env or {}
+            self._shape_key = (
+                tuple(sorted(self.resources.items())),
+                tuple(sorted((env.get("env_vars") or {}).items())),
+                repr(self.strategy),
+            )
+        return self._shape_key
 
 
 class _Task:
