@@ -299,13 +299,23 @@ class Gcs:
             self.redis.delete(self.key(LEADER))
 
     # -- requests to the control loop -------------------------------------------------------
-    def push_request(self, request: bytes) -> None:
-        self.redis.rpush(self.key(REQUESTS), request)
+    def push_request(self, *requests: bytes) -> None:
+        """Queue requests for the control loop, in order, in one round trip."""
+        self.redis.rpush(self.key(REQUESTS), *requests)
 
-    def pop_request(self, timeout: float) -> bytes | None:
-        """The next request for the control loop, waiting up to timeout seconds."""
+    def pop_requests(self, timeout: float, limit: int = 256) -> list[bytes]:
+        """The queued requests for the control loop (up to limit), oldest first, waiting up
+        to timeout seconds for the first: a burst is taken in two round trips, not one each."""
         item = self.redis.blpop([self.key(REQUESTS)], timeout=timeout)
-        return None if item is None else item[1]
+        if item is None:
+            return []
+        if limit <= 1:
+            return [item[1]]
+        pipe = self.redis.pipeline()  # LPOP with a count needs Redis 6.2; this any version
+        pipe.lrange(self.key(REQUESTS), 0, limit - 2)
+        pipe.ltrim(self.key(REQUESTS), limit - 1, -1)
+        more, _ = pipe.execute()
+        return [item[1], *more]
 
     # -- actors -----------------------------------------------------------------------------
     def create_actor(self, actor_id: str, info: dict[str, Any], spec: bytes) -> None:
@@ -347,10 +357,14 @@ class Gcs:
     def placement_group(self, pg_id: str) -> dict[str, Any] | None:
         return self.table_get(PLACEMENT_GROUPS, pg_id)
 
-    def update_placement_group(self, pg_id: str, info: dict[str, Any]) -> None:
-        pipe = self.redis.pipeline()
-        pipe.hset(self.key(PLACEMENT_GROUPS), pg_id, _dumps(info))
-        pipe.publish(self.channel(PG_STATE_CHANNEL.format(pg_id=pg_id)), _dumps(info))
+    def update_placement_groups(self, updates: list[tuple[str, dict[str, Any]]]) -> None:
+        """Write placement groups' entries and announce each on its channel, in order, in
+        one round trip (the control loop writes a burst of state changes at once)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for pg_id, info in updates:
+            raw = _dumps(info)
+            pipe.hset(self.key(PLACEMENT_GROUPS), pg_id, raw)
+            pipe.publish(self.channel(PG_STATE_CHANNEL.format(pg_id=pg_id)), raw)
         pipe.execute()
 
     # -- named entries (actors, placement groups) ------------------------------------------

@@ -256,6 +256,33 @@ def test_table_put_publishes_on_channel(gcs, server):
     pubsub.close()
 
 
+# -- control-loop requests and placement-group state ------------------------------------------
+def test_requests_are_taken_in_bursts_in_order(gcs):
+    assert gcs.pop_requests(timeout=0.01) == []
+    gcs.push_request(b"r1")
+    gcs.push_request(b"r2", b"r3", b"r4")
+    assert gcs.pop_requests(timeout=1, limit=3) == [b"r1", b"r2", b"r3"]
+    assert gcs.pop_requests(timeout=1) == [b"r4"]
+    assert gcs.pop_requests(timeout=0.01) == []
+
+
+def test_placement_group_updates_are_written_and_announced_in_order(gcs, server):
+    pubsub = other_client(server).redis.pubsub()
+    pubsub.psubscribe(gcs.channel("ch:pg:*"))
+    gcs.update_placement_groups(
+        [("p1", {"state": "CREATED", "seq": 1}), ("p1", {"state": "REMOVED", "seq": 2})]
+    )
+    seen = []
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.1)
+        if message is not None and message["type"] == "pmessage":
+            seen.append(Gcs.decode_message({**message, "type": "message"})["state"])
+    assert seen == ["CREATED", "REMOVED"]
+    assert gcs.placement_group("p1") == {"state": "REMOVED", "seq": 2}
+    pubsub.close()
+
+
 # -- generic tables ---------------------------------------------------------------------------
 def test_tables(gcs):
     assert gcs.table_get(ACTORS, "a1") is None
