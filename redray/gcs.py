@@ -66,6 +66,18 @@ end
 return current
 """
 
+# Take up to ARGV[1] items from the head of a list, atomically.
+_TAKE_SCRIPT = """
+if tonumber(ARGV[1]) < 1 then
+  return {}
+end
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #items > 0 then
+  redis.call('LTRIM', KEYS[1], #items, -1)
+end
+return items
+"""
+
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
@@ -305,17 +317,15 @@ class Gcs:
 
     def pop_requests(self, timeout: float, limit: int = 256) -> list[bytes]:
         """The queued requests for the control loop (up to limit), oldest first, waiting up
-        to timeout seconds for the first: a burst is taken in two round trips, not one each."""
-        item = self.redis.blpop([self.key(REQUESTS)], timeout=timeout)
-        if item is None:
-            return []
-        if limit <= 1:
-            return [item[1]]
-        pipe = self.redis.pipeline()  # LPOP with a count needs Redis 6.2; this any version
-        pipe.lrange(self.key(REQUESTS), 0, limit - 2)
-        pipe.ltrim(self.key(REQUESTS), limit - 1, -1)
-        more, _ = pipe.execute()
-        return [item[1], *more]
+        to timeout seconds for the first.
+
+        One round trip: BLPOP and, pipelined behind it, a script taking what else is queued
+        (Redis runs it once the BLPOP returns), so a burst costs what one request does."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.blpop([self.key(REQUESTS)], timeout=timeout)
+        pipe.eval(_TAKE_SCRIPT, 1, self.key(REQUESTS), max(0, limit - 1))
+        first, more = pipe.execute()
+        return ([first[1]] if first is not None else []) + list(more)
 
     # -- actors -----------------------------------------------------------------------------
     def create_actor(self, actor_id: str, info: dict[str, Any], spec: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import fakeredis
@@ -257,12 +258,13 @@ def test_table_put_publishes_on_channel(gcs, server):
 
 
 # -- control-loop requests and placement-group state ------------------------------------------
+@needs_lua
 def test_requests_are_taken_in_bursts_in_order(gcs):
     assert gcs.pop_requests(timeout=0.01) == []
     gcs.push_request(b"r1")
     gcs.push_request(b"r2", b"r3", b"r4")
     assert gcs.pop_requests(timeout=1, limit=3) == [b"r1", b"r2", b"r3"]
-    assert gcs.pop_requests(timeout=1) == [b"r4"]
+    assert gcs.pop_requests(timeout=1, limit=1) == [b"r4"]
     assert gcs.pop_requests(timeout=0.01) == []
 
 
@@ -476,3 +478,20 @@ def test_wrong_password_is_refused(redis_server):
     with pytest.raises(redis.exceptions.AuthenticationError):
         bad.ping()
     bad.close()
+
+
+def test_a_waiting_pop_takes_the_whole_burst_on_real_redis_server(redis_server):
+    """The BLPOP blocks; the script pipelined behind it runs once it returns."""
+    gcs = Gcs(redis_server.url, "real-requests")
+    pusher = Gcs(redis_server.url, "real-requests")
+    taken: list[list[bytes]] = []
+    try:
+        reader = threading.Thread(target=lambda: taken.append(gcs.pop_requests(timeout=10)))
+        reader.start()
+        wait_for(lambda: gcs.redis.info("clients")["blocked_clients"] >= 1)
+        pusher.push_request(b"a", b"b", b"c")
+        reader.join(10)
+        assert taken == [[b"a", b"b", b"c"]]
+    finally:
+        gcs.close()
+        pusher.close()
