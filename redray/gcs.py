@@ -78,6 +78,23 @@ end
 return items
 """
 
+# Write a table entry and queue a request for the control loop, atomically.
+_PUT_AND_REQUEST_SCRIPT = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[3])
+return 1
+"""
+
+# Write table entries (ARGV[2], ARGV[3]), (ARGV[4], ARGV[5]), ... and publish each entry on
+# the channel ARGV[1] .. its id.
+_PUT_AND_PUBLISH_SCRIPT = """
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('PUBLISH', ARGV[1] .. ARGV[i], ARGV[i + 1])
+end
+return 1
+"""
+
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
@@ -356,26 +373,26 @@ class Gcs:
 
     # -- placement groups -------------------------------------------------------------------
     def create_placement_group(self, pg_id: str, info: dict[str, Any]) -> None:
-        """Record a placement group and ask the control loop to reserve it (one round trip)."""
+        """Record a placement group and ask the control loop to reserve it (one command,
+        atomic: the entry never exists without its request)."""
         import pickle
 
-        pipe = self.redis.pipeline()
-        pipe.hset(self.key(PLACEMENT_GROUPS), pg_id, _dumps(info))
-        pipe.rpush(self.key(REQUESTS), pickle.dumps(("create_pg", pg_id, info)))
-        pipe.execute()
+        request = pickle.dumps(("create_pg", pg_id, info))
+        self._script(_PUT_AND_REQUEST_SCRIPT)(
+            keys=[self.key(PLACEMENT_GROUPS), self.key(REQUESTS)],
+            args=[pg_id, _dumps(info), request],
+        )
 
     def placement_group(self, pg_id: str) -> dict[str, Any] | None:
         return self.table_get(PLACEMENT_GROUPS, pg_id)
 
     def update_placement_groups(self, updates: list[tuple[str, dict[str, Any]]]) -> None:
         """Write placement groups' entries and announce each on its channel, in order, in
-        one round trip (the control loop writes a burst of state changes at once)."""
-        pipe = self.redis.pipeline(transaction=False)
+        one command (the control loop writes a burst of state changes at once)."""
+        args = [self.channel(PG_STATE_CHANNEL.format(pg_id=""))]
         for pg_id, info in updates:
-            raw = _dumps(info)
-            pipe.hset(self.key(PLACEMENT_GROUPS), pg_id, raw)
-            pipe.publish(self.channel(PG_STATE_CHANNEL.format(pg_id=pg_id)), raw)
-        pipe.execute()
+            args += [pg_id, _dumps(info)]
+        self._script(_PUT_AND_PUBLISH_SCRIPT)(keys=[self.key(PLACEMENT_GROUPS)], args=args)
 
     # -- named entries (actors, placement groups) ------------------------------------------
     def claim_name(self, table: str, namespace: str, name: str, value: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 
@@ -268,9 +269,15 @@ def test_requests_are_taken_in_bursts_in_order(gcs):
     assert gcs.pop_requests(timeout=0.01) == []
 
 
-def test_placement_group_updates_are_written_and_announced_in_order(gcs, server):
+@needs_lua
+def test_placement_group_create_and_updates_are_written_and_announced_in_order(gcs, server):
     pubsub = other_client(server).redis.pubsub()
     pubsub.psubscribe(gcs.channel("ch:pg:*"))
+    gcs.create_placement_group("p1", {"state": "PENDING", "seq": 0})
+    assert gcs.placement_group("p1") == {"state": "PENDING", "seq": 0}
+    assert gcs.pop_requests(timeout=1) == [
+        pickle.dumps(("create_pg", "p1", {"state": "PENDING", "seq": 0}))
+    ]
     gcs.update_placement_groups(
         [("p1", {"state": "CREATED", "seq": 1}), ("p1", {"state": "REMOVED", "seq": 2})]
     )
