@@ -55,7 +55,7 @@ class ControlLoop:
         self.raylet = raylet
         self.holder = raylet.node_id
         self.gcs = Gcs(raylet.config["gcs_url"], raylet.config["cluster"])
-        self.events: queue.Queue = queue.Queue()
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.leader = False
         self.client: Any = None
         self.actors: dict[str, _Actor] = {}

@@ -103,6 +103,8 @@ class PlacementGroupManager:
         now = time.monotonic()
         if fresh or now - self._nodes_read > NODE_VIEW_SECONDS:
             self._node_view = [n for n in self.control.gcs.nodes() if n["alive"]]
+            for node in self._node_view:  # bundles ask for plain resources only
+                node["available"] = scheduling.without_groups(node.get("available", {}))
             self._nodes_read = now
         return self._node_view
 

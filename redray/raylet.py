@@ -461,7 +461,7 @@ class Raylet:
 
     def _schedule(self) -> None:
         """Grant what fits, in arrival order; start workers for what waits on one."""
-        if self.stopping.is_set():
+        if self.stopping.is_set() or not self.pending:
             return
         waiting_for_worker: Counter = Counter()
         now = time.monotonic()
