@@ -292,6 +292,13 @@ def test_placement_group_create_and_updates_are_written_and_announced_in_order(g
     pubsub.close()
 
 
+def test_round_trip_reads_every_reply_before_raising_an_error(gcs):
+    gcs.redis.set("c1:text", "not a number")
+    with pytest.raises(Exception, match="not an integer"):
+        gcs._round_trip(("INCR", "c1:text"), ("SET", "c1:after", "1"))
+    assert gcs._round_trip(("GET", "c1:after"), ("PING",)) == [b"1", b"PONG"]
+
+
 # -- generic tables ---------------------------------------------------------------------------
 def test_tables(gcs):
     assert gcs.table_get(ACTORS, "a1") is None
