@@ -55,7 +55,7 @@ class ControlLoop:
         self.raylet = raylet
         self.holder = raylet.node_id
         self.gcs = Gcs(raylet.config["gcs_url"], raylet.config["cluster"])
-        self.events: queue.Queue = queue.Queue()
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.leader = False
         self.client: Any = None
         self.actors: dict[str, _Actor] = {}
@@ -87,9 +87,13 @@ class ControlLoop:
                 except Exception:
                     log.exception("control loop tick failed")
             try:
-                event = self.events.get(timeout=max(0.0, next_tick - time.monotonic()))
+                event = self.events.get_nowait()
             except queue.Empty:
-                continue
+                self._flush()  # nothing else to do now: write what this burst decided
+                try:
+                    event = self.events.get(timeout=max(0.0, next_tick - time.monotonic()))
+                except queue.Empty:
+                    continue
             if event is None:
                 break
             fn, args = event
@@ -97,11 +101,18 @@ class ControlLoop:
                 fn(*args)
             except Exception:
                 log.exception("control loop event %r failed", fn)
+        self._flush()
         if self.leader:
             try:
                 self.gcs.release_leadership(self.holder)
             except Exception:
                 pass
+
+    def _flush(self) -> None:
+        try:
+            self.pgs.flush()
+        except Exception:
+            log.exception("writing placement-group state failed")
 
     def _tick(self) -> None:
         if self.gcs.hold_leadership(self.holder, LEADER_TTL):
@@ -154,20 +165,28 @@ class ControlLoop:
                 time.sleep(TICK_SECONDS)
                 continue
             try:
-                raw = gcs.pop_request(timeout=1)
+                requests = gcs.pop_requests(timeout=1)
             except Exception:
                 if self.stopping.is_set():
                     return
                 log.exception("reading control requests failed")
                 time.sleep(TICK_SECONDS)
                 continue
-            if raw is not None:
-                request = pickle.loads(raw)
-                handler = getattr(self, f"_request_{request[0]}", None)
-                if handler is None:
-                    log.warning("unknown control request %r", request[0])
-                else:
-                    self.post(handler, *request[1:])
+            if requests:
+                self.post(self._handle_requests, requests)
+
+    def _handle_requests(self, requests: list[bytes]) -> None:
+        """Act on a burst of requests, in order (one event for the burst, not one each)."""
+        for raw in requests:
+            request = pickle.loads(raw)
+            handler = getattr(self, f"_request_{request[0]}", None)
+            if handler is None:
+                log.warning("unknown control request %r", request[0])
+                continue
+            try:
+                handler(*request[1:])
+            except Exception:
+                log.exception("control request %r failed", request[0])
 
     # -- nodes ------------------------------------------------------------------------------
     def _check_nodes(self) -> None:

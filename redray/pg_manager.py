@@ -5,7 +5,12 @@ reported free resources, asks each chosen raylet to *prepare* (set aside) its bu
 only when every raylet agreed tells them to *commit* (turn the bundles into the group's
 resources). If any raylet refuses, the prepared ones are cancelled and the group stays
 pending; pending groups are tried again every tick, so one that fits nowhere is placed as
-soon as a node that fits joins.
+soon as a node that fits joins. A group planned onto one node needs no second phase: that
+node reserves and commits it in one step. The loop's own node (it runs in the head's raylet
+process) is asked directly on the raylet's reactor thread, not over a socket.
+
+State changes are announced in bursts: the control loop writes what it decided while events
+were queued in one Redis round trip, once the queue is empty (see `flush`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("redray.control")
 
 NODE_VIEW_SECONDS = 0.5
+MAX_BATCHED_WRITES = 256  # state changes written in one round trip at most
 
 
 @dataclass
@@ -45,6 +51,7 @@ class PlacementGroupManager:
         self.groups: dict[str, _Group] = {}
         self._node_view: list[dict[str, Any]] = []
         self._nodes_read = float("-inf")
+        self._writes: list[tuple[str, dict[str, Any]]] = []
 
     # -- requests ---------------------------------------------------------------------------
     def create(self, pg_id: str, info: dict[str, Any]) -> None:
@@ -64,7 +71,7 @@ class PlacementGroupManager:
         # Every node hears of it: those holding bundles free them, all fail requests for it.
         for node in self._nodes():
             if node["alive"]:
-                self._send(node["node_id"], ("pg_remove", pg_id))
+                self._send(node["node_id"], "pg_remove", pg_id)
         name = group.info.get("name")
         if name:  # free first: whoever sees it removed may at once reuse the name
             self.control.gcs.release_name(NAMED_PGS, group.info.get("namespace", ""), name, pg_id)
@@ -96,10 +103,14 @@ class PlacementGroupManager:
         now = time.monotonic()
         if fresh or now - self._nodes_read > NODE_VIEW_SECONDS:
             self._node_view = [n for n in self.control.gcs.nodes() if n["alive"]]
+            for node in self._node_view:  # bundles ask for plain resources only
+                node["available"] = scheduling.without_groups(node.get("available", {}))
             self._nodes_read = now
         return self._node_view
 
     def _place(self, group: _Group) -> None:
+        """Ask the planned nodes to set the group's bundles aside. A group planned onto one
+        node is reserved and committed there in one step (all or nothing holds trivially)."""
         nodes = self._nodes(fresh=group.refused)
         plan = scheduling.plan_bundles(
             group.info["bundles"],
@@ -116,17 +127,19 @@ class PlacementGroupManager:
         group.busy = True
         group.replies = {}
         attempt = group.attempt
+        one_step = len(by_node) == 1
         for node_id, bundles in by_node.items():
 
             def on_reply(reply: Any, node_id: str = node_id) -> None:
                 self.control.post(self._on_prepared, group, attempt, node_id, plan, by_node, reply)
 
-            self._call(node_id, addresses[node_id], ("pg_prepare", group.pg_id, bundles), on_reply)
+            self._reserve(node_id, addresses[node_id], group.pg_id, bundles, one_step, on_reply)
 
     def _on_prepared(self, group, attempt, node_id, plan, by_node, reply) -> None:
-        if attempt != group.attempt:
+        one_step = len(by_node) == 1
+        if attempt != group.attempt:  # the group was removed meanwhile
             if reply is True:
-                self._send(node_id, ("pg_cancel", group.pg_id))
+                self._send(node_id, "pg_remove" if one_step else "pg_cancel", group.pg_id)
             return
         group.replies[node_id] = reply
         if len(group.replies) < len(by_node):
@@ -135,41 +148,65 @@ class PlacementGroupManager:
         agreed = [n for n, ok in group.replies.items() if ok is True]
         if len(agreed) < len(by_node):
             for node in agreed:
-                self._send(node, ("pg_cancel", group.pg_id))
+                self._send(node, "pg_cancel", group.pg_id)
             group.replies = {}
             if not group.refused:
                 group.refused = True
                 self._place(group)  # once more at once, from a fresh view
             return
         group.refused = False
-        for node in agreed:
-            self._send(node, ("pg_commit", group.pg_id))
+        if not one_step:
+            for node in agreed:
+                self._send(node, "pg_commit", group.pg_id)
         self._publish(group, state="CREATED", bundle_nodes=plan)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _publish(self, group: _Group, **changes: Any) -> None:
+        """Record and announce a state change; written with the others of this burst."""
         group.info.update(changes)
         group.info["seq"] = group.info.get("seq", 0) + 1
-        self.control.gcs.update_placement_group(group.pg_id, group.info)
+        self._writes.append((group.pg_id, dict(group.info)))
+        if len(self._writes) >= MAX_BATCHED_WRITES:
+            self.flush()
 
-    def _raylet(self, node_id: str, address: Any, then: Any) -> None:
-        client = self.control.client
-        if node_id == self.control.raylet.node_id:
-            then(client.raylet)
-        else:
-            client.submitter.connect_raylet(node_id, address, then)
+    def flush(self) -> None:
+        """Write the state changes collected so far, in order, in one round trip."""
+        if self._writes:
+            writes, self._writes = self._writes, []
+            self.control.gcs.update_placement_groups(writes)
 
-    def _call(self, node_id: str, address: Any, message: tuple, on_reply: Any) -> None:
+    def _reserve(
+        self, node_id: str, address: Any, pg_id: str, bundles: list, commit: bool, on_reply: Any
+    ) -> None:
+        """Ask a node to set bundles aside (and commit them); on_reply(True) if it did.
+
+        The control loop lives in the head's raylet process: its own node is asked
+        directly on the raylet's reactor thread, other nodes over their connection."""
+        raylet = self.control.raylet
+        if node_id == raylet.node_id:
+            raylet.reactor.call_soon(
+                lambda: on_reply(raylet.reserve_bundles(pg_id, bundles, commit))
+            )
+            return
+
         def send(conn: Connection | None) -> None:
             if conn is None:
                 on_reply(False)
             else:
-                self.control.client.call_async(conn, message[0], message[1:], on_reply)
+                message = (pg_id, bundles, commit)
+                self.control.client.call_async(conn, "pg_reserve", message, on_reply)
 
-        self._raylet(node_id, address, send)
+        self.control.client.submitter.connect_raylet(node_id, address, send)
 
-    def _send(self, node_id: str, message: tuple) -> None:
-        if node_id == self.control.raylet.node_id:
-            self.control.client.raylet.send(message)
+    def _send(self, node_id: str, kind: str, pg_id: str) -> None:
+        """Tell a node to commit, cancel or remove the group's bundles."""
+        raylet = self.control.raylet
+        if node_id == raylet.node_id:
+            action = {
+                "pg_commit": raylet.commit_bundles,
+                "pg_cancel": raylet.cancel_bundles,
+                "pg_remove": raylet.remove_bundles,
+            }[kind]
+            raylet.reactor.call_soon(action, pg_id)
         else:
-            self.control.client.submitter.send_to_raylet(node_id, message)
+            self.control.client.submitter.send_to_raylet(node_id, (kind, pg_id))

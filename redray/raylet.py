@@ -141,10 +141,10 @@ class Raylet:
             "free": self._on_free,
             "kill_worker": self._on_kill_worker,
             "store_stats": self._on_store_stats,
-            "pg_prepare": self._on_pg_prepare,
-            "pg_commit": self._on_pg_commit,
-            "pg_cancel": self._on_pg_cancel,
-            "pg_remove": self._on_pg_remove,
+            "pg_reserve": self._on_pg_reserve,
+            "pg_commit": lambda conn, message: self.commit_bundles(message[1]),
+            "pg_cancel": lambda conn, message: self.cancel_bundles(message[1]),
+            "pg_remove": lambda conn, message: self.remove_bundles(message[1]),
             "debug_state": self._on_debug_state,
             "shutdown": lambda conn, message: self.reactor.call_soon(self.stop),
             "hello_client": lambda conn, message: None,
@@ -461,7 +461,7 @@ class Raylet:
 
     def _schedule(self) -> None:
         """Grant what fits, in arrival order; start workers for what waits on one."""
-        if self.stopping.is_set():
+        if self.stopping.is_set() or not self.pending:
             return
         waiting_for_worker: Counter = Counter()
         now = time.monotonic()
@@ -579,27 +579,37 @@ class Raylet:
         lease.lent_cpu = 0.0
 
     # -- placement groups (two-phase, driven by the control loop) ---------------------------
-    def _on_pg_prepare(self, conn: Connection, message: tuple) -> None:
-        _, call_id, pg_id, bundles = message
-        conn.send(("reply", call_id, self.bundles.prepare(pg_id, bundles)))
+    # The control loop calls these on the reactor thread: over a connection for any node,
+    # or directly (`reactor.call_soon`) for the node whose process it runs in.
+    def reserve_bundles(self, pg_id: str, bundles: list, commit: bool) -> bool:
+        """Set the group's bundles aside if they all fit now; with commit, also turn them
+        into the group's resources (one step, for a group placed on this node alone)."""
+        if not self.bundles.prepare(pg_id, bundles):
+            return False
+        if commit:
+            self.commit_bundles(pg_id)
+        return True
 
-    def _on_pg_commit(self, conn: Connection, message: tuple) -> None:
-        if self.bundles.commit(message[1]):
+    def commit_bundles(self, pg_id: str) -> None:
+        if self.bundles.commit(pg_id):
             self._schedule()
 
-    def _on_pg_cancel(self, conn: Connection, message: tuple) -> None:
-        if self.bundles.cancel(message[1]):
+    def cancel_bundles(self, pg_id: str) -> None:
+        if self.bundles.cancel(pg_id):
             self._schedule()
 
-    def _on_pg_remove(self, conn: Connection, message: tuple) -> None:
+    def remove_bundles(self, pg_id: str) -> None:
         """Give the group's bundles back; what runs in it is stopped."""
-        pg_id = message[1]
         for lease in list(self.leases.values()):
             if any(scheduling.placement_group_of(r) == pg_id for r in lease.resources):
                 self._end_lease(lease)
                 self._kill_worker(lease.worker)
         self.bundles.remove(pg_id)
         self._schedule()
+
+    def _on_pg_reserve(self, conn: Connection, message: tuple) -> None:
+        _, call_id, pg_id, bundles, commit = message
+        conn.send(("reply", call_id, self.reserve_bundles(pg_id, bundles, commit)))
 
     # -- object store -----------------------------------------------------------------------
     def _on_alloc(self, conn: Connection, message: tuple) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import threading
 import time
 
 import fakeredis
@@ -256,6 +258,47 @@ def test_table_put_publishes_on_channel(gcs, server):
     pubsub.close()
 
 
+# -- control-loop requests and placement-group state ------------------------------------------
+@needs_lua
+def test_requests_are_taken_in_bursts_in_order(gcs):
+    assert gcs.pop_requests(timeout=0.01) == []
+    gcs.push_request(b"r1")
+    gcs.push_request(b"r2", b"r3", b"r4")
+    assert gcs.pop_requests(timeout=1, limit=3) == [b"r1", b"r2", b"r3"]
+    assert gcs.pop_requests(timeout=1, limit=1) == [b"r4"]
+    assert gcs.pop_requests(timeout=0.01) == []
+
+
+@needs_lua
+def test_placement_group_create_and_updates_are_written_and_announced_in_order(gcs, server):
+    pubsub = other_client(server).redis.pubsub()
+    pubsub.psubscribe(gcs.channel("ch:pg:*"))
+    gcs.create_placement_group("p1", {"state": "PENDING", "seq": 0})
+    assert gcs.placement_group("p1") == {"state": "PENDING", "seq": 0}
+    assert gcs.pop_requests(timeout=1) == [
+        pickle.dumps(("create_pg", "p1", {"state": "PENDING", "seq": 0}))
+    ]
+    gcs.update_placement_groups(
+        [("p1", {"state": "CREATED", "seq": 1}), ("p1", {"state": "REMOVED", "seq": 2})]
+    )
+    seen = []
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.1)
+        if message is not None and message["type"] == "pmessage":
+            seen.append(Gcs.decode_message({**message, "type": "message"})["state"])
+    assert seen == ["CREATED", "REMOVED"]
+    assert gcs.placement_group("p1") == {"state": "REMOVED", "seq": 2}
+    pubsub.close()
+
+
+def test_round_trip_reads_every_reply_before_raising_an_error(gcs):
+    gcs.redis.set("c1:text", "not a number")
+    with pytest.raises(Exception, match="not an integer"):
+        gcs._round_trip(("INCR", "c1:text"), ("SET", "c1:after", "1"))
+    assert gcs._round_trip(("GET", "c1:after"), ("PING",)) == [b"1", b"PONG"]
+
+
 # -- generic tables ---------------------------------------------------------------------------
 def test_tables(gcs):
     assert gcs.table_get(ACTORS, "a1") is None
@@ -449,3 +492,20 @@ def test_wrong_password_is_refused(redis_server):
     with pytest.raises(redis.exceptions.AuthenticationError):
         bad.ping()
     bad.close()
+
+
+def test_a_waiting_pop_takes_the_whole_burst_on_real_redis_server(redis_server):
+    """The BLPOP blocks; the script pipelined behind it runs once it returns."""
+    gcs = Gcs(redis_server.url, "real-requests")
+    pusher = Gcs(redis_server.url, "real-requests")
+    taken: list[list[bytes]] = []
+    try:
+        reader = threading.Thread(target=lambda: taken.append(gcs.pop_requests(timeout=10)))
+        reader.start()
+        wait_for(lambda: gcs.redis.info("clients")["blocked_clients"] >= 1)
+        pusher.push_request(b"a", b"b", b"c")
+        reader.join(10)
+        assert taken == [[b"a", b"b", b"c"]]
+    finally:
+        gcs.close()
+        pusher.close()

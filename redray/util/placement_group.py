@@ -148,9 +148,7 @@ def remove_placement_group(placement_group: PlacementGroup) -> None:
     """Release the group's resources; tasks and actors running in it are stopped."""
     if not isinstance(placement_group, PlacementGroup):
         raise TypeError(f"Expected a PlacementGroup, got {type(placement_group).__name__}")
-    worker = context.worker()
-    request = pickle.dumps(("remove_pg", placement_group.id.hex()))
-    worker.background(worker.gcs.push_request, request)  # asynchronous, as Ray's
+    context.worker().placement_groups.remove(placement_group)
 
 
 def get_placement_group(placement_group_name: str) -> PlacementGroup:
@@ -213,6 +211,23 @@ class PlacementGroups:
         self._lock = threading.Lock()
         self._states: dict[str, str] = {}
         self._waiters: dict[str, list[Any]] = {}
+        self._removals: list[bytes] = []  # requests not sent yet
+
+    def remove(self, pg: PlacementGroup) -> None:
+        """Ask the control loop to remove the group, without waiting (as Ray's). Removals
+        asked for in a burst leave together, in order, in one round trip."""
+        request = pickle.dumps(("remove_pg", pg.id.hex()))
+        with self._lock:
+            self._removals.append(request)
+            first = len(self._removals) == 1
+        if first:
+            self.worker.background(self._send_removals)
+
+    def _send_removals(self) -> None:
+        with self._lock:
+            requests, self._removals = self._removals, []
+        if requests:
+            self.worker.gcs.push_request(*requests)
 
     def create(
         self, bundles: list[dict], strategy: str, name: str, lifetime: str | None
