@@ -18,6 +18,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from redray import context, exceptions
+from redray.ids import return_id
 from redray.reactor import Connection, Waiter
 
 if TYPE_CHECKING:
@@ -44,7 +45,18 @@ class TaskContext:
         self.conn = conn
         self.driver = driver
         self.log_to_driver = log_to_driver
-        self.prefix = f"({name} pid={os.getpid()})"
+        self.prefix = f"({name} pid={_PID})"
+
+
+_PID = os.getpid()  # for log prefixes, without a system call per task
+
+
+def _forked() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class Executor:
@@ -63,6 +75,7 @@ class Executor:
         self._interrupt: bytes | None = None
         self._main_thread = threading.get_ident()
         self._applied_grant: Any = None
+        self._paths_added: set[str] = set()  # jobs whose import paths are in sys.path
         worker.handle("task", self._on_task)
         worker.handle("steal", self._on_steal)
         worker.handle("actor_create", self._on_message)
@@ -213,9 +226,11 @@ class Executor:
         job = self.worker.jobs.get(job_id)
         if job is None:
             return TaskContext(task_id, name, job_id, grant, conn)
-        for path in job.paths:
-            if path not in sys.path:
-                sys.path.append(path)
+        if job_id not in self._paths_added:
+            self._paths_added.add(job_id)
+            for path in job.paths:
+                if path not in sys.path:
+                    sys.path.append(path)
         return TaskContext(task_id, name, job_id, grant, conn, job.driver, job.log_to_driver)
 
     def invoke(self, ctx: TaskContext, fn: Any, args: tuple, kwargs: dict, num_returns: int):
@@ -238,6 +253,8 @@ class Executor:
 
     def materialize_args(self, args: tuple, kwargs: dict) -> tuple[list, dict]:
         """Arguments as the function sees them; refs that arrive inside them are borrowed."""
+        if not args and not kwargs:
+            return [], {}
         worker = self.worker
         with context.deserializing() as scope:
             call_args = [self._arg(a) for a in args]
@@ -256,8 +273,6 @@ class Executor:
 
     def return_payloads(self, result: Any, num_returns: int, ctx: TaskContext) -> list[tuple]:
         """Serialize a task's return values for its caller (who owns them)."""
-        from redray.ids import return_id
-
         name = ctx.name
         if num_returns == 1:
             values = [result]
@@ -340,6 +355,9 @@ class TaskStream:
         return len(text)
 
     def flush(self) -> None:
+        if not self._buffer:  # (after every task: the common case is nothing to send)
+            self._original.flush()
+            return
         self._send(complete_lines_only=False)
 
     def _send(self, complete_lines_only: bool) -> None:
