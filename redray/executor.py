@@ -113,10 +113,14 @@ class Executor:
         loop, so a task arriving wakes it directly (see Reactor.block)."""
         inbox = self.inbox
         reactor = self.worker.reactor
+        # Poll before sleeping only where this thread runs what comes: not in an async or
+        # threaded actor, whose calls run on other threads (which need the interpreter).
+        actor = self.actor
+        spin = actor is None or not (actor.is_async or actor.threaded)
         while not inbox:
             waiter = self._idle = reactor.waiter()
             if not inbox:  # (post() may have run before _idle was set)
-                reactor.block(waiter)
+                reactor.block(waiter, spin=spin)
         self._idle = None
         return inbox.popleft()
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from redray import protocol
+from redray.spinning import SpinPolicy
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +261,7 @@ class Reactor:
         self._kicked = False  # ...and is asked to take the loop at once
         self._parked = threading.Condition(self._role)  # where it sleeps
         self.interrupted = False  # a deferred SIGINT waits to be raised
+        self._spin = SpinPolicy()
         # Reads land here first: a fresh buffer per recv would cost an mmap/munmap pair.
         self._scratch = memoryview(bytearray(_RECV_SIZE))
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -283,13 +285,15 @@ class Reactor:
     def waiter(self) -> Waiter:
         return Waiter(self)
 
-    def block(self, waiter: Waiter, timeout: float | None = None) -> bool:
+    def block(self, waiter: Waiter, timeout: float | None = None, spin: bool = False) -> bool:
         """Sleep until waiter is set (True) or timeout passes (False).
 
         Meanwhile this thread runs the reactor loop itself when it can get it, so what sets
-        the waiter (a reply on a socket) wakes this thread directly. The main thread leads
-        only while SIGINT's handler defers KeyboardInterrupt (see `keyboard_interrupt`): it
-        must never land inside a message handler.
+        the waiter (a reply on a socket) wakes this thread directly. With `spin` it polls
+        the loop a moment before sleeping when that is likely to pay (see spinning.py):
+        for threads that do the work themselves, not those handing it to other threads. The
+        main thread leads only while SIGINT's handler defers KeyboardInterrupt (see
+        `keyboard_interrupt`): it must never land inside a message handler.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not waiter.done:
@@ -305,7 +309,7 @@ class Reactor:
                     leading = waiter.leading
             if leading:
                 try:
-                    self._lead(waiter, deadline)
+                    self._lead(waiter, deadline, spin)
                 finally:
                     self._leave(waiter)
                 if self.interrupted and waiter.thread == threading.main_thread().ident:
@@ -382,16 +386,25 @@ class Reactor:
             except (BlockingIOError, OSError):
                 pass
 
-    def _lead(self, waiter: Waiter, deadline: float | None) -> None:
+    def _lead(self, waiter: Waiter, deadline: float | None, spin: bool) -> None:
+        # (`interrupted` is only ever set while the main thread leads)
+        start = time.monotonic()
+        if spin:
+            until = start + self._spin.budget()
+            if deadline is not None and deadline < until:
+                until = deadline
+            while not waiter.done and not self.interrupted and time.monotonic() < until:
+                self._run_once(0.0)
         while not waiter.done and not self._stopping and not self.interrupted:
-            # (`interrupted` is only ever set while the main thread leads)
             if deadline is None:
                 self._run_once(None)
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
-                return
+                break
             self._run_once(left)
+        if spin:
+            self._spin.waited(time.monotonic() - start)
 
     def _lend(self) -> None:
         """On the I/O thread: give the loop to the blocked thread asking for it."""

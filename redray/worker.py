@@ -178,7 +178,7 @@ class CoreWorker(Ownership):
             waiter.set()
 
         self.call_async(conn, kind, args, on_reply)
-        if not self.reactor.block(waiter, timeout):
+        if not self.reactor.block(waiter, timeout, spin=True):
             raise exceptions.GetTimeoutError(f"no reply to {kind} within {timeout} s")
         return result[0]
 
@@ -409,7 +409,7 @@ class CoreWorker(Ownership):
         """Block until one object is ready here; False on timeout."""
         waiter = self.reactor.waiter()
         self.on_ready(ref, waiter.set)
-        return self.reactor.block(waiter, timeout)
+        return self.reactor.block(waiter, timeout, spin=True)
 
     def _block(self, wait: Callable[[], Any]) -> Any:
         """Wait, lending this worker's CPU back to the raylet meanwhile."""
