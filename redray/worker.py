@@ -466,7 +466,7 @@ class CoreWorker(Ownership):
             data = payload[1]
             if not payload[2]:
                 return serialization.loads(data)
-            with context.deserializing() as scope:
+            with context.deserializing(len(payload[2])) as scope:
                 value = serialization.loads(data)
             if scope.refs:
                 self.register_borrows(scope.refs)
@@ -569,7 +569,7 @@ class CoreWorker(Ownership):
         def release() -> None:
             raylet.send(("unpin", oid))
 
-        with context.deserializing() as scope:
+        with context.deserializing(len(payload[3])) as scope:
             value = layout.deserialize(view, on_release=release)
         if scope.refs:
             self.register_borrows(scope.refs)

@@ -189,6 +189,13 @@ def many_refs(n):
     return [redray.put(i) for i in range(n)]
 
 
+@redray.remote
+def many_store_refs_in_one(n, nbytes):
+    """A worker owns n store objects and one small object listing them; returns a ref to it."""
+    refs = [redray.put(np.full(nbytes, i % 251, np.uint8)) for i in range(n)]
+    return [redray.put(refs)]
+
+
 @redray.remote(num_cpus=0)
 class Holder:
     """A borrower that keeps a ref (or a zero-copy view) in its state."""
@@ -634,6 +641,19 @@ def test_list_of_10k_refs_from_a_task(cluster):
     assert redray.get([again[0], again[n // 2], again[-1]], timeout=30) == [0, n // 2, n - 1]
     assert redray.get(again, timeout=30) == list(range(n))
     del again, outer
+    wait_empty()
+
+
+def test_borrowed_value_with_thousands_of_refs_keeps_them_alive_until_dropped(cluster):
+    n = 1500  # above the count at which refs are rebuilt in one batch with the GC paused
+    box = redray.get(many_store_refs_in_one.remote(n, 128 * 1024))
+    inner = redray.get(box[0])  # a borrowed value: every ref in it is new here
+    assert gc.isenabled()
+    del box
+    sync_driver_refs()  # the listing object is freed by its owner: only our refs remain
+    assert [a[0] for a in redray.get(inner, timeout=60)] == [i % 251 for i in range(n)]
+    assert store_stats()["num_objects"] == n
+    del inner
     wait_empty()
 
 
