@@ -163,6 +163,8 @@ class Ownership:
 
     def process_released(self) -> None:
         """Apply pending decrements; free objects nobody refers to any more."""
+        if self._watches:
+            self.check_watches()  # a watch may hold the last refs to objects (waiting.py)
         released = self._released
         if not released:
             return
@@ -305,6 +307,8 @@ class Ownership:
                 obj.value = payload
                 obj.fetching = False
                 callbacks, obj.callbacks = obj.callbacks, None
+                if self._watches:
+                    self.note_ready_in_watches(object_id)
         if obj is None:
             if payload[0] == "s":
                 self.free_in_store(payload[1], [object_id])

@@ -527,6 +527,26 @@ def test_nested_refs_keep_their_referents_alive(cluster):
     wait_empty()
 
 
+def test_refs_dropped_after_wait_are_freed(cluster):
+    """wait keeps what it knows of the list it returned; that must not keep refs alive."""
+    refs = [redray.put(pattern(20 + i, 8 * MiB)) for i in range(4)]
+    ready, not_ready = redray.wait(refs)
+    ready, not_ready = redray.wait(not_ready)  # the list wait returned: what it knows is used
+    assert (ready, not_ready) == ([refs[1]], refs[2:])
+    dropped = not_ready.pop()  # changed in place: the list no longer holds it
+    del refs, ready, dropped
+    # Well before the watch would be dropped for being idle (waiting.IDLE_SECONDS).
+    wait_store(lambda s: s["num_objects"] == 1, 0.5, message="a ref dropped after wait was kept")
+    del not_ready
+    wait_empty()
+    refs = [redray.put(pattern(30 + i, 8 * MiB)) for i in range(2)]
+    ready, not_ready = redray.wait(refs)
+    del refs, ready
+    wait_store(lambda s: s["num_objects"] == 1)
+    del not_ready  # the whole list, and no API call follows
+    wait_empty(timeout=0.5)
+
+
 # -- 6. owner death --------------------------------------------------------------------------
 def _assert_lost(ref) -> None:
     start = time.monotonic()
