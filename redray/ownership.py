@@ -165,6 +165,10 @@ class Ownership:
         """Apply pending decrements; free objects nobody refers to any more."""
         if self._watches:
             self.check_watches()  # a watch may hold the last refs to objects (waiting.py)
+        self.apply_released()
+
+    def apply_released(self) -> None:
+        """Apply the decrements of refs dropped so far (process_released, minus the watches)."""
         released = self._released
         if not released:
             return

@@ -9,7 +9,8 @@ objects are ready take a pass over the list each, so that loop is quadratic. Ins
 thread keeps a `ListWatch` of the list `wait` last returned to it: the list's ids, and the
 subset known to be ready, kept current by `set_value` as results arrive. A call with an equal
 list (compared element by element, by identity first: C speed) skips the checks and reads
-readiness from the watch; it blocks only until enough of *its* objects are ready.
+readiness from the watch; if it must sleep, `set_value` wakes it once enough of *its*
+objects are ready (not on every result).
 
 A watch holds the refs of the list it returned, so it must never keep an object alive that
 the caller dropped: it is dropped as soon as that list is no longer referenced elsewhere or
@@ -35,7 +36,18 @@ IDLE_SECONDS = 1.0  # a watch not used for this long is dropped
 class ListWatch:
     """What is known about the list of refs `wait` last returned to one thread."""
 
-    __slots__ = ("refs", "returned", "ids", "members", "ready", "fetching", "busy", "used")
+    __slots__ = (
+        "refs",
+        "returned",
+        "ids",
+        "members",
+        "ready",
+        "fetching",
+        "busy",
+        "used",
+        "need",
+        "wake",
+    )
 
     def __init__(self, refs: list[ObjectRef], ids: list[bytes], members: set[bytes]):
         self.refs = list(refs)  # our copy, compared with the caller's next list
@@ -46,6 +58,8 @@ class ListWatch:
         self.fetching = False  # borrowed members have been asked of their owners
         self.busy = False  # a `wait` call of the owning thread is using it
         self.used = time.monotonic()
+        self.need = 0  # how many of ready the sleeping caller waits for
+        self.wake: threading.Lock | None = None  # released by set_value when `need` are ready
 
     def stale(self, now: float) -> bool:
         """True when holding the refs could keep alive an object the caller dropped."""
@@ -63,9 +77,11 @@ class Waiting:
         self, refs: list[ObjectRef], num_returns: int, timeout: float | None
     ) -> tuple[list[ObjectRef], list[ObjectRef]]:
         """Split a non-empty list into (ready, not ready) as `redray.wait` does."""
-        self.process_released()
         watch = self._watch_of(refs)  # marked busy: kept while this call uses it
         try:
+            # Drops made so far count now, as on every API call; a watch of this thread's
+            # previous list went in _watch_of, other threads' are checked by the timer.
+            self.apply_released()
             if num_returns <= 0:
                 raise ValueError(f"Invalid number of objects to return {num_returns}.")
             if num_returns > len(refs):
@@ -117,19 +133,23 @@ class Waiting:
         return watch
 
     def _until_ready(self, watch: ListWatch, num: int, timeout: float | None) -> None:
-        """Sleep until `num` of the watch's objects are ready or timeout passes."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        ready = self._ready
-        with ready:
-            self._ready_waiters += 1
-            try:
-                while len(watch.ready) < num:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        return
-                    ready.wait(remaining)
-            finally:
-                self._ready_waiters -= 1
+        """Sleep until `num` of the watch's objects are ready or timeout passes.
+
+        The sleeper holds a lock of its own that `set_value` releases once `num` are ready:
+        one wake-up per call, and no condition lock for the woken thread to take back.
+        """
+        wake = threading.Lock()
+        wake.acquire()
+        with self._lock:
+            if len(watch.ready) >= num:
+                return
+            watch.need = num
+            watch.wake = wake
+        try:
+            wake.acquire(timeout=-1 if timeout is None else timeout)
+        finally:
+            with self._lock:
+                watch.wake = None
 
     def _split(
         self, watch: ListWatch, refs: list[ObjectRef], num: int
@@ -137,11 +157,11 @@ class Waiting:
         """Take the first `num` ready refs (in list order) out of refs; update the watch."""
         ids = watch.ids
         with self._lock:
-            found = watch.ready.__contains__
+            found = watch.ready.__contains__  # C speed: stops at the num-th ready one
             chosen = list(islice(compress(count(), map(found, ids)), num))
-            taken = [ids[i] for i in chosen]
-            watch.members.difference_update(taken)
-            watch.ready.difference_update(taken)
+            for i in chosen:
+                watch.members.discard(ids[i])
+                watch.ready.discard(ids[i])
         ready = [refs[i] for i in chosen]
         if len(chosen) == 1:
             i = chosen[0]
@@ -160,14 +180,15 @@ class Waiting:
                     del self._watches[threading.get_ident()]
         return ready, not_ready
 
-    def note_ready_in_watches(self, object_id: bytes) -> bool:
+    def note_ready_in_watches(self, object_id: bytes) -> None:
         """An object's payload became known here (lock held): tell the watches listing it."""
-        noted = False
         for watch in self._watches.values():
             if object_id in watch.members:
-                watch.ready.add(object_id)
-                noted = True
-        return noted
+                ready = watch.ready
+                ready.add(object_id)
+                if watch.wake is not None and len(ready) >= watch.need:
+                    watch.wake.release()
+                    watch.wake = None
 
     def note_pending_in_watches(self, object_ids: list[bytes]) -> None:
         """Objects are being made anew (lock held): no longer ready for any watch."""
