@@ -163,15 +163,12 @@ class Waiting:
                 watch.members.discard(ids[i])
                 watch.ready.discard(ids[i])
         ready = [refs[i] for i in chosen]
-        if len(chosen) == 1:
-            i = chosen[0]
-            not_ready = refs[:i] + refs[i + 1 :]
-            watch.ids = ids[:i] + ids[i + 1 :]
-        else:
-            skip = set(chosen)
-            not_ready = [ref for i, ref in enumerate(refs) if i not in skip]
-            watch.ids = [oid for i, oid in enumerate(ids) if i not in skip]
-        watch.refs = list(not_ready)
+        # One copy for the caller; the watch's own lists shrink in place (a copy of a long
+        # list costs more in reference counts than in bytes moved).
+        not_ready = refs.copy()
+        mine = watch.refs
+        for i in reversed(chosen):
+            del not_ready[i], mine[i], ids[i]
         watch.returned = not_ready
         watch.used = time.monotonic()
         if not not_ready:  # nothing left to wait on: the watch has served
