@@ -195,10 +195,16 @@ class Waiting:
     def check_watches(self) -> None:
         """Drop the watches that might keep alive refs their thread no longer holds."""
         now = time.monotonic()
+        # Compared outside the lock: a list changed in place may hold objects whose __eq__
+        # is the caller's code. A watch in use (busy) is left alone.
+        stale = [(t, w) for t, w in list(self._watches.items()) if not w.busy and w.stale(now)]
+        if not stale:
+            return
         with self._lock:
-            stale = [t for t, w in self._watches.items() if not w.busy and w.stale(now)]
-            dropped = [self._watches.pop(t) for t in stale]
-        del dropped  # outside the lock: the refs' __del__ may run now
+            dropped = [
+                self._watches.pop(t) for t, w in stale if self._watches.get(t) is w and not w.busy
+            ]
+        del stale, dropped  # outside the lock: the refs' __del__ may run now
 
     def _watch_tick(self) -> None:
         """Every RELEASE_SECONDS while there are watches: drop stale ones, apply releases."""
