@@ -75,7 +75,8 @@ class deserializing:
     def __init__(self, expected_refs: int = 0):
         # Rebuilding thousands of refs would run the cyclic GC every 700 new objects, and
         # each run (older generations too) costs more than the whole batch it interrupts:
-        # the collector waits until the value is built.
+        # the collector waits until the value is built. A GC turned off by the program
+        # stays off.
         self._pause_gc = expected_refs >= PAUSE_GC_REFS
 
     def __enter__(self) -> deserializing:
