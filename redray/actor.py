@@ -250,9 +250,11 @@ def _owner_address(info: dict[str, Any]) -> tuple | None:
 
 def _rebuild_handle(actor_id: bytes, info: dict[str, Any]) -> ActorHandle:
     handle = ActorHandle(actor_id, info, _register=False)
-    worker = context.current
-    if worker is not None:
-        worker.add_deserialized_ref(actor_id, handle._owner)
+    scope = context.deserialize_scope()
+    if scope is not None:
+        scope.append(handle)
+    else:
+        context.count_unpickled(handle)
     return handle
 
 

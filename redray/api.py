@@ -389,33 +389,10 @@ def wait(
         raise TypeError(f"wait() expected a list of ray.ObjectRef, got {type(object_refs)}")
     if timeout is not None and timeout < 0:
         raise ValueError(f"The 'timeout' argument must be nonnegative. Received {timeout}")
-    if object_refs and set(map(type, object_refs)) != {ObjectRef}:
-        bad = next(type(r) for r in object_refs if type(r) is not ObjectRef)
-        raise TypeError(f"wait() expected a list of ray.ObjectRef, got list containing {bad}")
-    ids = [ref._id for ref in object_refs]
-    if len(set(ids)) != len(ids):
-        raise ValueError("Wait requires a list of unique object refs.")
     if not object_refs:
         return [], []
-    if num_returns <= 0:
-        raise ValueError(f"Invalid number of objects to return {num_returns}.")
-    if num_returns > len(object_refs):
-        raise ValueError(
-            "num_returns cannot be greater than the number of objects provided to ray.wait."
-        )
     worker = context.worker()
-    worker.process_released()
-    chosen = worker.first_ready(ids, num_returns)
-    if len(chosen) < num_returns:
-        worker.wait_ready(object_refs, num_returns, timeout)
-        chosen = worker.first_ready(ids, num_returns)
-    ready = [object_refs[i] for i in chosen]
-    if len(chosen) == 1:
-        index = chosen[0]
-        not_ready = object_refs[:index] + object_refs[index + 1 :]
-    else:
-        taken = set(chosen)
-        not_ready = [ref for i, ref in enumerate(object_refs) if i not in taken]
+    ready, not_ready = worker.wait_refs(object_refs, num_returns, timeout)
     if fetch_local and ready:
         worker.prefetch(ready)
     return ready, not_ready

@@ -90,11 +90,24 @@ def _settle(future: concurrent.futures.Future, ref: ObjectRef) -> None:
         future.set_result(value)
 
 
+_new_ref = object.__new__
+_scopes = context.scopes
+
+
 def _rebuild_ref(object_id: bytes, owner: Address | None) -> ObjectRef:
-    ref = ObjectRef(object_id, owner, _register=False)
-    worker = context.current
-    if worker is not None:
-        worker.add_deserialized_ref(object_id, owner)
+    """Unpickle a ref: it counts from now on (see `context.deserializing` for the batch).
+
+    Runs once per ref in a value, so it avoids `__init__` and any lock: inside a
+    `deserializing` block the ref is only collected; alone it is counted at once.
+    """
+    ref = _new_ref(ObjectRef)
+    ref._id = object_id
+    ref._owner = owner
+    scope = getattr(_scopes, "deserializing", None)
+    if scope is not None:
+        scope.append(ref)
+    else:
+        context.count_unpickled(ref)
     return ref
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-from redray import context
 from redray.object_ref import Address
 from redray.reactor import Connection
 
@@ -71,22 +70,29 @@ class Ownership:
                 )
             obj.count += 1
 
-    def add_deserialized_ref(self, object_id: bytes, owner: Address | None) -> None:
-        """A ref was unpickled here: count it, and note a new borrow for registration."""
-        if owner == self.address:
-            owner = None
+    def count_deserialized(self, refs: list) -> list[bytes]:
+        """Count refs just unpickled here (one lock for all); ids newly borrowed from others.
+
+        `refs` are ObjectRefs or actor handles (`_id`, `_owner`). An object seen here for the
+        first time and owned elsewhere is a new borrow: the caller registers those
+        (`register_borrows`) once the whole value is rebuilt.
+        """
+        address = self.address
+        new_borrows = []
         with self._lock:
-            obj = self._objects.get(object_id)
-            new = obj is None
-            if new:
-                obj = self._objects[object_id] = ObjectEntry(owner)
-            obj.count += 1
-        if new and owner is not None:
-            scope = context.deserialize_scope()
-            if scope is not None:
-                scope.append(object_id)
-            else:
-                self.register_borrows([object_id])
+            objects = self._objects
+            for ref in refs:
+                oid = ref._id
+                obj = objects.get(oid)
+                if obj is None:
+                    owner = ref._owner
+                    if owner == address:
+                        owner = None
+                    obj = objects[oid] = ObjectEntry(owner)
+                    if owner is not None:
+                        new_borrows.append(oid)
+                obj.count += 1
+        return new_borrows
 
     def register_borrows(self, object_ids: Iterable[bytes], via_task: bool = False) -> None:
         """Tell owners we hold refs to their objects (or, for task arguments, defer to the reply)."""
@@ -157,6 +163,12 @@ class Ownership:
 
     def process_released(self) -> None:
         """Apply pending decrements; free objects nobody refers to any more."""
+        if self._watches:
+            self.check_watches()  # a watch may hold the last refs to objects (waiting.py)
+        self.apply_released()
+
+    def apply_released(self) -> None:
+        """Apply the decrements of refs dropped so far (process_released, minus the watches)."""
         released = self._released
         if not released:
             return
@@ -299,6 +311,8 @@ class Ownership:
                 obj.value = payload
                 obj.fetching = False
                 callbacks, obj.callbacks = obj.callbacks, None
+                if self._watches:
+                    self.note_ready_in_watches(object_id)
         if obj is None:
             if payload[0] == "s":
                 self.free_in_store(payload[1], [object_id])

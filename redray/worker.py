@@ -30,6 +30,7 @@ from redray.ids import IdSource
 from redray.object_ref import Address, ObjectRef
 from redray.ownership import ObjectEntry, Ownership, Payload
 from redray.reactor import Connection, Reactor
+from redray.waiting import ListWatch, Waiting
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class JobInfo:
     runtime_env: dict | None = None
 
 
-class CoreWorker(Ownership):
+class CoreWorker(Ownership, Waiting):
     """The runtime inside one driver or worker process."""
 
     def __init__(
@@ -83,6 +84,8 @@ class CoreWorker(Ownership):
         self._ready = threading.Condition()  # signalled when any object becomes ready here
         self._ready_version = 0
         self._ready_waiters = 0
+        self._watches: dict[int, ListWatch] = {}  # per thread: the list `wait` returned to it
+        self._watch_timer = False
         self._watching_deaths = False
         self._released: collections.deque[bytes] = collections.deque()
         self._release_pending = False
@@ -465,7 +468,7 @@ class CoreWorker(Ownership):
             data = payload[1]
             if not payload[2]:
                 return serialization.loads(data)
-            with context.deserializing() as scope:
+            with context.deserializing(len(payload[2])) as scope:
                 value = serialization.loads(data)
             if scope.refs:
                 self.register_borrows(scope.refs)
@@ -568,7 +571,7 @@ class CoreWorker(Ownership):
         def release() -> None:
             raylet.send(("unpin", oid))
 
-        with context.deserializing() as scope:
+        with context.deserializing(len(payload[3])) as scope:
             value = layout.deserialize(view, on_release=release)
         if scope.refs:
             self.register_borrows(scope.refs)
@@ -616,6 +619,8 @@ class CoreWorker(Ownership):
                 obj = self._objects.get(oid)
                 if obj is not None and obj.owner is None:
                     obj.value = None
+            if self._watches:
+                self.note_pending_in_watches(oids)
 
     def on_payload(self, oid: bytes, callback: Callable[[], None]) -> None:
         """callback() once the object's payload is known here (at once if it is)."""

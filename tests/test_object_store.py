@@ -189,6 +189,13 @@ def many_refs(n):
     return [redray.put(i) for i in range(n)]
 
 
+@redray.remote
+def many_store_refs_in_one(n, nbytes):
+    """A worker owns n store objects and one small object listing them; returns a ref to it."""
+    refs = [redray.put(np.full(nbytes, i % 251, np.uint8)) for i in range(n)]
+    return [redray.put(refs)]
+
+
 @redray.remote(num_cpus=0)
 class Holder:
     """A borrower that keeps a ref (or a zero-copy view) in its state."""
@@ -520,6 +527,26 @@ def test_nested_refs_keep_their_referents_alive(cluster):
     wait_empty()
 
 
+def test_refs_dropped_after_wait_are_freed(cluster):
+    """wait keeps what it knows of the list it returned; that must not keep refs alive."""
+    refs = [redray.put(pattern(20 + i, 8 * MiB)) for i in range(4)]
+    ready, not_ready = redray.wait(refs)
+    ready, not_ready = redray.wait(not_ready)  # the list wait returned: what it knows is used
+    assert (ready, not_ready) == ([refs[1]], refs[2:])
+    dropped = not_ready.pop()  # changed in place: the list no longer holds it
+    del refs, ready, dropped
+    # Well before the watch would be dropped for being idle (waiting.IDLE_SECONDS).
+    wait_store(lambda s: s["num_objects"] == 1, 0.5, message="a ref dropped after wait was kept")
+    del not_ready
+    wait_empty()
+    refs = [redray.put(pattern(30 + i, 8 * MiB)) for i in range(2)]
+    ready, not_ready = redray.wait(refs)
+    del refs, ready
+    wait_store(lambda s: s["num_objects"] == 1)
+    del not_ready  # the whole list, and no API call follows
+    wait_empty(timeout=0.5)
+
+
 # -- 6. owner death --------------------------------------------------------------------------
 def _assert_lost(ref) -> None:
     start = time.monotonic()
@@ -634,6 +661,19 @@ def test_list_of_10k_refs_from_a_task(cluster):
     assert redray.get([again[0], again[n // 2], again[-1]], timeout=30) == [0, n // 2, n - 1]
     assert redray.get(again, timeout=30) == list(range(n))
     del again, outer
+    wait_empty()
+
+
+def test_borrowed_value_with_thousands_of_refs_keeps_them_alive_until_dropped(cluster):
+    n = 1500  # above the count at which refs are rebuilt in one batch with the GC paused
+    box = redray.get(many_store_refs_in_one.remote(n, 128 * 1024))
+    inner = redray.get(box[0])  # a borrowed value: every ref in it is new here
+    assert gc.isenabled()
+    del box
+    sync_driver_refs()  # the listing object is freed by its owner: only our refs remain
+    assert [a[0] for a in redray.get(inner, timeout=60)] == [i % 251 for i in range(n)]
+    assert store_stats()["num_objects"] == n
+    del inner
     wait_empty()
 
 

@@ -167,6 +167,38 @@ def test_wait_validation_errors(ray_start):
         redray.wait([a, b], timeout=-1)
 
 
+def test_wait_loop_on_the_returned_list(ray_start, gate):
+    """Waiting again on the list wait returned: every ref comes back once, in input order
+    among those ready, and a slow one stays behind until it finishes."""
+    slow = blocker.remote(gate.path("started"), gate.release_file)
+    fast = [echo.remote(i) for i in range(200)]
+    refs = [slow, *fast]
+    seen = []
+    not_ready = refs
+    while len(not_ready) > 1:
+        ready, not_ready = redray.wait(not_ready, num_returns=min(3, len(not_ready) - 1))
+        assert ready == [r for r in refs if r in set(ready)]  # input order
+        seen += ready
+    assert sorted(redray.get(seen)) == list(range(200)) and not_ready == [slow]
+    assert redray.wait(not_ready, timeout=0.2) == ([], [slow])
+    gate.open()
+    assert redray.wait(not_ready) == ([slow], [])
+
+
+def test_wait_checks_a_returned_list_changed_in_place(ray_start):
+    refs = [redray.put(i) for i in range(4)]
+    ready, not_ready = redray.wait(refs)
+    assert ready == refs[:1] and not_ready == refs[1:]
+    not_ready.append(not_ready[0])
+    with pytest.raises(ValueError):
+        redray.wait(not_ready)
+    not_ready[-1] = "not a ref"
+    with pytest.raises(TypeError):
+        redray.wait(not_ready)
+    not_ready[-1] = refs[0]
+    assert redray.wait(not_ready, num_returns=4) == ([*refs[1:], refs[0]], [])
+
+
 def test_wait_on_empty_list(ray_start):
     assert redray.wait([]) == ([], [])
 

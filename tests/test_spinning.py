@@ -52,6 +52,6 @@ def test_no_process_keeps_polling_once_calls_stop(ray_start):
     before = me.cpu_times(), worker.cpu_times()
     time.sleep(1.0)  # the measurement window, not a synchronisation
     after = me.cpu_times(), worker.cpu_times()
-    used = [sum(a[:2]) - sum(b[:2]) for a, b in zip(after, before)]
+    used = [sum(a[:2]) - sum(b[:2]) for a, b in zip(after, before, strict=True)]
     assert used[0] < 0.1, f"the driver used {used[0]:.3f} s of CPU while idle"
     assert used[1] < 0.1, f"the worker used {used[1]:.3f} s of CPU while idle"
