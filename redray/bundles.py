@@ -15,6 +15,9 @@ Bundle = tuple[int, dict[str, float]]  # (bundle index, resources)
 
 MARKER = "bundle"
 MARKER_AMOUNT = 1000.0
+# Removed groups are remembered so that a prepare overtaken by the removal is refused; the
+# oldest are forgotten past this many (a prepare is never that late).
+REMEMBERED_REMOVALS = 10_000
 
 
 class Bundles:
@@ -25,7 +28,7 @@ class Bundles:
         self.available = available
         self.prepared: dict[str, list[Bundle]] = {}
         self.committed: dict[str, list[Bundle]] = {}
-        self.removed: set[str] = set()
+        self.removed: dict[str, None] = {}  # insertion-ordered: the oldest go first
 
     def prepare(self, pg_id: str, bundles: list[Bundle]) -> bool:
         needed = _sum(bundles)
@@ -54,7 +57,9 @@ class Bundles:
 
     def remove(self, pg_id: str) -> None:
         """Forget the group (whatever ran in it must already be stopped)."""
-        self.removed.add(pg_id)
+        self.removed[pg_id] = None
+        if len(self.removed) > REMEMBERED_REMOVALS:
+            del self.removed[next(iter(self.removed))]
         self.cancel(pg_id)
         bundles = self.committed.pop(pg_id, None)
         if bundles is None:

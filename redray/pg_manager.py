@@ -58,6 +58,9 @@ class PlacementGroupManager:
         if pg_id in self.groups:
             return
         group = self.groups[pg_id] = _Group(pg_id, info)
+        waiting = (g for g in self.groups.values() if g is not group and not g.busy)
+        if any(self._pending(other) for other in waiting):
+            return  # older groups wait for room: it is placed after them (retry_pending)
         self._place(group)
 
     def remove(self, pg_id: str) -> None:
@@ -84,9 +87,26 @@ class PlacementGroupManager:
                 self.remove(group.pg_id)
 
     def retry_pending(self) -> None:
+        """Place pending groups in the order they were created, as Ray does: a group that
+        could fit the cluster but not now holds back the younger ones (else a stream of
+        small groups could starve it); one that can never fit does not."""
         for group in list(self.groups.values()):
-            if group.info.get("state") == "PENDING" and not group.busy:
-                self._place(group)
+            if not self._pending(group) or group.busy or self._place(group):
+                continue
+            if self._feasible(group):
+                return
+
+    @staticmethod
+    def _pending(group: _Group) -> bool:
+        return group.info.get("state") == "PENDING"
+
+    def _feasible(self, group: _Group) -> bool:
+        """Whether the group fits the live nodes' total resources (empty, as it were)."""
+        totals = [
+            (n["node_id"], scheduling.without_groups(n.get("resources", {}))) for n in self._nodes()
+        ]
+        plan = scheduling.plan_bundles(group.info["bundles"], group.info["strategy"], totals)
+        return plan is not None
 
     def adopt(self) -> None:
         """On taking over: pending groups are placed again by this leader."""
@@ -108,9 +128,10 @@ class PlacementGroupManager:
             self._nodes_read = now
         return self._node_view
 
-    def _place(self, group: _Group) -> None:
-        """Ask the planned nodes to set the group's bundles aside. A group planned onto one
-        node is reserved and committed there in one step (all or nothing holds trivially)."""
+    def _place(self, group: _Group) -> bool:
+        """Ask the planned nodes to set the group's bundles aside (False: it fits nowhere
+        now). A group planned onto one node is reserved and committed there in one step (all
+        or nothing holds trivially)."""
         nodes = self._nodes(fresh=group.refused)
         plan = scheduling.plan_bundles(
             group.info["bundles"],
@@ -118,11 +139,15 @@ class PlacementGroupManager:
             [(n["node_id"], n.get("available", {})) for n in nodes],
         )
         if plan is None:
-            return  # stays pending; tried again on the next tick
+            return False  # stays pending; tried again on the next tick
         addresses = {n["node_id"]: n["raylet_address"] for n in nodes}
+        views = {n["node_id"]: n.setdefault("available", {}) for n in nodes}
         by_node: dict[str, list[tuple[int, dict]]] = {}
         for index, node_id in enumerate(plan):
-            by_node.setdefault(node_id, []).append((index, group.info["bundles"][index]))
+            bundle = group.info["bundles"][index]
+            by_node.setdefault(node_id, []).append((index, bundle))
+            for name, amount in bundle.items():  # the next plans see it taken
+                views[node_id][name] = views[node_id].get(name, 0.0) - amount
         group.attempt += 1
         group.busy = True
         group.replies = {}
@@ -134,6 +159,7 @@ class PlacementGroupManager:
                 self.control.post(self._on_prepared, group, attempt, node_id, plan, by_node, reply)
 
             self._reserve(node_id, addresses[node_id], group.pg_id, bundles, one_step, on_reply)
+        return True
 
     def _on_prepared(self, group, attempt, node_id, plan, by_node, reply) -> None:
         one_step = len(by_node) == 1

@@ -363,7 +363,7 @@ class Raylet:
         resources = scheduling.normalize(request["resources"])
         env_vars = request.get("env_vars") or {}
         groups = {scheduling.placement_group_of(r) for r in resources} - {None}
-        if groups & self.bundles.removed:
+        if any(group in self.bundles.removed for group in groups):
             error = exceptions.TaskUnschedulableError(
                 "The placement group this task or actor should run in was removed."
             )

@@ -74,6 +74,19 @@ def test_ready_wait_and_resources_reserved():
     assert wait_for(lambda: placement_group_table(pg)["state"] == "REMOVED")
 
 
+def test_pending_groups_are_placed_in_order_and_forgotten_once_removed():
+    """Groups waiting for room are placed in the order they were created (a younger one
+    never takes the room an older one waits for), and creating and removing groups in a loop
+    (Ray's benchmark does) does not grow the driver's memory."""
+    tracked = redray.context.current.placement_groups._states
+    groups = [placement_group([{"CPU": 1}]) for _ in range(20)]
+    for pg in groups:  # 4 CPUs: the later ones are placed as the earlier ones go, in order
+        assert pg.wait(timeout_seconds=10)
+        remove_placement_group(pg)
+    assert wait_for(lambda: not any(pg.id.hex() in tracked for pg in groups))
+    assert placement_group_table(groups[-1])["state"] == "REMOVED"
+
+
 def test_tasks_and_actors_run_in_their_bundle():
     pg = placement_group([{"CPU": 1}, {"CPU": 1, "custom": 1}])
     assert pg.wait(10)

@@ -75,6 +75,15 @@ def test_bundles_prepare_commit_remove_restore_resources():
     assert node.prepare("pg3", group) and node.cancel("pg3") and available == {"CPU": 4.0}
 
 
+def test_a_node_remembers_a_bounded_number_of_removed_groups(monkeypatch):
+    monkeypatch.setattr(bundles, "REMEMBERED_REMOVALS", 3)
+    node = bundles.Bundles({"CPU": 4.0}, {"CPU": 4.0})
+    for name in ("pg1", "pg2", "pg3", "pg4"):
+        node.remove(name)
+    assert list(node.removed) == ["pg2", "pg3", "pg4"]  # the oldest is forgotten
+    assert not node.prepare("pg2", [(0, {"CPU": 1.0})])  # recent removals still refuse
+
+
 def test_placement_group_of_resource_names():
     assert scheduling.placement_group_of("CPU_group_1_abcd") == "abcd"
     assert scheduling.placement_group_of("CPU_group_abcd") == "abcd"

@@ -262,7 +262,10 @@ class PlacementGroups:
         with self._lock:
             if pg_hex not in self._states and pg_hex not in self._waiters:
                 return
-            self._states[pg_hex] = info["state"]
+            if info["state"] == "REMOVED":
+                self._states.pop(pg_hex, None)  # final: nothing more to track
+            else:
+                self._states[pg_hex] = info["state"]
             waiters = self._waiters.pop(pg_hex, []) if info["state"] != "PENDING" else []
         for waiter in waiters:
             waiter(info["state"])
