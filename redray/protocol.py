@@ -119,6 +119,7 @@ def local_name(host: str, port: int) -> bytes:
 
 
 _local_hosts: dict[str, bool] = {}
+_PEERCRED = getattr(socket, "SO_PEERCRED", 17)  # Linux's value, for Pythons that lack the name
 
 
 def is_local(host: str) -> bool:
@@ -150,6 +151,11 @@ def _connect_local(address: tuple[str, int], timeout: float) -> socket.socket | 
     sock.settimeout(timeout)
     try:
         sock.connect(local_name(*address))
+        # Any local user may bind an abstract name first; only trust one of our own user's
+        # (who could do anything to us anyway). Else: TCP, where the port proves the peer.
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, _PEERCRED, 12))
+        if uid != os.getuid():
+            raise ConnectionRefusedError("the local socket belongs to another user")
     except OSError:
         sock.close()
         return None

@@ -325,6 +325,45 @@ def test_a_listener_gone_from_the_unix_socket_is_still_reached_over_tcp():
         reactor.stop()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_unix_name_taken_by_another_user_is_not_trusted():
+    """Any local user can bind an abstract Unix name first; a client must not talk to such a
+    squatter but reach the real listener over TCP."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    squatter = os.fork()
+    if squatter == 0:  # another user takes the name the listener will want
+        try:
+            os.setuid(65534)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(protocol.local_name("127.0.0.1", port))
+            sock.listen(8)
+            os.write(ready_w, b"x")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    reactor = Reactor(TOKEN, name="test-squatted")
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        messages = []
+        address = reactor.listen("127.0.0.1", port, lambda conn, m: messages.append(m))
+        sock = protocol.connect(address, TOKEN, timeout=5)
+        assert sock.family == socket.AF_INET
+        sock.sendall(protocol.encode(("real",)))
+        wait_for(lambda: messages == [("real",)], timeout=5)
+        sock.close()
+    finally:
+        os.write(done_w, b"x")
+        os.waitpid(squatter, 0)
+        reactor.stop()
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
+
+
 def test_listener_survives_half_handshakes(listener):
     """Clients that hang up mid-handshake do not disturb the listener."""
     for _ in range(5):
