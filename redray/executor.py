@@ -114,13 +114,15 @@ class Executor:
         inbox = self.inbox
         reactor = self.worker.reactor
         # Poll before sleeping only where this thread runs what comes: not in an async or
-        # threaded actor, whose calls run on other threads (which need the interpreter).
+        # threaded actor, whose calls run on other threads (which need the interpreter). An
+        # async actor's event-loop thread runs the reactor loop itself when idle.
         actor = self.actor
         spin = actor is None or not (actor.is_async or actor.threaded)
+        lead = actor is None or not actor.is_async
         while not inbox:
             waiter = self._idle = reactor.waiter()
             if not inbox:  # (post() may have run before _idle was set)
-                reactor.block(waiter, spin=spin)
+                reactor.block(waiter, spin=spin, lead=lead)
         self._idle = None
         return inbox.popleft()
 

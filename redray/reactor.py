@@ -285,7 +285,9 @@ class Reactor:
     def waiter(self) -> Waiter:
         return Waiter(self)
 
-    def block(self, waiter: Waiter, timeout: float | None = None, spin: bool = False) -> bool:
+    def block(
+        self, waiter: Waiter, timeout: float | None = None, spin: bool = False, lead: bool = True
+    ) -> bool:
         """Sleep until waiter is set (True) or timeout passes (False).
 
         Meanwhile this thread runs the reactor loop itself when it can get it, so what sets
@@ -293,14 +295,15 @@ class Reactor:
         the loop a moment before sleeping when that is likely to pay (see spinning.py):
         for threads that do the work themselves, not those handing it to other threads. The
         main thread leads only while SIGINT's handler defers KeyboardInterrupt (see
-        `keyboard_interrupt`): it must never land inside a message handler.
+        `keyboard_interrupt`): it must never land inside a message handler. With `lead`
+        False it just sleeps (leaving the loop to threads that should run it).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not waiter.done:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
-            leading = self._may_lead() and self._take_or_ask(waiter)
+            leading = lead and self._may_lead() and self._take_or_ask(waiter)
             if not leading:
                 waiter._lock.acquire(timeout=-1 if left is None else left)
                 with self._role:
@@ -358,6 +361,38 @@ class Reactor:
         self._io_deep = False
         self._kicked = True
         self._parked.notify()
+
+    def block_until_readable(self, fd: int, timeout: float | None, spin: bool = False) -> None:
+        """Block (as `block`, running the loop meanwhile) until fd is readable or timeout
+        passes: for a thread that also waits on a selector of its own (an event loop)."""
+        waiter = self.waiter()
+        watch = {"on": False}
+
+        def readable() -> None:  # on the loop: a one-shot watch (epoll is level-triggered)
+            if watch["on"]:
+                watch["on"] = False
+                self._selector.unregister(fd)
+            waiter.set()
+
+        def start() -> None:
+            if not waiter.done and not watch["on"]:
+                watch["on"] = True
+                try:
+                    self._selector.register(fd, _READ, readable)
+                except KeyError:  # (an earlier watch not yet stopped: take it over)
+                    self._selector.modify(fd, _READ, readable)
+
+        def stop() -> None:
+            if watch["on"]:
+                watch["on"] = False
+                self._selector.unregister(fd)
+
+        self.call_soon(start)
+        try:
+            self.block(waiter, timeout, spin=spin)
+        finally:
+            waiter.set()  # a start still queued does nothing now
+            self.call_soon(stop)
 
     def keyboard_interrupt(self) -> None:
         """Raise KeyboardInterrupt in the calling (main) thread: at once, or, when it is
