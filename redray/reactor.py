@@ -223,14 +223,21 @@ class Waiter:
         self.thread = 0
 
     def set(self) -> None:
-        with self._reactor._role:
+        reactor = self._reactor
+        with reactor._role:
             if self.done:
                 return
             self.done = True
-            # A leading waiter sees `done` after the event that set it; only a sleeping
-            # one needs waking (and the lock is released once at most: here or by a grant).
-            if not self.leading and self._lock.locked():
-                self._lock.release()
+            if not self.leading:
+                # Asleep (the lock is released once at most: here or by a grant).
+                if self._lock.locked():
+                    self._lock.release()
+                return
+            # Running the loop: it sees `done` after the event being handled, unless set
+            # from another thread (a pub/sub message, a user thread) while it sleeps there.
+            if self.thread == threading.get_ident():
+                return
+        reactor._wake()
 
 
 class Reactor:

@@ -1400,6 +1400,38 @@ def test_async_actor_calls_overlap(cluster):
     assert elapsed < 3.0, f"50 overlapping 0.2 s naps took {elapsed:.2f} s"
 
 
+@redray.remote
+class LoopIdentity:
+    """Where an async actor's calls run, and whether the runtime works from there."""
+
+    async def where(self) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        return threading.current_thread().name, id(loop)
+
+    async def nested(self, n: int) -> list:
+        refs = [square.remote(i) for i in range(n)]
+        awaited = [await ref for ref in refs[: n // 2]]
+        return awaited + redray.get(refs[n // 2 :])  # a blocking get from the loop, too
+
+
+@redray.remote
+def square(x: int) -> int:
+    return x * x
+
+
+def test_async_actor_calls_run_on_its_event_loop_and_can_call_the_runtime(cluster):
+    """Calls reach an async actor's event-loop thread directly (it runs the worker's loop
+    while idle); every call still runs on that one loop, and awaiting or getting refs from
+    a call works."""
+    actor = LoopIdentity.remote()
+    places = set(redray.get([actor.where.remote() for _ in range(200)], timeout=30))
+    assert len(places) == 1
+    assert next(iter(places))[0] != "MainThread"
+    assert redray.get(actor.nested.remote(10), timeout=30) == [i * i for i in range(10)]
+    for _ in range(50):  # synchronous calls one after another
+        assert redray.get(actor.where.remote(), timeout=10) in places
+
+
 def test_async_actor_max_concurrency_limits_overlap(cluster):
     sleeper = AsyncSleeper.options(max_concurrency=2).remote()
     redray.get(sleeper.count_started.remote())

@@ -3,6 +3,7 @@ thread when it is done (see redray/reactor.py)."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -93,6 +94,21 @@ def test_a_loop_left_free_is_taken_back_by_the_io_thread(echo):
     wait_for(lambda: len(echo.handled) == 2, message="second message never handled")
     assert echo.handled[1] == ("second", echo.reactor.thread.ident)
     sock.close()
+
+
+def test_a_thread_running_the_loop_is_woken_by_a_set_from_elsewhere(echo):
+    """A waiter set by another thread (a pub/sub message, a user thread) wakes its thread
+    even while that thread sleeps inside the loop with no socket activity."""
+    waiter = echo.reactor.waiter()
+    thread, result = blocked_in(echo.reactor, waiter, timeout=60)
+    wait_for(lambda: echo.reactor._leader == result.get("ident"), message="loop never lent")
+    wchan = f"/proc/self/task/{thread.native_id}/wchan"
+    if os.path.exists(wchan):  # until it is asleep in the loop's epoll_wait
+        wait_for(lambda: "epoll" in open(wchan).read(), message="never slept in the loop")
+    waiter.set()
+    thread.join(5)
+    assert not thread.is_alive(), "the blocked thread slept on until its timeout"
+    assert result["returned"] is True
 
 
 def test_set_before_block_returns_at_once(echo):
