@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from redray import exceptions
 from redray.actor import TERMINATE, ActorExit
+from redray.connection import Connection
 from redray.executor import TaskContext, _task_context, error_payload, task_error
-from redray.reactor import Connection
 
 if TYPE_CHECKING:
     from redray.executor import Executor

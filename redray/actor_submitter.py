@@ -15,8 +15,8 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from redray import exceptions
+from redray.connection import Connection
 from redray.object_ref import ObjectRef
-from redray.reactor import Connection
 
 if TYPE_CHECKING:
     from redray.actor import ActorHandle

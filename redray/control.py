@@ -26,8 +26,8 @@ from redray import gcs as gcs_schema
 from redray.gcs import Gcs
 
 if TYPE_CHECKING:
+    from redray.connection import Connection
     from redray.raylet import Raylet
-    from redray.reactor import Connection
 
 log = logging.getLogger("redray.control")
 

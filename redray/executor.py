@@ -18,8 +18,9 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from redray import context, exceptions
+from redray.connection import Connection
 from redray.ids import return_id
-from redray.reactor import Connection, Waiter
+from redray.reactor import Waiter
 
 if TYPE_CHECKING:
     from redray.actor_runtime import ActorRuntime

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
+from redray.connection import Connection
 from redray.object_ref import Address
-from redray.reactor import Connection
 
 log = logging.getLogger("redray.worker")
 

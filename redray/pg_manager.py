@@ -24,8 +24,8 @@ from redray import scheduling
 from redray.gcs import NAMED_PGS
 
 if TYPE_CHECKING:
+    from redray.connection import Connection
     from redray.control import ControlLoop
-    from redray.reactor import Connection
 
 log = logging.getLogger("redray.control")
 

@@ -28,8 +28,9 @@ from typing import Any
 from redray import exceptions, scheduling
 from redray import gcs as gcs_schema
 from redray.bundles import Bundles
+from redray.connection import Connection
 from redray.gcs import Gcs
-from redray.reactor import Connection, Reactor
+from redray.reactor import Reactor
 
 log = logging.getLogger("redray.raylet")
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redray import exceptions, protocol, serialization
+from redray.connection import Connection
 from redray.ids import return_id, task_of
 from redray.object_ref import ObjectRef
-from redray.reactor import Connection
 
 if TYPE_CHECKING:
     from redray.worker import CoreWorker

@@ -25,11 +25,12 @@ from typing import Any
 
 from redray import context, exceptions, serialization
 from redray import gcs as gcs_schema
+from redray.connection import Connection
 from redray.gcs import Gcs
 from redray.ids import IdSource
 from redray.object_ref import Address, ObjectRef
 from redray.ownership import ObjectEntry, Ownership, Payload
-from redray.reactor import Connection, Reactor
+from redray.reactor import Reactor
 from redray.waiting import ListWatch, Waiting
 
 log = logging.getLogger(__name__)
