@@ -7,11 +7,13 @@ the owner, which frees the object once no process refers to it any more.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redray import context
+
+if TYPE_CHECKING:
+    import asyncio
 
 Address = tuple[str, int, bytes]  # (host, port, worker_id) of a core worker's listener
 
@@ -75,9 +77,13 @@ class ObjectRef:
         return future
 
     def __await__(self):
+        import asyncio  # (only here: a raylet or a plain script never pays for asyncio)
+
         return asyncio.wrap_future(self.future()).__await__()
 
     def as_future(self) -> asyncio.Future:
+        import asyncio
+
         return asyncio.wrap_future(self.future())
 
 
