@@ -710,7 +710,18 @@ class CoreWorker(Ownership, Waiting):
                 if not self.shutting_down:
                     log.exception("background call %r failed", fn)
 
+    def drain_background(self, timeout: float = 5.0) -> None:
+        """Wait (up to timeout) until what was handed to the background thread has run:
+        requests a program made just before it exits (a placement group's removal) still
+        reach the cluster."""
+        if threading.current_thread().name == "redray-bg":
+            return
+        done = threading.Event()
+        self._background.put((done.set, ()))
+        done.wait(timeout)
+
     def shutdown(self) -> None:
+        self.drain_background()
         self.shutting_down = True
         try:
             self.submitter.shutdown()

@@ -995,6 +995,44 @@ def standalone_driver(script: str, standalone: dict[str, Any]) -> Any:
     return last_json(proc.stdout)
 
 
+def test_a_removal_asked_for_just_before_exit_still_happens(standalone):
+    """remove_placement_group returns at once (as Ray's) and the request leaves from a
+    background thread: a driver that exits right after must still have it carried out
+    (a detached group is not removed with its owner, so nothing else would)."""
+    first = standalone_driver(
+        """
+        import json, redray
+        from redray.util import placement_group, remove_placement_group
+        redray.init(address="auto")
+        groups = [placement_group([{"CPU": 0.1}], lifetime="detached") for _ in range(3)]
+        for pg in groups:
+            assert pg.wait(timeout_seconds=30)
+        for pg in groups:
+            remove_placement_group(pg)
+        print(json.dumps([pg.id.hex() for pg in groups]))
+        """,
+        standalone,
+    )
+    states = standalone_driver(
+        f"""
+        import json, time, redray
+        from redray.util import placement_group_table
+        redray.init(address="auto")
+        ids = {first!r}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            table = placement_group_table()
+            states = [table.get(i, {{}}).get("state") for i in ids]
+            if states == ["REMOVED"] * len(ids):
+                break
+            time.sleep(0.05)
+        print(json.dumps(states))
+        """,
+        standalone,
+    )
+    assert states == ["REMOVED"] * 3
+
+
 def test_detached_actor_outlives_its_driver_and_serves_another(standalone):
     first = standalone_driver(
         """
