@@ -202,10 +202,7 @@ class ActorRuntime:
         """Run one call synchronously (main thread or a group's thread) and reply."""
         task_id, method, name, args, kwargs, num_returns = message[1:7]
         executor = self.executor
-        if task_id in executor._cancelled:
-            executor._cancelled.discard(task_id)
-            error = exceptions.TaskCancelledError(task_id.hex())
-            conn.send(("done", task_id, [error_payload(error)] * num_returns, []))
+        if executor.refused_as_cancelled(conn, task_id, num_returns):
             return
         ctx = self._call_context(conn, message)
         if method == TERMINATE:
@@ -253,10 +250,7 @@ class ActorRuntime:
             if self._exit_reason is not None and self._exit_reason != _TERMINATING:
                 self._refuse(conn, message)
                 return
-            if task_id in executor._cancelled:
-                executor._cancelled.discard(task_id)
-                error = exceptions.TaskCancelledError(task_id.hex())
-                conn.send(("done", task_id, [error_payload(error)] * num_returns, []))
+            if executor.refused_as_cancelled(conn, task_id, num_returns):
                 return
             ctx = self._call_context(conn, message)
             token = _task_context.set(ctx)

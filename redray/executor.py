@@ -207,10 +207,7 @@ class Executor:
                 self._stolen.discard(task_id)
                 return  # given back to its owner, which runs it elsewhere
             self._waiting.discard(task_id)
-        if task_id in self._cancelled:
-            self._cancelled.discard(task_id)
-            error = exceptions.TaskCancelledError(task_id.hex())
-            conn.send(("done", task_id, [error_payload(error)] * num_returns, []))
+        if self.refused_as_cancelled(conn, task_id, num_returns):
             return
         if grant != self._applied_grant:
             self._apply_grant(grant)
@@ -227,6 +224,15 @@ class Executor:
             self._interrupt = None
             self.current = None
         conn.send(("done", task_id, payloads, self.worker.take_task_borrows()))
+
+    def refused_as_cancelled(self, conn: Connection, task_id: bytes, num_returns: int) -> bool:
+        """A task or call cancelled before it started: reply TaskCancelledError (True)."""
+        if task_id not in self._cancelled:
+            return False
+        self._cancelled.discard(task_id)
+        error = exceptions.TaskCancelledError(task_id.hex())
+        conn.send(("done", task_id, [error_payload(error)] * num_returns, []))
+        return True
 
     def task_context(self, task_id, name, job_id, grant, conn) -> TaskContext:
         """The context of a task of job_id, whose paths are made importable here first."""
