@@ -1,21 +1,22 @@
-"""Ownership: the objects a process owns or borrows, and counting references to them.
+"""Ownership: the objects a process owns or borrows, and what their counts imply.
 
 A process owns the objects it creates (puts and the returns of tasks it submits); others
-borrow them. Each process counts, per object, its live ObjectRefs plus pins (pending tasks,
-containing objects); an owner also counts, per borrower, the borrows registered with it.
-An object is freed (in the owner's memory, in every node's store) once nobody counts it.
-Counts are plain integers, so a borrow and its release may arrive in either order.
+borrow them. The counts live in a `ReferenceTable` (reference_table.py); this part carries
+out what they decide: it registers borrows with owners and releases them, frees objects in
+every node's store once nobody counts them, and answers borrowers asking for values.
 
 `Ownership` is a part of `CoreWorker` (worker.py), kept here to be read on its own.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from redray.connection import Connection
 from redray.object_ref import Address
+from redray.reference_table import Released
 
 log = logging.getLogger("redray.worker")
 
@@ -29,46 +30,21 @@ Payload = tuple
 
 RELEASE_SECONDS = 0.02
 
-
-class ObjectEntry:
-    """What this process knows of one object it owns or borrows."""
-
-    __slots__ = (
-        "owner",
-        "count",
-        "value",
-        "callbacks",
-        "borrowers",
-        "registered",
-        "via_task",
-        "nested",
-        "fetching",
-    )
-
-    def __init__(self, owner: Address | None):
-        self.owner = owner  # None when this process owns the object
-        self.count = 0  # live ObjectRefs here + pins (pending tasks, containing objects)
-        self.value: Payload | None = None
-        self.callbacks: list[Callable[[], None]] | None = None
-        self.borrowers: dict[bytes, int] | None = None  # owner side: worker id -> count
-        self.registered = 0  # borrower side: registrations the owner holds for us
-        self.via_task = False  # borrower side: arrived as an argument of the running task
-        self.nested: list[bytes] | None = None  # refs this value contains (pinned by it)
-        self.fetching = False
+# The ids of refs that arrived in the running task's arguments, first seen here: they are
+# registered with their owners through the task's reply (see `take_task_borrows`). A context
+# variable, so each thread and each coroutine of an actor keeps its own.
+_task_borrows: contextvars.ContextVar[list[bytes] | None] = contextvars.ContextVar(
+    "redray_task_borrows", default=None
+)
 
 
 class Ownership:
-    """Reference counting and the owned-object table (mixed into CoreWorker)."""
+    """Reference counting and the owned-object table (mixed into CoreWorker, which makes
+    `self.refs`, and aliases its `objects` and `lock` as `_objects` and `_lock`)."""
 
     # -- reference counting -----------------------------------------------------------------
     def add_local_ref(self, object_id: bytes, owner: Address | None) -> None:
-        with self._lock:
-            obj = self._objects.get(object_id)
-            if obj is None:
-                obj = self._objects[object_id] = ObjectEntry(
-                    None if owner == self.address else owner
-                )
-            obj.count += 1
+        self.refs.add(object_id, owner)
 
     def count_deserialized(self, refs: list) -> list[bytes]:
         """Count refs just unpickled here (one lock for all); ids newly borrowed from others.
@@ -77,73 +53,34 @@ class Ownership:
         first time and owned elsewhere is a new borrow: the caller registers those
         (`register_borrows`) once the whole value is rebuilt.
         """
-        address = self.address
-        new_borrows = []
-        with self._lock:
-            objects = self._objects
-            for ref in refs:
-                oid = ref._id
-                obj = objects.get(oid)
-                if obj is None:
-                    owner = ref._owner
-                    if owner == address:
-                        owner = None
-                    obj = objects[oid] = ObjectEntry(owner)
-                    if owner is not None:
-                        new_borrows.append(oid)
-                obj.count += 1
-        return new_borrows
+        return self.refs.add_unpickled(refs)
 
     def register_borrows(self, object_ids: Iterable[bytes], via_task: bool = False) -> None:
-        """Tell owners we hold refs to their objects (or, for task arguments, defer to the reply)."""
-        by_owner: dict[tuple, list[bytes]] = {}
-        with self._lock:
-            for oid in object_ids:
-                obj = self._objects.get(oid)
-                if obj is None or obj.owner is None:
-                    continue
-                if via_task:
-                    obj.via_task = True
-                else:
-                    obj.registered += 1
-                    by_owner.setdefault(obj.owner, []).append(oid)
-        for owner, oids in by_owner.items():
+        """Tell owners we hold refs to their objects. For the running task's arguments
+        (`via_task`) they are told through the task's reply instead (`take_task_borrows`):
+        the caller keeps those objects alive until the reply, and registers us first."""
+        if via_task:
+            _task_borrows.set(list(object_ids))
+            return
+        for owner, oids in self.refs.register(object_ids).items():
             self.send_to_owner(owner, ("borrow", oids, self.worker_id))
 
     def take_task_borrows(self) -> list[tuple[bytes, Address]]:
-        """Refs that arrived as task arguments and are still alive: the caller registers them."""
-        kept = []
-        with self._lock:
-            for oid, obj in self._objects.items():
-                if obj.via_task:
-                    obj.via_task = False
-                    obj.registered += 1
-                    kept.append((oid, obj.owner))
-        return kept
+        """Refs that arrived in the running task's arguments and are still alive here, as
+        (id, owner): the caller registers them. Costs O(refs in those arguments)."""
+        oids = _task_borrows.get()
+        if not oids:
+            return []
+        _task_borrows.set(None)
+        return self.refs.register_alive(oids)
 
     def pin(self, object_ids: Iterable[bytes]) -> None:
         """Keep objects alive on behalf of something that is not an ObjectRef (a task, a value)."""
-        with self._lock:
-            for oid in object_ids:
-                obj = self._objects.get(oid)
-                if obj is not None:
-                    obj.count += 1
+        self.refs.pin(object_ids)
 
     def pin_nested(self, nested: list[tuple[bytes, Address]], registered: bool) -> list[bytes]:
         """Pin the refs a value contains; `registered`: their owners already count us."""
-        ids = []
-        with self._lock:
-            for oid, owner in nested:
-                if owner == self.address:
-                    owner = None
-                obj = self._objects.get(oid)
-                if obj is None:
-                    obj = self._objects[oid] = ObjectEntry(owner)
-                obj.count += 1
-                if registered and owner is not None:
-                    obj.registered += 1
-                ids.append(oid)
-        return ids
+        return self.refs.pin_nested(nested, registered)
 
     def remove_local_ref(self, object_id: bytes) -> None:
         # Applied by the next API call (submit, get, put, wait) or within RELEASE_SECONDS:
@@ -172,32 +109,19 @@ class Ownership:
         released = self._released
         if not released:
             return
-        frees: list[tuple[bytes, ObjectEntry]] = []
-        with self._lock:
-            objects = self._objects
-            while released:
-                oid = released.popleft()
-                obj = objects.get(oid)
-                if obj is None:
-                    continue
-                obj.count -= 1
-                if obj.count <= 0 and not obj.borrowers:
-                    self._drop(oid, obj, frees)
-        if frees:
-            self._finish_frees(frees)
+        oids = []
+        try:
+            while True:
+                oids.append(released.popleft())
+        except IndexError:
+            pass
+        freed = self.refs.release(oids)
+        if freed:
+            self._finish_frees(freed)
 
-    def _drop(self, oid: bytes, obj: ObjectEntry, frees: list) -> None:
-        """Forget an object (lock held); what must be said to others goes to `frees`."""
-        del self._objects[oid]
-        frees.append((oid, obj))
-        for inner in obj.nested or ():
-            inner_obj = self._objects.get(inner)
-            if inner_obj is not None:
-                inner_obj.count -= 1
-                if inner_obj.count <= 0 and not inner_obj.borrowers:
-                    self._drop(inner, inner_obj, frees)
-
-    def _finish_frees(self, frees: list[tuple[bytes, ObjectEntry]]) -> None:
+    def _finish_frees(self, frees: Released) -> None:
+        """Carry out releases: free our objects in the stores holding them, tell the owners
+        of borrowed ones."""
         store_frees: dict[str, list[bytes]] = {}
         unborrows: dict[tuple, list[tuple[bytes, int]]] = {}
         for oid, obj in frees:
@@ -243,63 +167,46 @@ class Ownership:
 
     def lend(self, refs: list[tuple[bytes, Address | None]], borrower: bytes) -> None:
         """Register `borrower` with the owner of each (object id, owner) (None: ours)."""
-        by_owner: dict[tuple, list[bytes]] = {}
+        by_owner: dict[tuple | None, list[bytes]] = {}
         for oid, owner in refs:
             owner = None if owner is None or tuple(owner) == self.address else tuple(owner)
             by_owner.setdefault(owner, []).append(oid)
         for owner, oids in by_owner.items():
             if owner is None:
-                self._on_borrow(None, ("borrow", oids, borrower))
+                self._watch_deaths()
+                self.refs.borrowed(oids, borrower)
             else:
                 self.send_to_owner(owner, ("borrow", oids, borrower))
 
-    def _on_borrow(self, conn: Connection, message: tuple) -> None:
-        _, oids, borrower = message
+    def _watch_deaths(self) -> None:
+        """Borrowers are known here: follow process deaths, which release their borrows."""
         if not self._watching_deaths:
             self._watching_deaths = True
             self.background(self.watcher.ensure_running)
-        with self._lock:
-            for oid in oids:
-                obj = self._objects.get(oid)
-                if obj is not None and obj.owner is None:
-                    if obj.borrowers is None:
-                        obj.borrowers = {}
-                    obj.borrowers[borrower] = obj.borrowers.get(borrower, 0) + 1
+
+    def _on_borrow(self, conn: Connection, message: tuple) -> None:
+        _, oids, borrower = message
+        self._watch_deaths()
+        freed = self.refs.borrowed(oids, borrower)
+        if freed:
+            self._finish_frees(freed)
 
     def _on_unborrow(self, conn: Connection, message: tuple) -> None:
         _, items, borrower = message
-        frees: list = []
-        with self._lock:
-            for oid, n in items:
-                obj = self._objects.get(oid)
-                if obj is None or obj.borrowers is None:
-                    continue
-                left = obj.borrowers.get(borrower, 0) - n
-                if left:
-                    obj.borrowers[borrower] = left
-                else:
-                    obj.borrowers.pop(borrower, None)
-                if obj.count <= 0 and not obj.borrowers:
-                    self._drop(oid, obj, frees)
-        if frees:
-            self._finish_frees(frees)
+        freed = self.refs.unborrowed(items, borrower)
+        if freed:
+            self._finish_frees(freed)
 
     def forget_borrower(self, borrower: bytes) -> None:
         """A borrowing process died: drop what it held."""
-        frees: list = []
-        with self._lock:
-            for oid, obj in list(self._objects.items()):
-                if obj.borrowers and obj.borrowers.pop(borrower, None) is not None:
-                    if obj.count <= 0 and not obj.borrowers:
-                        self._drop(oid, obj, frees)
-        if frees:
-            self._finish_frees(frees)
+        freed = self.refs.borrower_died(borrower)
+        if freed:
+            self._finish_frees(freed)
 
     # -- owned objects ----------------------------------------------------------------------
     def new_owned(self, object_id: bytes) -> None:
         """Start tracking an object this process will own (a put or a task return)."""
-        with self._lock:
-            self._objects[object_id] = ObjectEntry(None)
+        self.refs.own(object_id)
 
     def set_value(self, object_id: bytes, payload: Payload) -> bool:
         """Record an object's payload and wake whoever waits; False if nobody refers to it."""

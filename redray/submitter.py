@@ -119,10 +119,12 @@ class _Lease:
         "wanted_back",
         "single_use",
         "fast",
+        "shape",
     )
 
-    def __init__(self, lease_id, conn, raylet, grant):
+    def __init__(self, lease_id, conn, raylet, grant, shape):
         self.lease_id = lease_id
+        self.shape: _Shape = shape
         self.conn: Connection = conn
         self.raylet: Connection = raylet
         self.inflight: dict[bytes, _Task] = {}
@@ -154,10 +156,14 @@ class TaskSubmitter:
         self.worker = worker
         self._lock = threading.RLock()
         self._tasks: dict[bytes, _Task] = {}
+        # Every table holds only what is alive: shapes with queued work, leases or requests;
+        # leases held; parents with unfinished children; raylets with an open connection.
         self._shapes: dict[tuple, _Shape] = {}
+        self._leases: dict[tuple[Connection, int], _Lease] = {}  # by (raylet, lease id)
         self._children: dict[bytes, list[bytes]] = {}
         self._raylets: dict[str, Connection] = {}
-        self._early_reclaims: set[int] = set()
+        # Grants whose worker is being connected to: True once the raylet wants them back.
+        self._connecting: dict[tuple[Connection, int], bool] = {}
         self._lineage: dict[bytes, _Task] = {}  # tasks whose stored returns may need rebuilding
         worker.handle("done", self._on_done)
         worker.handle("stolen", self._on_stolen)
@@ -330,6 +336,8 @@ class TaskSubmitter:
                     self._return_if_idle(lease)
                 else:
                     self._schedule_return(lease)
+        if not (queue or shape.leases or shape.requesting):
+            self._forget_if_idle(shape)
 
     def _steal(self, lease: _Lease, head: bytes) -> None:
         """The task at the head of a worker's line is slow: take back those queued behind it
@@ -352,7 +360,7 @@ class TaskSubmitter:
                     task.lease = None
                     returned.append(task)
             for task in reversed(returned):
-                task.shape.queue.appendleft(task)
+                self._requeue(task)
             for shape in {task.shape for task in returned}:
                 self._dispatch(shape)
 
@@ -436,24 +444,25 @@ class TaskSubmitter:
         kind = reply[0]
         if kind == "granted":
             _, lease_id, address, grant = reply
+            with self._lock:
+                self._connecting[(raylet, lease_id)] = False
 
             def connected(conn: Connection | None) -> None:
                 with self._lock:
                     shape.requesting -= 1
+                    reclaimed = self._connecting.pop((raylet, lease_id), False)
                     if conn is None:
                         raylet.send(("lease_return", lease_id, True))
                         if bound is not None:
                             shape.queue.appendleft(bound)
                         self._dispatch(shape)
                         return
-                    lease = _Lease(lease_id, conn, raylet, grant)
+                    lease = _Lease(lease_id, conn, raylet, grant, shape)
                     lease.single_use = shape.options.strategy == "SPREAD"
                     # Granted after the work it was asked for went elsewhere: give it back
                     # now rather than holding resources through the idle grace period.
-                    lease.wanted_back = (
-                        bound is None and not shape.queue
-                    ) or lease_id in self._early_reclaims
-                    self._early_reclaims.discard(lease_id)
+                    lease.wanted_back = (bound is None and not shape.queue) or reclaimed
+                    self._leases[(raylet, lease_id)] = lease
                     conn.info.setdefault("leases", []).append(lease)
                     shape.leases.append(lease)
                     if bound is not None and bound.task_id in self._tasks and not bound.cancelled:
@@ -503,32 +512,46 @@ class TaskSubmitter:
         with self._lock:
             if lease.returned or lease.inflight:
                 return
-            shape = next((s for s in self._shapes.values() if lease in s.leases), None)
-            if shape is not None and shape.queue and not force:
+            if lease.shape.queue and not force:
                 return
-            self._drop_lease(lease, shape)
+            self._drop_lease(lease)
             lease.raylet.send(("lease_return", lease.lease_id, False))
 
-    def _drop_lease(self, lease: _Lease, shape: _Shape | None) -> None:
+    def _drop_lease(self, lease: _Lease) -> None:
+        """Forget a lease (lock held), and its shape once nothing of it is left."""
         lease.returned = True
-        if shape is not None and lease in shape.leases:
+        self._leases.pop((lease.raylet, lease.lease_id), None)
+        shape = lease.shape
+        if lease in shape.leases:
             shape.leases.remove(lease)
         leases = lease.conn.info.get("leases")
         if leases and lease in leases:
             leases.remove(lease)
+        self._forget_if_idle(shape)
+
+    def _forget_if_idle(self, shape: _Shape) -> None:
+        """(lock held) Drop a shape with no queued work, lease or request left."""
+        if not (shape.queue or shape.leases or shape.requesting):
+            if self._shapes.get(shape.key) is shape:
+                del self._shapes[shape.key]
+
+    def _requeue(self, task: _Task) -> None:
+        """(lock held) Put a task back at the head of its shape's queue."""
+        shape = self._shapes.setdefault(task.shape.key, task.shape)
+        task.shape = shape
+        shape.queue.appendleft(task)
 
     def _on_reclaim(self, conn: Connection, message: tuple) -> None:
         """The raylet has requests waiting: give the lease back as soon as it is idle."""
-        lease_id = message[1]
+        key = (conn, message[1])
         with self._lock:
-            for shape in self._shapes.values():
-                for lease in shape.leases:
-                    if lease.lease_id == lease_id:
-                        lease.wanted_back = True
-                        self._return_if_idle(lease)
-                        return
-            # The grant is still being connected to: remember for when it is.
-            self._early_reclaims.add(lease_id)
+            lease = self._leases.get(key)
+            if lease is not None:
+                lease.wanted_back = True
+                self._return_if_idle(lease)
+                return
+            if key in self._connecting:  # granted, not connected to yet: give it back then
+                self._connecting[key] = True
 
     # -- results ----------------------------------------------------------------------------
     def _on_done(self, conn: Connection, message: tuple) -> None:
@@ -551,7 +574,7 @@ class TaskSubmitter:
         if first is not None and first[0] == "e" and self.should_retry_error(task, first):
             task.retries_left -= 1 if task.retries_left > 0 else 0
             with self._lock:
-                task.shape.queue.appendleft(task)
+                self._requeue(task)
                 self._dispatch(task.shape)
             return
         self.finish(task, results)
@@ -623,19 +646,19 @@ class TaskSubmitter:
 
     def on_connection_lost(self, conn: Connection) -> None:
         """A leased worker died: retry what it was running, or fail it."""
+        raylet_of = next((n for n, c in self._raylets.items() if c is conn), None)
+        if raylet_of is not None:
+            del self._raylets[raylet_of]
         leases = conn.info.get("leases")
         if not leases:
             return
+        leases_lost = list(leases)
         crashed: list[_Task] = []
-        touched: set = set()
         with self._lock:
             for lease in list(leases):
-                shape = next((s for s in self._shapes.values() if lease in s.leases), None)
-                self._drop_lease(lease, shape)
+                self._drop_lease(lease)
                 # If the worker still lives (only the connection broke), it is unusable to us.
                 lease.raylet.send(("lease_return", lease.lease_id, True))
-                if shape is not None:
-                    touched.add(shape.key)
                 crashed.extend(lease.inflight.values())
                 lease.inflight.clear()
         for task in crashed:
@@ -653,12 +676,12 @@ class TaskSubmitter:
                 if task.retries_left > 0:
                     task.retries_left -= 1
                 with self._lock:
-                    task.shape.queue.appendleft(task)
+                    self._requeue(task)
             else:
                 self.fail(task, exceptions.WorkerCrashedError())
         with self._lock:
-            for key in touched:
-                self._dispatch(self._shapes[key])
+            for shape in {lease.shape for lease in leases_lost}:
+                self._dispatch(shape)
 
     # -- cancellation -----------------------------------------------------------------------
     def cancel(self, task_id: bytes, force: bool, recursive: bool) -> None:
@@ -749,7 +772,7 @@ class TaskSubmitter:
 
     def shutdown(self) -> None:
         with self._lock:
-            for shape in self._shapes.values():
+            for shape in list(self._shapes.values()):
                 for lease in list(shape.leases):
-                    self._drop_lease(lease, shape)
+                    self._drop_lease(lease)
                     lease.raylet.send(("lease_return", lease.lease_id, False))

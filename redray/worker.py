@@ -29,8 +29,9 @@ from redray.connection import Connection
 from redray.gcs import Gcs
 from redray.ids import IdSource
 from redray.object_ref import Address, ObjectRef
-from redray.ownership import ObjectEntry, Ownership, Payload
+from redray.ownership import Ownership, Payload
 from redray.reactor import Reactor
+from redray.reference_table import ObjectEntry, ReferenceTable
 from redray.waiting import ListWatch, Waiting
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ class CoreWorker(Ownership, Waiting):
         host, port = self.reactor.listen(listen_host, 0, self._on_message, self._on_conn_closed)
         self.address: Address = (host, port, worker_id)
         self.gcs = Gcs(gcs_url, cluster)
-        self._lock = threading.Lock()
-        self._objects: dict[bytes, ObjectEntry] = {}
+        self.refs = ReferenceTable(worker_id, self.address)
+        self._lock = self.refs.lock  # guards the table's entries (values, callbacks) too
+        self._objects: dict[bytes, ObjectEntry] = self.refs.objects
         self._locations: dict[bytes, set[str]] = {}  # copies of our objects on other nodes
         self._ready = threading.Condition()  # signalled when any object becomes ready here
         self._ready_version = 0
