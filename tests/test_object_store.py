@@ -372,11 +372,16 @@ def test_put_when_pinned_objects_fill_the_store_goes_to_disk(cluster):
     # Refs alone pin nothing: more puts spill.
     extra = [redray.put(np.full(size, 10 + i, dtype=np.uint8)) for i in range(2)]
     assert store_stats()["num_spilled"] >= 1
-    del extra
 
     views = [redray.get(r) for r in refs]  # 440 MiB pinned by live views
     wait_store(lambda s: s["pinned_bytes"] >= 4 * size)
-    before = store_stats()
+    assert store_stats()["num_spilled"] == 2  # the extra objects made room for the views
+    # A spilled object that cannot be restored for lack of room is read from its file.
+    restored = store_stats()["restored_objects"]
+    assert redray.get(checksum.remote(extra[1])) == crc(np.full(size, 11, dtype=np.uint8))
+    assert store_stats()["restored_objects"] == restored
+    del extra
+    before = wait_store(lambda s: s["num_objects"] == 4 and s["num_spilled"] == 0)
     # No room can be made: the object gets a file of its own instead of an error.
     ref = redray.put(np.full(size, 99, dtype=np.uint8))
     after = store_stats()
@@ -733,6 +738,7 @@ def test_shutdown_removes_spill_files_and_shared_memory():
 
         ctx = redray.init(num_cpus=1, object_store_memory=200 * 2**20)
         refs = [redray.put(np.full(60 * 2**20, i, dtype=np.uint8)) for i in range(5)]
+        huge = redray.put(np.ones(250 * 2**20, dtype=np.uint8))  # larger than the store
         w = context.current
         stats = w.call(w.raylet, "store_stats")
         spill_dir = stats["spill_dir"]
@@ -762,6 +768,7 @@ def test_shutdown_removes_spill_files_and_shared_memory():
             "spill_dir": spill_dir,
             "spilled": stats["num_spilled"],
             "spill_files": spill_files,
+            "fallback_objects": stats["fallback_objects"],
             "first": first,
             "spill_dir_after": os.listdir(spill_dir) if os.path.isdir(spill_dir) else None,
             "session_after": os.path.exists(ctx["session_dir"]),
@@ -774,7 +781,8 @@ def test_shutdown_removes_spill_files_and_shared_memory():
         timeout=60,
     )
     out = last_json(proc.stdout)
-    assert out["spilled"] >= 1 and out["spill_files"] >= 1, out
+    assert out["spilled"] >= 1 and out["fallback_objects"] == 1, out
+    assert out["spill_files"] >= 2, out
     assert out["spill_dir"].startswith(out["session_dir"])
     assert out["first"] == 0
     assert out["spill_dir_after"] in (None, []), out
