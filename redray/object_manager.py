@@ -1,10 +1,15 @@
 """Moving objects between nodes: each raylet serves its store and pulls what its readers need.
 
 A pull is one authenticated TCP connection per object: a small request frame, a header with
-the size, then the raw bytes streamed from the serving node's shared memory straight into
-the pulling node's shared memory (`sendall` from one mapping, `recv_into` the other), with
-no copy through Python objects. Several pulls run at once, each on its own thread; readers
-waiting for the same object share one pull.
+the size, then the raw bytes streamed from the serving node's store straight into the
+pulling node's store (`sendall` from one mapping, `recv_into` the other), with no copy
+through Python objects. Several pulls run at once, each on its own thread; readers waiting
+for the same object share one pull, and every one of them is answered however the pull ends
+(an error, a peer that stalls or vanishes, the object freed meanwhile). Socket operations
+are bounded by `TRANSFER_TIMEOUT`, so a stalled peer cannot hold a pull or a pin forever.
+
+Threading: the store belongs to the raylet's reactor thread. Transfer threads only touch it
+through `_on_reactor` / ``reactor.call_soon``; `_pulls` is touched on the reactor thread only.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from redray import exceptions, protocol
+from redray.objstore import files
 
 if TYPE_CHECKING:
     from redray.raylet import Raylet
@@ -23,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("redray.object_manager")
 
 CHUNK = 8 << 20
+TRANSFER_TIMEOUT = 30.0  # per socket operation: a peer silent this long is given up on
+REACTOR_TIMEOUT = 60.0
 
 
 class ObjectManager:
@@ -59,7 +67,7 @@ class ObjectManager:
             done.set()
 
         self.raylet.reactor.call_soon(run)
-        if not done.wait(60):
+        if not done.wait(REACTOR_TIMEOUT):
             raise TimeoutError("the raylet did not answer")
         ok, value = box[0]
         if not ok:
@@ -80,6 +88,7 @@ class ObjectManager:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             protocol.server_handshake(sock, self.token)
+            sock.settimeout(TRANSFER_TIMEOUT)
             request = protocol.recv_frame(sock)
             if not (isinstance(request, tuple) and request[0] == "fetch"):
                 return
@@ -88,16 +97,17 @@ class ObjectManager:
             if location is None:
                 protocol.send_frame(sock, ("missing",))
                 return
-            offset, size = location
+            where, size = location
             try:
+                view = files.region(self.raylet.arena, where, size, writable=False)
                 protocol.send_frame(sock, ("ok", size))
-                view = self.raylet.arena.view
-                for start in range(offset, offset + size, CHUNK):
-                    sock.sendall(view[start : min(start + CHUNK, offset + size)])
+                for start in range(0, size, CHUNK):
+                    sock.sendall(view[start : min(start + CHUNK, size)])
+                del view
             finally:
                 self.raylet.reactor.call_soon(self.raylet.release_pin, oid)
-        except (OSError, EOFError, protocol.AuthenticationError) as exc:
-            log.debug("object transfer to a peer ended: %s", exc)
+        except Exception as exc:  # a peer that vanished, stalled, or spoke nonsense
+            log.debug("object transfer to a peer ended: %r", exc)
         finally:
             sock.close()
 
@@ -109,7 +119,11 @@ class ObjectManager:
         owner: bytes,
         then: Callable[[BaseException | None], None],
     ) -> None:
-        """Copy oid from the node serving at address into the local store (reactor thread)."""
+        """Copy oid from the node serving at address into the local store (reactor thread).
+
+        `then(error)` is called on the reactor thread once the pull ends, with None if the
+        object is now in the local store; readers asking while a pull runs share it.
+        """
         waiting = self._pulls.get(oid)
         if waiting is not None:
             waiting.append(then)
@@ -118,42 +132,69 @@ class ObjectManager:
         if address is None:
             self._finish(oid, exceptions.ObjectLostError(oid.hex()))
             return
-        threading.Thread(
-            target=self._pull, args=(oid, tuple(address), owner), daemon=True, name="pull"
-        ).start()
+        try:
+            threading.Thread(
+                target=self._pull, args=(oid, tuple(address), owner), daemon=True, name="pull"
+            ).start()
+        except RuntimeError as exc:  # no thread for it: the readers hear so now
+            self._finish(oid, exceptions.ObjectLostError(f"{oid.hex()}: {exc}"))
 
     def _pull(self, oid: bytes, address: tuple[str, int], owner: bytes) -> None:
-        store = self.raylet.store
-        error: BaseException | None = None
-        created = False
+        """The pull's thread: transfer, then answer the waiters whatever happened."""
+        error: BaseException | None = exceptions.ObjectLostError(oid.hex())
         try:
-            with protocol.connect(address, self.token, local=False) as sock:
+            error = self._transfer(oid, address, owner)
+        except Exception as exc:
+            log.debug("pull of %s from %s failed: %r", oid.hex(), address, exc)
+        finally:
+            self.raylet.reactor.call_soon(self._finish, oid, error)
+
+    def _transfer(self, oid: bytes, address: tuple[str, int], owner: bytes) -> BaseException | None:
+        """Copy the object in; returns the error the waiting readers get (None: it is here)."""
+        store = self.raylet.store
+        created: list[Any] = []  # appended on the reactor thread once the region exists
+        sealed = False
+
+        def create() -> Any:
+            location = store.create(oid, size, owner)
+            created.append(location)
+            return location
+
+        try:
+            with protocol.connect(address, self.token, TRANSFER_TIMEOUT, local=False) as sock:
+                sock.settimeout(TRANSFER_TIMEOUT)
                 protocol.send_frame(sock, ("fetch", oid))
                 header = protocol.recv_frame(sock)
-                if header[0] != "ok":
-                    raise exceptions.ObjectLostError(oid.hex())
-                size = header[1]
-                offset = self._on_reactor(lambda: store.create(oid, size, owner))
-                created = True
-                view = self.raylet.arena.view[offset : offset + size]
+                if not (isinstance(header, tuple) and header and header[0] == "ok"):
+                    return exceptions.ObjectLostError(oid.hex())
+                size = int(header[1])
+                view = files.region(
+                    self.raylet.arena, self._on_reactor(create), size, writable=True
+                )
                 received = 0
                 while received < size:
                     n = sock.recv_into(view[received : min(received + CHUNK, size)])
                     if n == 0:
                         raise ConnectionError("the serving node closed the transfer")
                     received += n
-                self._on_reactor(lambda: store.seal(oid))
+                del view
+            sealed = self._on_reactor(lambda: store.seal(oid))
+            # Not sealed: freed while it was copied (its owner died or dropped it).
+            return None if sealed else exceptions.ObjectLostError(oid.hex())
         except exceptions.ObjectStoreFullError as exc:
-            error = exc
-        except (OSError, EOFError, ValueError, exceptions.RayError) as exc:
-            if created:
-                self.raylet.reactor.call_soon(store.abort, oid)
-            error = (
-                exc
-                if isinstance(exc, exceptions.ObjectLostError)
-                else exceptions.ObjectLostError(oid.hex())
-            )
-        self.raylet.reactor.call_soon(self._finish, oid, error)
+            return exc
+        finally:
+            if not sealed:  # queued after create: it sees whether a region was made
+                self.raylet.reactor.call_soon(self._abort_created, oid, created)
+
+    def _abort_created(self, oid: bytes, created: list[Any]) -> None:
+        """Drop the unsealed region of a pull that did not seal it (reactor thread)."""
+        if not created:
+            return
+        try:
+            self.raylet.store.abort(oid)
+        except ValueError:
+            pass  # sealed after all: the object is complete
 
     def _finish(self, oid: bytes, error: BaseException | None) -> None:
         for then in self._pulls.pop(oid, []):

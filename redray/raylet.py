@@ -35,6 +35,7 @@ from redray.reactor import Reactor
 log = logging.getLogger("redray.raylet")
 
 HEARTBEAT_SECONDS = 0.5
+SNAPSHOT_WAIT_SECONDS = 0.2  # how long a beat waits for the reactor's fresh snapshot
 IDLE_WORKER_SECONDS = 10.0
 UNKNOWN_NODE_SECONDS = 3.0  # how long a request may name a node nobody has heard of
 INFEASIBLE_WARNING_SECONDS = 1.0  # a new node (or placement group) may make it fit meanwhile
@@ -613,20 +614,26 @@ class Raylet:
         conn.send(("reply", call_id, self.reserve_bundles(pg_id, bundles, commit)))
 
     # -- object store -----------------------------------------------------------------------
+    # The store belongs to the reactor thread: these handlers run there, and other threads
+    # (object transfers, heartbeats) reach it through reactor.call_soon.
     def _on_alloc(self, conn: Connection, message: tuple) -> None:
+        """Reserve room for an object a local process writes: an arena offset or a file path."""
         _, call_id, oid, size, owner = message
         try:
-            offset = self.store.create(oid, size, owner)
-        except (exceptions.ObjectStoreFullError, ValueError) as exc:
+            location = self.store.create(oid, size, owner)
+        except (exceptions.ObjectStoreFullError, ValueError, TypeError) as exc:
             conn.send(("reply", call_id, exc))
             return
         self.creating.setdefault(conn.info.get("worker_id"), set()).add(oid)
-        conn.send(("reply", call_id, offset))
+        conn.send(("reply", call_id, location))
 
     def _on_seal(self, conn: Connection, message: tuple) -> None:
         oid = message[1]
         self.creating.get(conn.info.get("worker_id"), set()).discard(oid)
-        self.store.seal(oid)
+        try:
+            self.store.seal(oid)  # False: freed while written (its owner is gone)
+        except (KeyError, ValueError) as exc:
+            log.warning("seal of an object that is not being written: %s", exc)
 
     def _on_pin(self, conn: Connection, message: tuple) -> None:
         """Map an object for a local reader, pulling it from its node first if needed."""
@@ -647,21 +654,24 @@ class Raylet:
             return
 
         def locate() -> None:  # a node our view has not caught up with yet: ask the GCS
-            info = self.gcs.node(node_id)
-            found = (
-                info.get("object_manager_address")
-                if info and info.get("state") == "ALIVE"
-                else None
-            )
-            self.reactor.call_soon(self.object_manager.pull, oid, found, owner, pulled)
+            found = None
+            try:
+                info = self.gcs.node(node_id)
+                if info and info.get("state") == "ALIVE":
+                    found = info.get("object_manager_address")
+            finally:  # the reader is answered even when the GCS cannot be asked
+                self.reactor.call_soon(self.object_manager.pull, oid, found, owner, pulled)
 
         self.publish_later(locate)
 
     def _answer_pin(self, conn: Connection, call_id: int, oid: bytes, copied: bool) -> None:
+        """Pin an object for a reader; the reply is (location, size, copied) or an error."""
         try:
             location = self.store.get(oid)
-        except exceptions.ObjectStoreFullError as exc:
-            conn.send(("reply", call_id, exc))
+        except Exception as exc:  # e.g. its spill file could not be read back
+            log.warning("object %s could not be read: %r", oid.hex(), exc)
+            error = exc if isinstance(exc, exceptions.RayError) else None
+            conn.send(("reply", call_id, error or exceptions.ObjectLostError(oid.hex())))
             return
         if location is None:
             conn.send(("reply", call_id, exceptions.ObjectLostError(oid.hex())))
@@ -739,20 +749,62 @@ class Raylet:
             self.reactor.call_soon(self.store.delete_owned_by, owner)
 
     # -- heartbeats -------------------------------------------------------------------------
+    # The heartbeat thread never reads the reactor's state (resources, pending requests, the
+    # store) itself: the reactor thread prepares a snapshot for each beat. If the reactor is
+    # too busy to answer in time, the beat carries the previous snapshot: the node is alive.
+    def _beat_snapshot(self) -> dict[str, Any]:
+        """What a heartbeat reports (reactor thread); immutable once made."""
+        stats = self.store.stats()
+        return {
+            "available": dict(self.available),
+            "total": dict(self.total),
+            "load": {
+                "pending": len(self.pending),
+                "store_used": stats["used"],
+                "store_capacity": stats["capacity"],
+                "spilled_bytes": stats["spilled_bytes"],
+                "disk_bytes": stats["disk_bytes"],
+            },
+        }
+
+    def _fresh_snapshot(self, previous: dict[str, Any] | None) -> dict[str, Any]:
+        """Ask the reactor thread for a snapshot; `previous` if it does not answer in time."""
+        done = threading.Event()
+        box: list[dict[str, Any]] = []
+
+        def take() -> None:
+            try:
+                box.append(self._beat_snapshot())
+            finally:
+                done.set()
+
+        self.reactor.call_soon(take)
+        if done.wait(SNAPSHOT_WAIT_SECONDS) and box:
+            return box[0]
+        if previous is not None:
+            return previous
+        # Nothing known yet: report no free resources rather than guess.
+        return {"available": {}, "total": None, "load": {}}
+
+    def _apply_cluster_view(
+        self, view: list[scheduling.NodeView], managers: dict[str, tuple[str, int]]
+    ) -> None:
+        """Take the cluster as the last heartbeat read it from the GCS (reactor thread)."""
+        self.cluster_view = view
+        self.object_managers = managers
+        self._schedule()
+
     def _heartbeat_loop(self) -> None:
         ttl = self.config["node_timeout"]
+        snapshot: dict[str, Any] | None = None
         while not self.stopping.wait(HEARTBEAT_SECONDS):
             try:
-                stats = self.store.stats()
-                load = {
-                    "pending": len(self.pending),
-                    "store_used": stats["used"],
-                    "store_capacity": stats["capacity"],
-                    "spilled_bytes": stats["spilled_bytes"],
-                }
-                self.gcs.heartbeat(self.node_id, dict(self.available), ttl, load, dict(self.total))
+                snapshot = self._fresh_snapshot(snapshot)
+                self.gcs.heartbeat(
+                    self.node_id, snapshot["available"], ttl, snapshot["load"], snapshot["total"]
+                )
                 nodes = self.gcs.nodes()
-                self.cluster_view = [
+                view = [
                     scheduling.NodeView(
                         n["node_id"],
                         tuple(n["raylet_address"]),
@@ -763,13 +815,12 @@ class Raylet:
                     for n in nodes
                     if n["node_id"] != self.node_id
                 ]
-                self.object_managers = {
+                managers = {
                     n["node_id"]: tuple(n["object_manager_address"])
                     for n in nodes
                     if n["alive"] and n.get("object_manager_address")
                 }
-                if self.pending:
-                    self.reactor.call_soon(self._schedule)
+                self.reactor.call_soon(self._apply_cluster_view, view, managers)
             except Exception:
                 log.exception("heartbeat failed")
 

@@ -534,7 +534,7 @@ class CoreWorker(Ownership, Waiting):
         return self._arena
 
     def write_to_store(self, oid: bytes, inband: bytes, buffers: list, owner_id: bytes) -> int:
-        from redray.objstore import layout
+        from redray.objstore import files, layout
 
         serialized = layout.Serialized(inband, buffers)
         size = serialized.total_size
@@ -543,14 +543,14 @@ class CoreWorker(Ownership, Waiting):
             raise exceptions.LocalRayletDiedError("the raylet is gone")
         if isinstance(reply, BaseException):
             raise reply
-        offset = reply
-        serialized.write_to(self.arena().view[offset : offset + size])
+        # An arena offset, or the path of a file when the arena had no room for the object.
+        serialized.write_to(files.region(self.arena(), reply, size, writable=True))
         self.raylet.send(("seal", oid))
         return size
 
     def read_from_store(self, oid: bytes, payload: Payload, _attempt: int = 0) -> Any:
         """Map a store object's region and deserialize it zero-copy; unpinned once unused."""
-        from redray.objstore import layout
+        from redray.objstore import files, layout
 
         obj = self._objects.get(oid)
         owner = obj.owner if obj is not None else None
@@ -562,13 +562,13 @@ class CoreWorker(Ownership, Waiting):
             return self.materialize(oid, self.recover(oid, owner), _attempt + 1)
         if isinstance(reply, BaseException):
             raise reply
-        offset, size, copied = reply
+        location, size, copied = reply
         if copied:
             if owner is None:
                 self.add_location(oid, self.node_id)
             else:
                 self.send_to_owner(owner, ("add_location", oid, self.node_id))
-        view = self.arena().view[offset : offset + size]
+        view = files.region(self.arena(), location, size, writable=False)
         raylet = self.raylet
 
         def release() -> None:

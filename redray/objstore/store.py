@@ -1,35 +1,41 @@
 """The raylet's object table over the shared arena: lifecycle, pinning, spilling.
 
-Only the raylet allocates and frees. Writers get an offset from `create`, write the
-laid-out value there through their own mapping of the arena, and the raylet `seal`s it.
-Readers `get` an object, which pins it (it cannot be spilled or freed while pinned), map
-the region and `release` it when their last view dies.
+Only the raylet allocates and frees. Writers get a location from `create`, write the
+laid-out value there through their own mapping, and the raylet `seal`s it. Readers `get` an
+object, which pins it (it cannot be spilled, moved or freed while pinned), map its location
+and `release` it when their last view dies. A location is an offset into the arena, or the
+path of a file (see `files`).
 
 When an allocation does not fit, sealed unpinned objects are spilled to disk in
 least-recently-used order until it does; a later `get` restores them. Spill files are kept
 after a restore (objects are immutable), so evicting a restored object again costs no write.
+An object that cannot be given room even so (larger than the store, or the store is full of
+pinned objects) is created in a file of its own and read from there ("fallback allocation",
+as Ray's plasma does); so is a spilled object that cannot be restored for lack of room.
 
-Not thread-safe: the caller serializes access (the raylet's event loop does).
+A region is never freed while its writer may still be copying into it: deleting an unsealed
+object (its owner died, or freed it, while it was being written or pulled) only hides it;
+its memory is freed when the writer seals or aborts it.
+
+Threading: an ObjectStore has one owning thread and is not thread-safe. In the raylet the
+owner is the reactor (I/O) thread; other threads (object transfers, heartbeats) hand it
+work through ``reactor.call_soon``. `stats()` is O(1), so the owner can report it often.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+from redray.exceptions import ObjectStoreFullError
+from redray.objstore import files
 from redray.objstore.allocator import Allocator
 from redray.objstore.arena import SharedArena
 
-try:
-    from redray.exceptions import ObjectStoreFullError
-except ImportError:  # exceptions module not written yet
-
-    class ObjectStoreFullError(MemoryError):  # type: ignore[no-redef]
-        """The object store cannot make room for a new object."""
+Location = int | str  # an arena offset, or the path of the file holding the object
 
 
 @dataclass(eq=False, slots=True)
@@ -40,8 +46,9 @@ class _Entry:
     offset: int | None  # None while the object lives only on disk
     sealed: bool = False
     pins: int = 0
-    deleted: bool = False  # deleted while pinned: freed at the last release
+    deleted: bool = False  # deleted while pinned or unsealed: freed at last release/seal/abort
     spill_path: str | None = None
+    fallback: bool = False  # created on disk (no room in the arena): its file is its home
 
 
 class ObjectStore:
@@ -55,9 +62,9 @@ class ObjectStore:
     ) -> None:
         """Manage the first `capacity` bytes of `arena` (all of it by default).
 
-        `spill_dir` is created on first use if missing; without one a private temporary
-        directory is used. Either way `close()` removes every file this store wrote, and
-        the directory itself if this store created it.
+        `spill_dir` (spill files and objects created on disk) is created on first use if
+        missing; without one a private temporary directory is used. Either way `close()`
+        removes every file this store wrote, and the directory itself if this store made it.
         """
         capacity = arena.capacity if capacity is None else capacity
         if not 0 < capacity <= arena.capacity:
@@ -68,74 +75,112 @@ class ObjectStore:
         self._spill_dir = spill_dir
         self._created_spill_dir = False
         self._objects: dict[bytes, _Entry] = {}
-        self._zombies: dict[bytes, _Entry] = {}  # deleted while pinned
+        # Deleted but still in use: pinned by readers, or unsealed (a writer copies into it).
+        self._zombies: dict[bytes, _Entry] = {}
         self._lru: OrderedDict[bytes, _Entry] = OrderedDict()  # sealed, in memory, unpinned
         self._by_owner: dict[Hashable, dict[bytes, None]] = {}
         self._num_pinned = 0
         self._pinned_bytes = 0
+        self._num_unsealed = 0  # of the live objects
+        self._num_on_disk = 0  # live objects that exist only on disk
         self._disk_bytes = 0
         self._spilled_bytes = 0
         self._spilled_objects = 0
         self._restored_objects = 0
+        self._fallback_objects = 0
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def create(self, object_id: bytes, size: int, owner: Hashable) -> int:
-        """Reserve an unsealed region of `size` bytes for `object_id`; return its offset.
+    def create(self, object_id: bytes, size: int, owner: Hashable) -> Location:
+        """Reserve an unsealed region of `size` bytes for `object_id`; return its location.
 
-        Spills least-recently-used objects to make room; raises ObjectStoreFullError when
-        even that cannot produce a large enough hole, ValueError if the id exists.
+        Spills least-recently-used objects to make room; when even that cannot, the object
+        is created in a file on disk (the location is then its path). Raises
+        ObjectStoreFullError only when that fails too, ValueError if the id exists.
         """
         if object_id in self._objects or object_id in self._zombies:
             raise ValueError(f"object {object_id.hex()} already exists")
-        offset = self._allocate(size)
-        self._objects[object_id] = _Entry(object_id, size, owner, offset)
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        entry = _Entry(object_id, size, owner, None)
+        try:
+            entry.offset = self._allocate(size)
+        except ObjectStoreFullError as full:
+            self._create_on_disk(entry, full)
+        self._objects[object_id] = entry
         self._by_owner.setdefault(owner, {})[object_id] = None
-        return offset
+        self._num_unsealed += 1
+        if entry.offset is None:
+            self._num_on_disk += 1
+            return entry.spill_path  # type: ignore[return-value]
+        return entry.offset
 
-    def seal(self, object_id: bytes) -> None:
-        """Mark a created object complete: it becomes visible to `contains`/`get`."""
+    def seal(self, object_id: bytes) -> bool:
+        """Mark a created object complete: it becomes visible to `contains`/`get`.
+
+        Returns False if the object was deleted while it was being written: its region is
+        freed now, and it never becomes visible.
+        """
         entry = self._objects.get(object_id)
         if entry is None:
+            zombie = self._zombies.get(object_id)
+            if zombie is not None and not zombie.sealed:
+                del self._zombies[object_id]
+                self._free(zombie)
+                return False
             raise KeyError(f"object {object_id.hex()} does not exist")
         if entry.sealed:
             raise ValueError(f"object {object_id.hex()} is already sealed")
         entry.sealed = True
-        self._lru[object_id] = entry
+        self._num_unsealed -= 1
+        if entry.offset is not None:
+            self._lru[object_id] = entry
+        return True
 
     def abort(self, object_id: bytes) -> None:
-        """Drop an unsealed object (its creator died or gave up). Unknown ids are ignored."""
+        """Drop an unsealed object (its creator died or gave up) and free its region.
+
+        Unknown ids are ignored, and so is an object deleted and freed already.
+        """
         entry = self._objects.get(object_id)
         if entry is None:
+            zombie = self._zombies.get(object_id)
+            if zombie is not None and not zombie.sealed:
+                del self._zombies[object_id]
+                self._free(zombie)
             return
         if entry.sealed:
             raise ValueError(f"object {object_id.hex()} is sealed; use delete()")
-        self.delete(object_id)
+        self._forget(entry)
+        self._free(entry)
 
     def contains(self, object_id: bytes) -> bool:
-        """True if the object is sealed and present, in memory or spilled."""
+        """True if the object is sealed and present, in memory or on disk."""
         entry = self._objects.get(object_id)
         return entry is not None and entry.sealed
 
-    def get(self, object_id: bytes) -> tuple[int, int] | None:
-        """Pin a sealed object and return ``(offset, size)``; None if unknown or unsealed.
+    def get(self, object_id: bytes) -> tuple[Location, int] | None:
+        """Pin a sealed object and return ``(location, size)``; None if unknown or unsealed.
 
-        A spilled object is restored into memory first (which may spill others, or raise
-        ObjectStoreFullError). Every successful `get` must be matched by one `release`.
+        A spilled object is restored into memory first when it is not pinned already and
+        room can be made (which may spill others); otherwise it is read from its file.
+        Every successful `get` must be matched by one `release`.
         """
         entry = self._objects.get(object_id)
         if entry is None or not entry.sealed:
             return None
-        if entry.offset is None:
-            self._restore(entry)
-        assert entry.offset is not None
         if entry.pins == 0:
-            self._lru.pop(object_id, None)
+            if entry.offset is None and not entry.fallback:
+                self._try_restore(entry)
+            if entry.offset is not None:
+                self._lru.pop(object_id, None)
             self._num_pinned += 1
             self._pinned_bytes += entry.size
         entry.pins += 1
-        return entry.offset, entry.size
+        if entry.offset is not None:
+            return entry.offset, entry.size
+        return entry.spill_path, entry.size  # type: ignore[return-value]
 
     def release(self, object_id: bytes) -> None:
         """Undo one `get`. The last release of a deleted object frees it.
@@ -155,27 +200,25 @@ class ObjectStore:
         if entry.deleted:
             del self._zombies[object_id]
             self._free(entry)
-        else:
+        elif entry.offset is not None:
             self._lru[object_id] = entry  # most recently used
 
     def delete(self, object_id: bytes) -> None:
-        """Forget the object: free its memory and spill file now, or at its last release.
+        """Forget the object; free its memory and files now, or once nothing uses them.
 
-        It disappears from `contains`/`get` immediately. Unknown ids are ignored.
+        It disappears from `contains`/`get` immediately. A pinned object is freed at its
+        last release; an unsealed one when its writer seals or aborts it, so a writer still
+        copying never writes into memory given to another object. Unknown ids are ignored.
         """
-        entry = self._objects.pop(object_id, None)
+        entry = self._objects.get(object_id)
         if entry is None:
             return
-        owned = self._by_owner.get(entry.owner)
-        if owned is not None:
-            owned.pop(object_id, None)
-            if not owned:
-                del self._by_owner[entry.owner]
-        self._lru.pop(object_id, None)
-        if entry.pins:
+        self._forget(entry)
+        if entry.pins or not entry.sealed:
             entry.deleted = True
             self._zombies[object_id] = entry
-            self._remove_spill_file(entry)
+            if entry.sealed and entry.offset is not None:
+                self._remove_spill_file(entry)  # readers map the memory, not the file
         else:
             self._free(entry)
 
@@ -196,16 +239,17 @@ class ObjectStore:
         loc = self.get(object_id)
         if loc is None:
             return None
-        offset, size = loc
-        return self.arena.view[offset : offset + size].toreadonly()
+        location, size = loc
+        return files.region(self.arena, location, size, writable=False)
 
     def write_buffer(self, object_id: bytes) -> memoryview:
-        """Writable view of an unsealed object's region, e.g. to receive it from a peer."""
+        """Writable view of an unsealed object's bytes, e.g. to receive it from a peer."""
         entry = self._objects.get(object_id)
         if entry is None or entry.sealed:
             raise ValueError(f"object {object_id.hex()} is not an unsealed object")
-        assert entry.offset is not None
-        return self.arena.view[entry.offset : entry.offset + entry.size]
+        location = entry.offset if entry.offset is not None else entry.spill_path
+        assert location is not None
+        return files.region(self.arena, location, entry.size, writable=True)
 
     # -- introspection ---------------------------------------------------------------
 
@@ -217,10 +261,11 @@ class ObjectStore:
         return self._spill_dir
 
     def stats(self) -> dict:
-        """Counters for heartbeats and the state API.
+        """Counters for heartbeats and the state API, in O(1).
 
-        ``spilled_*`` and ``restored_objects`` are cumulative; ``disk_bytes`` is what the
-        spill files hold now and ``num_spilled`` how many objects are only on disk.
+        ``spilled_*``, ``restored_objects`` and ``fallback_objects`` (objects created on
+        disk) are cumulative; ``disk_bytes`` is what the store's files hold now and
+        ``num_spilled`` how many objects are only on disk.
         """
         return {
             "capacity": self.capacity,
@@ -228,18 +273,20 @@ class ObjectStore:
             "num_objects": len(self._objects),
             "num_pinned": self._num_pinned,
             "pinned_bytes": self._pinned_bytes,
-            "num_unsealed": sum(1 for e in self._objects.values() if not e.sealed),
-            "num_spilled": sum(1 for e in self._objects.values() if e.offset is None),
+            "num_unsealed": self._num_unsealed,
+            "num_spilled": self._num_on_disk,
+            "num_deleted_in_use": len(self._zombies),
             "spilled_bytes": self._spilled_bytes,
             "spilled_objects": self._spilled_objects,
             "restored_objects": self._restored_objects,
+            "fallback_objects": self._fallback_objects,
             "disk_bytes": self._disk_bytes,
             "largest_free": self._alloc.largest_free(),
             "spill_dir": self._spill_dir,
         }
 
     def close(self) -> None:
-        """Delete every spill file this store wrote (and the spill dir if it created it).
+        """Delete every file this store wrote (and the spill dir if it created it).
 
         The arena is not closed: it belongs to whoever created it.
         """
@@ -260,13 +307,28 @@ class ObjectStore:
 
     # -- internals -------------------------------------------------------------------
 
+    def _forget(self, entry: _Entry) -> None:
+        """Take a live entry out of the tables (its memory and files are not touched)."""
+        object_id = entry.object_id
+        del self._objects[object_id]
+        owned = self._by_owner.get(entry.owner)
+        if owned is not None:
+            owned.pop(object_id, None)
+            if not owned:
+                del self._by_owner[entry.owner]
+        self._lru.pop(object_id, None)
+        if not entry.sealed:
+            self._num_unsealed -= 1
+        if entry.offset is None:
+            self._num_on_disk -= 1
+
     def _allocate(self, size: int) -> int:
         offset = self._alloc.allocate(size)
         if offset is not None:
             return offset
         # Spill only if evicting every candidate could produce a large enough hole.
         need = self._alloc.round_up(size)
-        if need > self._largest_hole_after_spilling():
+        if need > self._alloc.capacity or need > self._largest_hole_after_spilling():
             raise self._full_error(size)
         while self._lru:
             _, victim = self._lru.popitem(last=False)
@@ -296,13 +358,28 @@ class ObjectStore:
             "bytes (pinned and unsealed objects cannot be spilled)"
         )
 
+    def _create_on_disk(self, entry: _Entry, full: ObjectStoreFullError) -> None:
+        """Give an object the arena has no room for a file of its own in the spill dir."""
+        path = os.path.join(self.spill_dir, files.file_name(entry.object_id))
+        try:
+            self._ensure_spill_dir()
+            files.create_file(path, entry.size)
+        except OSError as exc:
+            raise ObjectStoreFullError(
+                f"{full}; creating it on disk at {path} failed too: {exc}"
+            ) from exc
+        entry.spill_path = path
+        entry.fallback = True
+        self._disk_bytes += entry.size
+        self._fallback_objects += 1
+
     def _spill(self, entry: _Entry) -> None:
         assert entry.offset is not None
         if entry.spill_path is None:
-            path = os.path.join(self.spill_dir, _spill_name(entry.object_id))
+            path = os.path.join(self.spill_dir, files.file_name(entry.object_id))
             try:
                 self._ensure_spill_dir()
-                _write_file(path, self.arena.view[entry.offset : entry.offset + entry.size])
+                files.write_file(path, self.arena.view[entry.offset : entry.offset + entry.size])
             except OSError as exc:
                 self._lru[entry.object_id] = entry
                 self._lru.move_to_end(entry.object_id, last=False)
@@ -313,6 +390,7 @@ class ObjectStore:
             self._disk_bytes += entry.size
         self._alloc.free(entry.offset)
         entry.offset = None
+        self._num_on_disk += 1
         self._spilled_bytes += entry.size
         self._spilled_objects += 1
 
@@ -321,15 +399,20 @@ class ObjectStore:
             os.makedirs(self.spill_dir, mode=0o700)
             self._created_spill_dir = True
 
-    def _restore(self, entry: _Entry) -> None:
+    def _try_restore(self, entry: _Entry) -> None:
+        """Bring a spilled object back into memory if room can be made; else leave it."""
         assert entry.spill_path is not None
-        offset = self._allocate(entry.size)
         try:
-            _read_file(entry.spill_path, self.arena.view[offset : offset + entry.size])
+            offset = self._allocate(entry.size)
+        except ObjectStoreFullError:
+            return  # read from its file instead
+        try:
+            files.read_file(entry.spill_path, self.arena.view[offset : offset + entry.size])
         except BaseException:
             self._alloc.free(offset)
             raise
         entry.offset = offset
+        self._num_on_disk -= 1
         self._restored_objects += 1
 
     def _free(self, entry: _Entry) -> None:
@@ -341,40 +424,6 @@ class ObjectStore:
     def _remove_spill_file(self, entry: _Entry) -> None:
         if entry.spill_path is None:
             return
-        try:
-            os.unlink(entry.spill_path)
-        except FileNotFoundError:
-            pass
+        files.remove_file(entry.spill_path)
         entry.spill_path = None
         self._disk_bytes -= entry.size
-
-
-def _spill_name(object_id: bytes) -> str:
-    if len(object_id) <= 64:
-        return object_id.hex()
-    return hashlib.blake2b(object_id, digest_size=32).hexdigest()
-
-
-def _write_file(path: str, view: memoryview) -> None:
-    """Write `view` to a new file straight from shared memory (no intermediate copy)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        pos, n = 0, view.nbytes
-        while pos < n:
-            pos += os.write(fd, view[pos:])
-    except BaseException:
-        os.close(fd)
-        os.unlink(path)
-        raise
-    os.close(fd)
-
-
-def _read_file(path: str, view: memoryview) -> None:
-    """Fill `view` from a spill file straight into shared memory."""
-    with open(path, "rb", buffering=0) as f:
-        pos, n = 0, view.nbytes
-        while pos < n:
-            got = f.readinto(view[pos:])
-            if not got:
-                raise OSError(f"spill file {path} is truncated ({pos} of {n} bytes)")
-            pos += got
