@@ -236,13 +236,15 @@ class Executor:
 
     def _count_call(self, fn_key: str, max_calls: int, conn: Connection, grant: Any) -> None:
         """After max_calls tasks of one function this worker retires (as Ray's): its owner
-        pushes nothing more and returns the lease asking the raylet to end the process (a
-        new one takes its place). Tasks that reach it meanwhile go back to their owner."""
+        pushes nothing more and returns the lease, and the raylet ends the process once
+        it holds no lease (a new one takes its place). Tasks that reach it meanwhile go
+        back to their owner unstarted."""
         self._calls[fn_key] += 1
         if self._calls[fn_key] < max_calls:
             return
         self._retired = True
         conn.send(("retire", (grant or {}).get("lease_id")))
+        self.worker.raylet.send(("retiring",))
 
     def refused_as_cancelled(self, conn: Connection, task_id: bytes, num_returns: int) -> bool:
         """A task or call cancelled before it started: reply TaskCancelledError (True)."""

@@ -52,6 +52,7 @@ class _Worker:
     idle_since: float = 0.0
     dead: bool = False
     gpu: bool | None = None  # ran GPU work (True) or CPU-only work (False); None: neither yet
+    retiring: bool = False  # reached a function's max_calls: ended once its lease ends
 
 
 @dataclass
@@ -137,6 +138,7 @@ class Raylet:
             "lease_resize": self._on_lease_resize,
             "blocked": self._on_blocked,
             "unblocked": self._on_unblocked,
+            "retiring": self._on_retiring,
             "alloc": self._on_alloc,
             "seal": self._on_seal,
             "pin": self._on_pin,
@@ -578,7 +580,7 @@ class Raylet:
             return
         self._end_lease(lease)
         worker = lease.worker
-        if kill:
+        if kill or worker.retiring:
             self._kill_worker(worker)
         elif not worker.dead:
             self._make_idle(worker)
@@ -606,6 +608,17 @@ class Raylet:
         lease.lent_cpu = lease.resources.get("CPU", 0.0)
         if lease.lent_cpu:
             self.available["CPU"] = self.available.get("CPU", 0.0) + lease.lent_cpu
+            self._schedule()
+
+    def _on_retiring(self, conn: Connection, message: tuple) -> None:
+        """The worker ran a function's max_calls tasks: it ends (and is replaced) as soon as
+        it holds no lease: now if its owner returned the lease before this arrived."""
+        worker = self.workers.get(conn.info.get("worker_id"))
+        if worker is None:
+            return
+        worker.retiring = True
+        if worker.lease is None:
+            self._kill_worker(worker)
             self._schedule()
 
     def _on_unblocked(self, conn: Connection, message: tuple) -> None:

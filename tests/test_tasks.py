@@ -739,8 +739,20 @@ def test_infeasible_tasks_warn_once_per_shape():
     """Twenty tasks of one impossible shape: one warning line, and they stay pending."""
     proc = run_driver(
         """
-        import json, redray
+        import json, sys, time, redray
 
+        class Recorder:
+            def __init__(self, stream):
+                self.stream, self.text = stream, ""
+
+            def write(self, text):
+                self.text += text
+                return self.stream.write(text)
+
+            def __getattr__(self, name):
+                return getattr(self.stream, name)
+
+        sys.stderr = Recorder(sys.stderr)
         redray.init(num_cpus=1)
 
         @redray.remote(num_cpus=100)
@@ -748,7 +760,11 @@ def test_infeasible_tasks_warn_once_per_shape():
             return 1
 
         refs = [impossible.remote() for _ in range(20)]
-        ready, pending = redray.wait(refs, num_returns=1, timeout=4)
+        deadline = time.monotonic() + 30
+        while "cannot be scheduled" not in sys.stderr.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Every request of the shape was made at once: others would have warned by now.
+        ready, pending = redray.wait(refs, num_returns=1, timeout=2)
         print(json.dumps({"ready": len(ready), "pending": len(pending)}))
         """
     )
