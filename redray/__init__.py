@@ -35,8 +35,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # `redray.util` and `redray.actor` as attributes (as `ray.util`), imported on first use.
-    if name in ("util", "actor"):
+    # `redray.util`, `redray.actor` and `redray.job_config` as attributes (as `ray.util`),
+    # imported on first use.
+    if name in ("util", "actor", "job_config"):
         import importlib
 
         return importlib.import_module(f"redray.{name}")

@@ -16,6 +16,7 @@ from typing import Any
 from redray import context, serialization
 from redray import options as opts
 from redray.gcs import NAMED_ACTORS
+from redray.signatures import check_actor_creation, check_method
 
 _METHOD_OPTIONS = "__redray_method_options__"
 TERMINATE = "__ray_terminate__"
@@ -100,6 +101,7 @@ class ActorClass:
         return self._key
 
     def _create(self, args: tuple, kwargs: dict, options: dict[str, Any]) -> ActorHandle:
+        check_actor_creation(self._cls, self._methods, args, kwargs)
         worker = context.worker()
         name = options.get("name")
         namespace = options.get("namespace") or worker.namespace
@@ -311,6 +313,7 @@ def _call_options(handle: ActorHandle, name: str, meta: dict, overrides: dict) -
 
 
 def _submit(handle: ActorHandle, name: str, args: tuple, kwargs: dict, call_options: Any) -> Any:
+    check_method(handle._methods, name, args, kwargs)
     worker = context.worker()
     refs = worker.actors.submit(handle, name, args, kwargs, call_options)
     if call_options.num_returns == 1:

@@ -90,6 +90,13 @@ def init(
             raise ValueError("local_mode is not supported by redray (it is deprecated in Ray).")
         from redray import options
 
+        if job_config is not None:
+            _check_job_config(job_config)
+            # As in Ray, what init() is given directly wins over the job config.
+            if runtime_env is None and job_config.runtime_env:
+                runtime_env = job_config.runtime_env
+            if namespace is None:
+                namespace = job_config.ray_namespace
         options.validate_runtime_env(runtime_env)
         address = address or os.environ.get("REDRAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
         if address is None or address == "local":
@@ -104,7 +111,7 @@ def init(
                 )
             connection = _connect_existing(address, _node_ip_address)
         try:
-            _start_driver(connection, namespace, log_to_driver, runtime_env)
+            _start_driver(connection, namespace, log_to_driver, runtime_env, job_config)
         except BaseException:
             if _private_node is not None:
                 from redray import node
@@ -228,7 +235,17 @@ def _driver_paths() -> tuple[str, ...]:
     return tuple(dict.fromkeys(paths))
 
 
-def _start_driver(connection, namespace, log_to_driver, runtime_env) -> None:
+def _check_job_config(job_config: Any) -> None:
+    from redray.job_config import JobConfig
+
+    if not isinstance(job_config, JobConfig):
+        raise TypeError(f"job_config must be a redray.job_config.JobConfig, got {type(job_config)}")
+    refused = job_config.unsupported()
+    if refused:
+        raise ValueError(f"JobConfig settings not supported by redray: {'; '.join(refused)}.")
+
+
+def _start_driver(connection, namespace, log_to_driver, runtime_env, job_config=None) -> None:
     from redray.gcs import Gcs
     from redray.worker import CoreWorker, JobInfo
 
@@ -253,11 +270,16 @@ def _start_driver(connection, namespace, log_to_driver, runtime_env) -> None:
         worker.address,
         worker.namespace,
         log_to_driver,
-        _driver_paths(),
+        _driver_paths() + (job_config.import_paths() if job_config is not None else ()),
         runtime_env,
     )
     worker.gcs.add_job(
-        job_id, {"driver_pid": os.getpid(), "driver_address": list(worker.address[:2])}
+        job_id,
+        {
+            "driver_pid": os.getpid(),
+            "driver_address": list(worker.address[:2]),
+            "metadata": dict(job_config.metadata) if job_config is not None else {},
+        },
     )
     context.current = worker
     _defer_sigint(worker)
@@ -413,7 +435,7 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
     actor_cancel = getattr(worker, "cancel_actor_task", None)
     if actor_cancel is not None and actor_cancel(object_ref, force, recursive):
         return
-    worker.submitter.cancel(task_of(object_ref._id), force, recursive)
+    worker.submitter.cancel(task_of(object_ref._id), force, recursive, owner=object_ref._owner)
 
 
 def kill(actor: Any, *, no_restart: bool = True) -> None:

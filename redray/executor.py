@@ -77,6 +77,8 @@ class Executor:
         self._main_thread = threading.get_ident()
         self._applied_grant: Any = None
         self._paths_added: set[str] = set()  # jobs whose import paths are in sys.path
+        self._calls: collections.Counter = collections.Counter()  # of functions with max_calls
+        self._retired = False  # a function reached its max_calls: this process runs no more
         worker.handle("task", self._on_task)
         worker.handle("steal", self._on_steal)
         worker.handle("actor_create", self._on_message)
@@ -207,6 +209,10 @@ class Executor:
                 self._stolen.discard(task_id)
                 return  # given back to its owner, which runs it elsewhere
             self._waiting.discard(task_id)
+        if self._retired:  # its owner runs it on another worker
+            conn.send(("retire", (grant or {}).get("lease_id")))
+            conn.send(("stolen", [task_id]))
+            return
         if self.refused_as_cancelled(conn, task_id, num_returns):
             return
         if grant != self._applied_grant:
@@ -217,6 +223,7 @@ class Executor:
             try:
                 fn = self.worker.load_function(fn_key, conn)
             except Exception as exc:
+                fn = None
                 payloads = [error_payload(task_error(name, exc))] * num_returns
             else:
                 payloads = self.invoke(ctx, fn, args, kwargs, num_returns)
@@ -224,6 +231,20 @@ class Executor:
             self._interrupt = None
             self.current = None
         conn.send(("done", task_id, payloads, self.worker.take_task_borrows()))
+        if type(fn) is CallLimit:
+            self._count_call(fn_key, fn.max_calls, conn, grant)
+
+    def _count_call(self, fn_key: str, max_calls: int, conn: Connection, grant: Any) -> None:
+        """After max_calls tasks of one function this worker retires (as Ray's): its owner
+        pushes nothing more and returns the lease, and the raylet ends the process once
+        it holds no lease (a new one takes its place). Tasks that reach it meanwhile go
+        back to their owner unstarted."""
+        self._calls[fn_key] += 1
+        if self._calls[fn_key] < max_calls:
+            return
+        self._retired = True
+        conn.send(("retire", (grant or {}).get("lease_id")))
+        self.worker.raylet.send(("retiring",))
 
     def refused_as_cancelled(self, conn: Connection, task_id: bytes, num_returns: int) -> bool:
         """A task or call cancelled before it started: reply TaskCancelledError (True)."""
@@ -254,10 +275,12 @@ class Executor:
             result = fn(*call_args, **call_kwargs)
             del call_args, call_kwargs
             return self.return_payloads(result, num_returns, ctx)
-        except KeyboardInterrupt:
-            if self._interrupt != ctx.task_id:
-                raise
-            return [error_payload(exceptions.TaskCancelledError(ctx.task_id.hex()))] * num_returns
+        except KeyboardInterrupt as exc:
+            if self._interrupt == ctx.task_id:  # cancel() interrupted it
+                error = exceptions.TaskCancelledError(ctx.task_id.hex())
+            else:  # raised by the user's code: the call fails, the worker goes on
+                error = interrupted_error(ctx.name, ctx.task_id, exc)
+            return [error_payload(error)] * num_returns
         except Exception as exc:
             return [error_payload(task_error(ctx.name, exc))] * num_returns
         finally:
@@ -322,14 +345,33 @@ class Executor:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
 
 
+class CallLimit:
+    """A remote function exported with `max_calls`: the worker that ran it that many times
+    is replaced by a fresh process (to release what the function leaks, e.g. GPU memory)."""
+
+    __slots__ = ("function", "max_calls")
+
+    def __init__(self, function: Any, max_calls: int):
+        self.function = function
+        self.max_calls = max_calls
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+    @property
+    def __code__(self) -> Any:  # so remote tracebacks name the function's source file
+        return self.function.__code__
+
+    @__code__.setter
+    def __code__(self, code: Any) -> None:
+        self.function.__code__ = code
+
+
 def task_error(name: str, exc: BaseException) -> exceptions.RayTaskError:
     """The error a caller sees for an exception raised by task `name`."""
     if isinstance(exc, exceptions.RayTaskError):
         return exc  # a failed dependency or nested get: keep the original error
-    frames = exc.__traceback__
-    while frames is not None and frames.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frames = frames.tb_next  # start at the user's code, not at our calls into it
-    tb = "".join(traceback.format_exception(type(exc), exc, frames))
+    tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc)))
     try:
         import cloudpickle
 
@@ -337,8 +379,29 @@ def task_error(name: str, exc: BaseException) -> exceptions.RayTaskError:
         cause = exc
     except Exception:
         cause = None
-    ip = (context.current.node or {}).get("node_ip_address") if context.current else None
-    return exceptions.RayTaskError(name, tb, cause, proctitle=f"ray::{name}()", ip=ip)
+    return exceptions.RayTaskError(name, tb, cause, proctitle=f"ray::{name}()", ip=_node_ip())
+
+
+def interrupted_error(name: str, task_id: bytes, exc: KeyboardInterrupt) -> exceptions.RayTaskError:
+    """What a caller sees for a task or call whose own code raised KeyboardInterrupt: as in
+    Ray, a RayTaskError that is also a TaskCancelledError, with the user's frames."""
+    cancelled = exceptions.TaskCancelledError(task_id.hex())
+    frames = _user_frames(exc)
+    tb = "".join(traceback.format_tb(frames)) if frames is not None else ""
+    tb = f"Traceback (most recent call last):\n{tb}redray.exceptions.TaskCancelledError: {cancelled}\n"
+    return exceptions.RayTaskError(name, tb, cancelled, proctitle=f"ray::{name}()", ip=_node_ip())
+
+
+def _user_frames(exc: BaseException) -> Any:
+    """The traceback of exc from the user's code on, not from our calls into it."""
+    frames = exc.__traceback__
+    while frames is not None and frames.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frames = frames.tb_next
+    return frames
+
+
+def _node_ip() -> str | None:
+    return (context.current.node or {}).get("node_ip_address") if context.current else None
 
 
 def error_payload(error: BaseException) -> tuple:

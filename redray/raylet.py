@@ -52,6 +52,8 @@ class _Worker:
     ready: bool = False
     idle_since: float = 0.0
     dead: bool = False
+    gpu: bool | None = None  # ran GPU work (True) or CPU-only work (False); None: neither yet
+    retiring: bool = False  # reached a function's max_calls: ended once its lease ends
 
 
 @dataclass
@@ -80,6 +82,7 @@ class _Request:
     spilled: bool = False
     since: float = 0.0
     warned: bool = False
+    gpu: bool = False  # needs GPUs: runs only on workers that never ran CPU-only work
     undecided: bool = False  # names a node not known yet: decide again as the view updates
 
 
@@ -136,6 +139,7 @@ class Raylet:
             "lease_resize": self._on_lease_resize,
             "blocked": self._on_blocked,
             "unblocked": self._on_unblocked,
+            "retiring": self._on_retiring,
             "alloc": self._on_alloc,
             "seal": self._on_seal,
             "pin": self._on_pin,
@@ -401,6 +405,7 @@ class Raylet:
                 spilled=bool(request.get("spilled")),
                 since=time.monotonic(),
                 undecided=undecided,
+                gpu=_uses_gpu(resources),
             )
         )
         self._schedule()
@@ -445,7 +450,12 @@ class Raylet:
             self._spill(request, decision.node)
         elif not request.warned and now - request.since > INFEASIBLE_WARNING_SECONDS:
             request.warned = True
-            self._warn_infeasible(request.conn, request.name, request.resources)
+            # Once per shape and requester: many tasks of one shape make one warning.
+            warned = request.conn.info.setdefault("infeasible_shapes", set())
+            shape = tuple(sorted(request.resources.items()))
+            if shape not in warned:
+                warned.add(shape)
+                self._warn_infeasible(request.conn, request.name, request.resources)
 
     def _warn_infeasible(self, conn: Connection, name: str, resources: dict[str, float]) -> None:
         short = scheduling.missing(resources, self.total)
@@ -462,10 +472,15 @@ class Raylet:
         return scheduling.NodeView(self.node_id, self.address, self.total, self.available)
 
     def _schedule(self) -> None:
-        """Grant what fits, in arrival order; start workers for what waits on one."""
+        """Grant what fits, in arrival order; start workers for what waits on one.
+
+        Requests that fit but find no idle worker claim their resources for this pass, so
+        only as many workers start as the free resources can run at once (16 queued lease
+        requests on 2 free CPUs start 2 workers, not 16)."""
         if self.stopping.is_set() or not self.pending:
             return
         waiting_for_worker: Counter = Counter()
+        claimed: Counter = Counter()  # resources of the requests waiting for a worker
         now = time.monotonic()
         for request in list(self.pending):
             if request.conn.closed:
@@ -480,18 +495,42 @@ class Raylet:
                 if scheduling.fits(request.resources, self.total):
                     self._ask_leases_back()
                 continue
-            idle = self.idle.get(request.env_key)
-            if not idle:
-                waiting_for_worker[request.env_key] += 1
+            worker = self._take_idle(request)
+            if worker is None:
+                if scheduling.fits(request.resources, self._unclaimed(claimed)):
+                    waiting_for_worker[request.env_key] += 1
+                    claimed.update(request.resources)
                 continue
-            worker = idle.pop()
             self.pending.remove(request)
             self._grant(request, worker)
         for env_key, needed in waiting_for_worker.items():
             for _ in range(needed - self.starting[env_key]):
                 self._start_worker(env_key)
 
+    def _take_idle(self, request: _Request) -> _Worker | None:
+        """An idle worker for the request's runtime env and kind of work (as Ray, a worker
+        that ran GPU work never runs CPU-only work, nor the reverse)."""
+        idle = self.idle.get(request.env_key)
+        if not idle:
+            return None
+        for index in range(len(idle) - 1, -1, -1):
+            worker = idle[index]
+            if worker.gpu is None or worker.gpu == request.gpu:
+                del idle[index]
+                return worker
+        return None
+
+    def _unclaimed(self, claimed: Counter) -> dict[str, float]:
+        if not claimed:
+            return self.available
+        unclaimed = dict(self.available)
+        for name, amount in claimed.items():
+            unclaimed[name] = unclaimed.get(name, 0.0) - amount
+        return unclaimed
+
     def _grant(self, request: _Request, worker: _Worker) -> None:
+        if worker.gpu is None:
+            worker.gpu = request.gpu
         for name, amount in request.resources.items():
             self.available[name] = self.available.get(name, 0.0) - amount
         gpu_ids = []
@@ -542,7 +581,7 @@ class Raylet:
             return
         self._end_lease(lease)
         worker = lease.worker
-        if kill:
+        if kill or worker.retiring:
             self._kill_worker(worker)
         elif not worker.dead:
             self._make_idle(worker)
@@ -570,6 +609,17 @@ class Raylet:
         lease.lent_cpu = lease.resources.get("CPU", 0.0)
         if lease.lent_cpu:
             self.available["CPU"] = self.available.get("CPU", 0.0) + lease.lent_cpu
+            self._schedule()
+
+    def _on_retiring(self, conn: Connection, message: tuple) -> None:
+        """The worker ran a function's max_calls tasks: it ends (and is replaced) as soon as
+        it holds no lease: now if its owner returned the lease before this arrived."""
+        worker = self.workers.get(conn.info.get("worker_id"))
+        if worker is None:
+            return
+        worker.retiring = True
+        if worker.lease is None:
+            self._kill_worker(worker)
             self._schedule()
 
     def _on_unblocked(self, conn: Connection, message: tuple) -> None:
@@ -823,6 +873,11 @@ class Raylet:
                 self.reactor.call_soon(self._apply_cluster_view, view, managers)
             except Exception:
                 log.exception("heartbeat failed")
+
+
+def _uses_gpu(resources: dict[str, float]) -> bool:
+    """Whether a request takes GPUs (of the node, or of a placement group's bundle)."""
+    return any(name == "GPU" or name.startswith("GPU_group_") for name in resources)
 
 
 def _reply_spillback(conn: Connection, call_id: int, node: scheduling.NodeView) -> None:

@@ -4,20 +4,37 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
+import sys
 from typing import Any
 
 from redray import context, serialization
 from redray import options as opts
+from redray.executor import CallLimit
+from redray.signatures import Binder
 from redray.submitter import TaskOptions
+
+# A pickled function or class above these sizes (bytes) draws a warning / is refused (Ray's
+# values): it almost always captured a large object by accident, which every worker would load.
+FUNCTION_SIZE_WARN_THRESHOLD = 10_000_000
+FUNCTION_SIZE_ERROR_THRESHOLD = 100_000_000
+_MIB = 1024 * 1024
 
 
 class RemoteFunction:
     """A function that runs as a task in the cluster: call `.remote(...)`, not `(...)`."""
 
     def __init__(self, function: Any, task_options: dict[str, Any]):
+        if inspect.iscoroutinefunction(function):
+            raise ValueError(
+                "'async def' should not be used for remote tasks. You can wrap the "
+                "async function with `asyncio.run(f())`. See more at:"
+                "https://docs.ray.io/en/latest/ray-core/actors/async_api.html "
+            )
         self._function = function
         self._options = opts.validate(dict(task_options), "task")
         self._name = getattr(function, "__qualname__", getattr(function, "__name__", "task"))
+        self._binder = Binder(function)
         self._key: str | None = None
         self._blob: bytes | None = None
         self._task_options: TaskOptions | None = None
@@ -38,7 +55,7 @@ class RemoteFunction:
 
     def options(self, **task_options: Any) -> _BoundOptions:
         """The same function with some options overridden for the next calls."""
-        merged = {**self._options, **opts.validate(dict(task_options), "task")}
+        merged = {**self._options, **opts.validate(dict(task_options), "task", in_options=True)}
         return _BoundOptions(self, self._build(merged))
 
     def bind(self, *args: Any, **kwargs: Any) -> Any:
@@ -61,17 +78,25 @@ class RemoteFunction:
 
     def _export(self, worker: Any) -> str:
         if self._key is None:
+            max_calls = self._options.get("max_calls") or 0
+            exported = CallLimit(self._function, max_calls) if max_calls else self._function
             try:
-                self._blob = serialization.dumps_function(self._function)
+                blob = serialization.dumps_function(exported)
             except Exception as exc:
                 raise serialization.describe_failure(
                     self._function, exc, "the remote function"
                 ) from exc
-            self._key = hashlib.sha1(self._blob).hexdigest()
+            function = self._function
+            name = getattr(function, "__name__", self._name)
+            name = f"{getattr(function, '__module__', '__main__')}.{name}"
+            check_function_size(blob, name, "remote function")
+            self._blob = blob
+            self._key = hashlib.sha1(blob).hexdigest()
         worker.export_function(self._key, lambda: self._blob)
         return self._key
 
     def _submit(self, args: tuple, kwargs: dict, task_options: TaskOptions) -> Any:
+        self._binder.check(args, kwargs)
         worker = context.worker()
         key = self._export(worker)
         refs = worker.submitter.submit(key, args, kwargs, task_options)
@@ -94,3 +119,27 @@ class _BoundOptions:
 
     def bind(self, *args: Any, **kwargs: Any) -> Any:
         return self._function.bind(*args, **kwargs)
+
+
+def check_function_size(blob: bytes, name: str, kind: str) -> None:
+    """Refuse (ValueError) a pickled function or class too large to ship to every worker, and
+    warn about a large one, with Ray's thresholds and messages; kind: "remote function",
+    "actor"."""
+    size = len(blob)
+    if size <= FUNCTION_SIZE_WARN_THRESHOLD:
+        return
+    advice = (
+        "Check that its definition is not implicitly capturing a large array or other object "
+        "in scope. Tip: use redray.put() to put large objects in the object store."
+    )
+    if size < FUNCTION_SIZE_ERROR_THRESHOLD:
+        print(
+            f"Warning: The {kind} {name} is very large ({size // _MIB} MiB). {advice}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    raise ValueError(
+        f"The {kind} {name} is too large ({size // _MIB} MiB > FUNCTION_SIZE_ERROR_THRESHOLD="
+        f"{FUNCTION_SIZE_ERROR_THRESHOLD // _MIB} MiB). {advice}"
+    )

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from redray import exceptions, protocol, serialization
 from redray.connection import Connection
 from redray.ids import return_id, task_of
-from redray.object_ref import ObjectRef
+from redray.object_ref import Address, ObjectRef
 
 if TYPE_CHECKING:
     from redray.worker import CoreWorker
@@ -120,6 +120,7 @@ class _Lease:
         "single_use",
         "fast",
         "shape",
+        "retired",
     )
 
     def __init__(self, lease_id, conn, raylet, grant, shape):
@@ -135,6 +136,7 @@ class _Lease:
         self.wanted_back = False  # the raylet has work waiting: return as soon as idle
         self.single_use = False  # SPREAD: each task is placed on its own, so no reuse
         self.fast = False  # its last task was quick: more may be pushed ahead
+        self.retired = False  # its worker reached a max_calls: returned to be ended
 
 
 class _Shape:
@@ -168,6 +170,8 @@ class TaskSubmitter:
         worker.handle("done", self._on_done)
         worker.handle("stolen", self._on_stolen)
         worker.handle("lease_reclaim", self._on_reclaim)
+        worker.handle("retire", self._on_retire)
+        worker.handle("cancel_request", self._on_cancel_request)
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, fn_key: str, args: tuple, kwargs: dict, options: TaskOptions) -> list:
@@ -515,7 +519,7 @@ class TaskSubmitter:
             if lease.shape.queue and not force:
                 return
             self._drop_lease(lease)
-            lease.raylet.send(("lease_return", lease.lease_id, False))
+            lease.raylet.send(("lease_return", lease.lease_id, lease.retired))
 
     def _drop_lease(self, lease: _Lease) -> None:
         """Forget a lease (lock held), and its shape once nothing of it is left."""
@@ -552,6 +556,16 @@ class TaskSubmitter:
                 return
             if key in self._connecting:  # granted, not connected to yet: give it back then
                 self._connecting[key] = True
+
+    def _on_retire(self, conn: Connection, message: tuple) -> None:
+        """The worker ran a function's max_calls tasks: push it nothing more and give its
+        lease back once what it holds has come back (the raylet replaces the process)."""
+        with self._lock:
+            for lease in conn.info.get("leases", ()):
+                if lease.lease_id == message[1]:
+                    lease.single_use = lease.wanted_back = lease.retired = True
+                    self._return_if_idle(lease, force=True)
+                    return
 
     # -- results ----------------------------------------------------------------------------
     def _on_done(self, conn: Connection, message: tuple) -> None:
@@ -684,10 +698,16 @@ class TaskSubmitter:
                 self._dispatch(shape)
 
     # -- cancellation -----------------------------------------------------------------------
-    def cancel(self, task_id: bytes, force: bool, recursive: bool) -> None:
+    def cancel(
+        self, task_id: bytes, force: bool, recursive: bool, owner: Address | None = None
+    ) -> None:
+        """Cancel a task; one another process submitted (owner: its address) is cancelled
+        by that owner, which is asked over our connection to it."""
         with self._lock:
             task = self._tasks.get(task_id)
             if task is None or task.cancelled:
+                if task is None and owner is not None and owner[2] != self.worker.worker_id:
+                    self._ask_owner_to_cancel(owner, task_id, force, recursive)
                 return
             if task.actor is not None and force:
                 raise ValueError("force=True is not supported for actor tasks.")
@@ -704,6 +724,23 @@ class TaskSubmitter:
             lease.conn.send(("cancel", task_id, force, recursive))
         else:
             self._finish_cancelled(task)  # queued, or still waiting for its arguments
+
+    def _ask_owner_to_cancel(
+        self, owner: Address, task_id: bytes, force: bool, recursive: bool
+    ) -> None:
+        def send(conn: Connection | None) -> None:
+            if conn is not None:  # (an owner that is gone took its tasks with it)
+                conn.send(("cancel_request", task_id, force, recursive))
+
+        self.worker.peer_async(owner, send)
+
+    def _on_cancel_request(self, conn: Connection, message: tuple) -> None:
+        """Another process cancels a task of ours whose ref it holds."""
+        _, task_id, force, recursive = message
+        try:
+            self.cancel(task_id, force, recursive)
+        except ValueError:
+            log.warning("cancel(force=True) of an actor task was ignored: not supported")
 
     def cancel_children(self, parent: bytes, force: bool) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ TMPDIR of its own so that `address="auto"` never finds a developer's cluster.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import signal
@@ -213,6 +214,120 @@ def test_job_runtime_env_applies_to_tasks(isolated):
         env=isolated,
     ).stdout
     assert last_json(out) == {"value": "from-init"}
+
+
+# -- JobConfig -----------------------------------------------------------------------------------
+def test_job_config_has_rays_constructor():
+    from redray.job_config import JobConfig
+
+    assert list(inspect.signature(JobConfig).parameters) == [
+        "jvm_options",
+        "code_search_path",
+        "runtime_env",
+        "_client_job",
+        "metadata",
+        "ray_namespace",
+        "default_actor_lifetime",
+        "_disable_job_level_lineage_reconstruction",
+        "_py_driver_sys_path",
+    ]
+    config = JobConfig(metadata={"a": "1"})
+    config.set_metadata("b", "2")
+    assert config.metadata == {"a": "1", "b": "2"}
+    assert config.runtime_env == {} and config.default_actor_lifetime == "non_detached"
+    with pytest.raises(ValueError):
+        JobConfig(default_actor_lifetime="forever")
+    with pytest.raises(TypeError):
+        JobConfig(code_search_path="/not/a/list")
+
+
+def test_init_honours_the_job_config(isolated, tmp_path):
+    """runtime_env, namespace, metadata (kept with the job) and code_search_path apply."""
+    library = tmp_path / "library"
+    library.mkdir()
+    (library / "job_helper_module.py").write_text("VALUE = 42\n")
+    out = run_driver(
+        f"""
+        import json, os, redray
+        from redray import context
+        from redray.job_config import JobConfig
+
+        redray.init(
+            num_cpus=1,
+            job_config=JobConfig(
+                runtime_env={{"env_vars": {{"FROM_JOB_CONFIG": "yes"}}}},
+                ray_namespace="team-a",
+                metadata={{"owner": "alice"}},
+                code_search_path=[{str(library)!r}],
+            ),
+        )
+
+        @redray.remote
+        def probe():
+            import job_helper_module
+
+            return os.environ.get("FROM_JOB_CONFIG"), job_helper_module.VALUE
+
+        worker = context.current
+        print(json.dumps({{
+            "probe": redray.get(probe.remote(), timeout=30),
+            "namespace": redray.get_runtime_context().namespace,
+            "metadata": worker.gcs.jobs()[worker.job_id]["metadata"],
+        }}))
+        """,
+        env=isolated,
+    ).stdout
+    assert last_json(out) == {
+        "probe": ["yes", 42],
+        "namespace": "team-a",
+        "metadata": {"owner": "alice"},
+    }
+
+
+def test_init_arguments_win_over_the_job_config(isolated):
+    out = run_driver(
+        """
+        import json, os, redray
+        from redray.job_config import JobConfig
+
+        config = JobConfig(runtime_env={"env_vars": {"V": "job"}}, ray_namespace="job-ns")
+        redray.init(
+            num_cpus=1,
+            job_config=config,
+            namespace="init-ns",
+            runtime_env={"env_vars": {"V": "init"}},
+        )
+
+        @redray.remote
+        def read():
+            return os.environ.get("V")
+
+        print(json.dumps([redray.get(read.remote()), redray.get_runtime_context().namespace]))
+        """,
+        env=isolated,
+    ).stdout
+    assert last_json(out) == ["init", "init-ns"]
+
+
+@pytest.mark.parametrize(
+    "config, error",
+    [
+        ({"default_actor_lifetime": "detached"}, ValueError),
+        ({"jvm_options": ["-Xmx1g"]}, ValueError),
+        ({"runtime_env": {"pip": ["requests"]}}, ValueError),
+        (None, TypeError),
+    ],
+)
+def test_job_config_settings_redray_cannot_honour_are_refused(config, error):
+    from redray.job_config import JobConfig
+
+    job_config = {"not": "a JobConfig"} if config is None else JobConfig(**config)
+    try:
+        with pytest.raises(error):
+            redray.init(num_cpus=1, job_config=job_config)
+        assert not redray.is_initialized()
+    finally:
+        redray.shutdown()
 
 
 # -- connecting to existing clusters ----------------------------------------------------------

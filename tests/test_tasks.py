@@ -185,18 +185,28 @@ def test_calling_a_remote_function_directly_raises_type_error(ray_start):
     "options, error",
     [
         ({"num_cpus": -1}, ValueError),
-        ({"num_gpus": "one"}, ValueError),
+        ({"num_gpus": "one"}, TypeError),
+        ({"num_gpus": 1e-7}, ValueError),
         ({"not_an_option": 1}, ValueError),
         ({"num_returns": -1}, ValueError),
-        ({"num_returns": "many"}, ValueError),
+        ({"num_returns": "many"}, TypeError),
+        ({"num_returns": 1.0}, TypeError),
         ({"max_retries": -2}, ValueError),
-        ({"max_retries": 1.5}, ValueError),
+        ({"max_retries": 1.5}, TypeError),
+        ({"max_retries": 0.5}, TypeError),
         ({"resources": {"CPU": 1}}, ValueError),
         ({"resources": {"custom": -1}}, ValueError),
+        ({"resources": {"custom": 1e-5}}, ValueError),
+        ({"resources": {"custom": "1"}}, TypeError),
         ({"resources": ["custom"]}, TypeError),
-        ({"retry_exceptions": [1]}, TypeError),
+        ({"retry_exceptions": [1]}, ValueError),
+        ({"retry_exceptions": [KeyboardInterrupt]}, ValueError),
         ({"retry_exceptions": "yes"}, TypeError),
+        ({"retry_exceptions": None}, TypeError),
+        ({"object_store_memory": 100}, ValueError),
+        ({"enable_task_events": 1}, TypeError),
         ({"scheduling_strategy": "NOWHERE"}, ValueError),
+        ({"scheduling_strategy": 3}, TypeError),
         ({"runtime_env": {"pip": ["requests"]}}, ValueError),
         ({"runtime_env": {"env_vars": {"A": 1}}}, TypeError),
         ({"runtime_env": "env"}, TypeError),
@@ -204,11 +214,64 @@ def test_calling_a_remote_function_directly_raises_type_error(ray_start):
     ],
 )
 def test_bad_options_fail_where_written(options, error):
-    """Bad options are reported at decoration and at .options() time, before any cluster."""
+    """Bad options are reported at decoration and at .options() time, before any cluster,
+    with Ray's error types (TypeError for a wrong type, ValueError for a wrong value)."""
     with pytest.raises(error):
         redray.remote(**options)(lambda: None)
     with pytest.raises(error):
         echo.options(**options)
+
+
+@pytest.mark.parametrize("value, error", [(-1, ValueError), (0.5, TypeError), ("2", TypeError)])
+def test_bad_max_calls_fails_where_written(value, error):
+    with pytest.raises(error, match="max_calls"):
+        redray.remote(max_calls=value)(lambda: None)
+
+
+def test_max_calls_only_in_the_decorator():
+    """As in Ray: max_calls belongs to the function, `.options()` cannot set it."""
+    with pytest.raises(ValueError, match="max_calls"):
+        echo.options(max_calls=2)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"num_cpus": True}, {"num_gpus": 0.0001}, {"max_retries": None}, {"num_returns": None}],
+)
+def test_options_ray_accepts_are_accepted(options):
+    redray.remote(**options)(lambda: None)
+    echo.options(**options)
+
+
+def test_async_def_function_is_refused():
+    async def coroutine():
+        return 1
+
+    with pytest.raises(ValueError, match="'async def' should not be used for remote tasks"):
+        redray.remote(coroutine)
+    with pytest.raises(ValueError, match="'async def'"):
+        redray.remote(num_cpus=1)(coroutine)
+
+
+def test_function_capturing_a_huge_object_is_refused_at_remote(ray_start, capfd):
+    """Ray's limits: above 10 MB pickled a warning, from 100 MB a ValueError at `.remote()`."""
+    huge = b"x" * (100 * 1024 * 1024)
+    large = b"y" * (20 * 1024 * 1024)
+
+    def uses_huge():
+        return len(huge)
+
+    def uses_large():
+        return len(large)
+
+    refused = redray.remote(uses_huge)
+    with pytest.raises(ValueError, match="too large .*FUNCTION_SIZE_ERROR_THRESHOLD=95 MiB"):
+        refused.remote()
+    with pytest.raises(ValueError, match="uses_huge is too large"):
+        refused.remote()  # still refused: nothing half-exported
+    assert redray.get(redray.remote(uses_large).remote(), timeout=60) == len(large)
+    err = capfd.readouterr().err
+    assert "uses_large is very large (20 MiB)" in err
 
 
 def test_remote_decorator_misuse():
@@ -500,6 +563,44 @@ def test_cancel_rejects_non_refs(ray_start):
         redray.cancel("not a ref")
 
 
+@redray.remote
+def inner_of(started: str, release: str):
+    mark(started)
+    return block_until(release)
+
+
+@redray.remote
+def submit_inner(started: str, release: str):
+    return [inner_of.remote(started, release)]
+
+
+@pytest.mark.timeout(60)
+def test_cancel_a_ref_another_worker_submitted(ray_start, gate):
+    """The ref of a task a worker submitted is cancelled by its owner, on request."""
+    (inner,) = redray.get(submit_inner.remote(gate.path("started"), gate.release_file))
+    gate.wait_mark("started")
+    redray.cancel(inner)
+    with pytest.raises(TaskCancelledError):
+        redray.get(inner, timeout=20)
+
+
+@pytest.mark.timeout(60)
+def test_cancel_a_queued_ref_another_worker_submitted(ray_start, gate):
+    blockers = occupy_all_cpus(gate)
+    try:
+        (inner,) = redray.get(
+            submit_inner.options(num_cpus=0).remote(gate.path("never"), gate.release_file),
+            timeout=20,
+        )
+        redray.cancel(inner)
+        with pytest.raises(TaskCancelledError):
+            redray.get(inner, timeout=20)
+    finally:
+        gate.open()
+    assert redray.get(blockers, timeout=30) == [True, True]
+    assert not os.path.exists(gate.path("never"))
+
+
 def test_cancel_finished_task_keeps_its_value(ray_start):
     ref = echo.remote(5)
     assert redray.get(ref) == 5
@@ -633,6 +734,45 @@ def test_infeasible_task_warns_and_stays_pending(ray_start, capfd):
         redray.get(ref, timeout=10)
 
 
+@pytest.mark.timeout(60)
+def test_infeasible_tasks_warn_once_per_shape():
+    """Twenty tasks of one impossible shape: one warning line, and they stay pending."""
+    proc = run_driver(
+        """
+        import json, sys, time, redray
+
+        class Recorder:
+            def __init__(self, stream):
+                self.stream, self.text = stream, ""
+
+            def write(self, text):
+                self.text += text
+                return self.stream.write(text)
+
+            def __getattr__(self, name):
+                return getattr(self.stream, name)
+
+        sys.stderr = Recorder(sys.stderr)
+        redray.init(num_cpus=1)
+
+        @redray.remote(num_cpus=100)
+        def impossible():
+            return 1
+
+        refs = [impossible.remote() for _ in range(20)]
+        deadline = time.monotonic() + 30
+        while "cannot be scheduled" not in sys.stderr.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Every request of the shape was made at once: others would have warned by now.
+        ready, pending = redray.wait(refs, num_returns=1, timeout=2)
+        print(json.dumps({"ready": len(ready), "pending": len(pending)}))
+        """
+    )
+    assert last_json(proc.stdout) == {"ready": 0, "pending": 20}
+    warnings = [line for line in proc.stderr.splitlines() if "cannot be scheduled" in line]
+    assert len(warnings) == 1, proc.stderr
+
+
 @pytest.mark.timeout(30)
 def test_infeasible_custom_resource_names_it(ray_start, capfd):
     ref = where.options(resources={"unobtainium": 1}).remote()
@@ -694,6 +834,24 @@ def test_cpu_task_sees_no_gpu(ray_start_gpu_custom):
     for result in redray.get([where.remote() for _ in range(4)], timeout=30):
         assert result["gpu_ids"] == []
         assert result["cuda"] in (None, "")
+
+
+# -- max_calls ----------------------------------------------------------------------------------
+@redray.remote(max_calls=2, max_retries=0)
+def limited_pid(i):
+    return os.getpid()
+
+
+@pytest.mark.timeout(90)
+def test_max_calls_replaces_the_worker(ray_start):
+    """A worker that ran max_calls tasks of the function is replaced by a fresh process (as
+    Ray's); no task is lost or failed on the way, even without retries."""
+    pids = redray.get([limited_pid.remote(i) for i in range(20)], timeout=60)
+    runs = {pid: pids.count(pid) for pid in pids}
+    assert max(runs.values()) <= 2 and len(runs) >= 10
+    for pid in (pid for pid, count in runs.items() if count == 2):
+        wait_for(lambda p=pid: not _running(p), message=f"retired worker {pid} still runs")
+    assert redray.get(echo.remote("after"), timeout=30) == "after"
 
 
 # -- nested tasks -----------------------------------------------------------------------------

@@ -62,6 +62,12 @@ def check_strategy(strategy: Any) -> None:
         return
     if isinstance(strategy, (NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy)):
         return
+    if not isinstance(strategy, str):
+        raise TypeError(
+            "The type of keyword 'scheduling_strategy' must be None, a str, "
+            "NodeAffinitySchedulingStrategy or PlacementGroupSchedulingStrategy, "
+            f"but received type {type(strategy)}"
+        )
     raise ValueError(
         f"Invalid scheduling_strategy {strategy!r}: use 'DEFAULT', 'SPREAD', "
         "NodeAffinitySchedulingStrategy or PlacementGroupSchedulingStrategy."
