@@ -149,6 +149,7 @@ class ActorClass:
             {
                 "class_key": key,
                 "class_name": self.__name__,
+                "name": name or "",
                 "args": wire_args,
                 "kwargs": wire_kwargs,
                 "max_concurrency": max_concurrency,
@@ -199,6 +200,7 @@ class ActorHandle:
         self._max_task_retries = info.get("max_task_retries", 0)
         self._info = info
         self._method_options: dict[str, Any] = {}
+        self._caller_state: Any = None  # this process's view of the actor (actor_submitter)
         if _register:
             context.worker().add_local_ref(actor_id, self._owner)
 

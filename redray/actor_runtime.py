@@ -4,9 +4,16 @@ Three ways to run calls, chosen at creation as Ray does:
 - plain actors run calls one at a time on the main thread, in arrival order (so calls from
   one caller run in submission order);
 - threaded actors (`max_concurrency > 1` or concurrency groups) run each group's calls on
-  that group's own threads;
-- async actors (any `async def` method) run every call as a coroutine on one event loop,
-  at most `max_concurrency` (default 1000) at a time per group.
+  that group's own threads (as many as its limit; the default group has max_concurrency);
+- async actors (any `async def` method) run each concurrency group on its own event loop in
+  its own thread, at most the group's limit (default group: max_concurrency, 1000 unless
+  set) at a time. A synchronous method of an async actor runs on its group's loop thread,
+  so a call blocking there holds up its own group only.
+
+An actor ends on purpose in three ways: `exit_actor()` (after the running call; calls not
+started fail), `__ray_terminate__` and the control loop's `actor_terminate` once nothing
+refers to the actor (gracefully: no new calls are accepted, those accepted all finish, then
+it exits).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import pickle
 import queue
 import selectors
 import threading
@@ -22,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from redray import exceptions
 from redray.actor import TERMINATE, ActorExit
 from redray.connection import Connection
-from redray.executor import TaskContext, _task_context, error_payload, task_error
+from redray.executor import TaskContext, _flush_streams, _task_context, error_payload, task_error
 
 if TYPE_CHECKING:
     from redray.executor import Executor
@@ -33,22 +41,23 @@ _TERMINATING = "the actor was terminated by __ray_terminate__"
 
 def create_actor(executor: Executor, conn: Connection, message: tuple) -> None:
     """Run the constructor (on the main thread) and answer the control loop."""
-    import pickle
-
-    _, call_id, actor_id, spec_blob, restarts = message
+    _, call_id, actor_id, spec_blob, restarts, placement = message
     spec = pickle.loads(spec_blob)
     worker = executor.worker
     name = spec["class_name"]
     job = spec["job"]
     worker.jobs[job.job_id] = job
-    ctx = executor.task_context(actor_id[:14], f"{name}.__init__", job.job_id, None, None)
+    executor._apply_grant(placement)  # GPU ids: visible to the constructor already
+    ctx = executor.task_context(actor_id[:14], f"{name}.__init__", job.job_id, placement, None)
     ctx.prefix = f"({name} pid={os.getpid()})"
     runtime = ActorRuntime(executor, actor_id, spec, conn, restarts, ctx)
     executor.actor = runtime
     worker.job_id = job.job_id
+    worker.handle("actor_terminate", runtime.on_terminate)
     token = _task_context.set(ctx)
     try:
         cls = worker.load_function(spec["class_key"])
+        ctx.function = cls
         args, kwargs = executor.materialize_args(spec["args"], spec["kwargs"])
         runtime.instance = cls(*args, **kwargs)
     except Exception as exc:
@@ -60,6 +69,21 @@ def create_actor(executor: Executor, conn: Connection, message: tuple) -> None:
         _task_context.reset(token)
     runtime.start()
     conn.send(("reply", call_id, ("ok", os.getpid())))
+
+
+class _AsyncGroup:
+    """A concurrency group of an async actor: its event loop, the thread running it, and
+    its calls in progress (touched only on that loop's thread)."""
+
+    __slots__ = ("name", "limit", "loop", "semaphore", "running", "started")
+
+    def __init__(self, name: str, limit: int, loop: asyncio.AbstractEventLoop):
+        self.name = name
+        self.limit = limit
+        self.loop = loop
+        self.semaphore: asyncio.Semaphore | None = None  # made on the loop's thread
+        self.running: dict[bytes, asyncio.Task] = {}  # calls in progress, by task id
+        self.started: set[bytes] = set()  # ...of which these have begun running
 
 
 class ActorRuntime:
@@ -78,9 +102,11 @@ class ActorRuntime:
         self.actor_id = actor_id
         self.spec = spec
         self.name = spec["class_name"]
+        self.actor_name: str = spec.get("name", "")  # "" when unnamed (Ray's get_actor_name)
         self.control = control  # the control loop's connection: told when we exit on purpose
         self.restarted = restarts > 0
         self.context = ctx  # where prints go when no call is running (e.g. from user threads)
+        self.grant = ctx.grant  # resources, GPU ids and placement group it runs with
         self.instance: Any = None
         self.methods: dict[str, dict] = spec["methods"]
         groups = dict(spec.get("concurrency_groups") or {})
@@ -88,13 +114,12 @@ class ActorRuntime:
         self.threaded = not self.is_async and (spec["max_concurrency"] > 1 or bool(groups))
         groups[DEFAULT_GROUP] = spec["max_concurrency"]
         self.groups = groups
-        self._queues: dict[str, queue.SimpleQueue] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._semaphores: dict[str, asyncio.Semaphore] = {}
-        self._running: dict[bytes, Any] = {}  # async calls in progress, by task id
-        self._started: set[bytes] = set()  # ...of which these have begun running
-        self._exit_reason: str | None = None
-        self._active = 0  # calls running on group threads or the event loop
+        self._queues: dict[str, queue.SimpleQueue] = {}  # threaded: each group's inbox
+        self._async_groups: dict[str, _AsyncGroup] = {}
+        self._exit_reason: str | None = None  # set: accept no new calls
+        self._exit_cause = ""  # what refused calls are told
+        self._graceful = False  # calls accepted before the exit still run
+        self._active = 0  # calls running on group threads or event loops
         self._idle = threading.Condition()
 
     def handle(self) -> Any:
@@ -106,12 +131,24 @@ class ActorRuntime:
 
     def start(self) -> None:
         if self.is_async:
-            self._loop = asyncio.SelectorEventLoop(_ReactorSelector(self.executor.worker.reactor))
-            ready = threading.Event()
-            threading.Thread(
-                target=self._run_loop, args=(ready,), daemon=True, name="redray-actor-loop"
-            ).start()
-            ready.wait()
+            reactor = self.executor.worker.reactor
+            ready = []
+            for group, limit in self.groups.items():
+                default = group == DEFAULT_GROUP
+                # The default group's loop runs the worker's reactor loop while idle, so its
+                # calls arrive on the thread that runs them (see _ReactorSelector).
+                loop = asyncio.SelectorEventLoop(_ReactorSelector(reactor) if default else None)
+                runner = self._async_groups[group] = _AsyncGroup(group, limit, loop)
+                started = threading.Event()
+                ready.append(started)
+                threading.Thread(
+                    target=self._run_loop,
+                    args=(runner, started),
+                    daemon=True,
+                    name=f"AsyncIO Thread: {'default' if default else group}",
+                ).start()
+            for started in ready:
+                started.wait()
         elif self.threaded:
             for group, limit in self.groups.items():
                 inbox = self._queues[group] = queue.SimpleQueue()
@@ -120,12 +157,11 @@ class ActorRuntime:
                         target=self._serve, args=(inbox,), daemon=True, name=f"{group}-{i}"
                     ).start()
 
-    def _run_loop(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        for group, limit in self.groups.items():
-            self._semaphores[group] = asyncio.Semaphore(limit)
+    def _run_loop(self, group: _AsyncGroup, ready: threading.Event) -> None:
+        asyncio.set_event_loop(group.loop)
+        group.semaphore = asyncio.Semaphore(group.limit)
         ready.set()
-        self._loop.run_forever()
+        group.loop.run_forever()
 
     def _group(self, method: str, chosen: str | None = None) -> str:
         """The concurrency group a call runs in: chosen per call, else the method's."""
@@ -144,10 +180,21 @@ class ActorRuntime:
             return
         with self._idle:
             self._active += 1
+        group = self._group(method, message[8])
         if self.is_async:
-            self._loop.call_soon_threadsafe(self._start_async, conn, message)
+            runner = self._async_groups[group]
+            runner.loop.call_soon_threadsafe(self._start_async, runner, conn, message)
         else:
-            self._queues[self._group(method, message[8])].put((conn, message))
+            self._queues[group].put((conn, message))
+
+    def on_terminate(self, conn: Connection, message: tuple) -> None:
+        """The control loop ends this actor (nothing refers to it any more): refuse new
+        calls, finish those accepted, then exit."""
+        if self._exit_reason is not None:
+            return
+        self.request_exit("its last reference is gone", graceful=True, cause=message[1])
+        # Behind the calls already queued for the main thread: they run first.
+        self.executor.post(conn, ("actor_task", None, TERMINATE, None, (), {}, 0, None, None))
 
     def _call_done(self) -> None:
         with self._idle:
@@ -155,25 +202,30 @@ class ActorRuntime:
             if not self._active:
                 self._idle.notify_all()
 
-    def _start_async(self, conn: Connection, message: tuple) -> None:
-        """On the loop: start a call as a task (cheaper than run_coroutine_threadsafe)."""
-        self._running[message[1]] = self._loop.create_task(self._run_async(conn, message))
+    def _start_async(self, group: _AsyncGroup, conn: Connection, message: tuple) -> None:
+        """On the group's loop: start a call as a task (cheaper than run_coroutine_threadsafe)."""
+        group.running[message[1]] = group.loop.create_task(self._run_async(group, conn, message))
 
     def cancel(self, task_id: bytes) -> bool:
         """Cancel a running async call; False when it is not one (handled elsewhere)."""
         if not self.is_async:
             return False
 
-        def cancel_on_loop() -> None:
-            task = self._running.get(task_id)
-            if task is not None and task_id in self._started:
+        def cancel_on_loop(group: _AsyncGroup) -> None:
+            # The call was accepted (its start queued on its loop) before this cancel was:
+            # on its loop it is found here, unless it finished already.
+            task = group.running.get(task_id)
+            if task is None:
+                return
+            if task_id in group.started:
                 task.cancel()
             else:
                 # Not started yet (a task cancelled before its first step would never run
                 # our code, so never reply): it refuses itself when it starts.
                 self.executor._cancelled.add(task_id)
 
-        self._loop.call_soon_threadsafe(cancel_on_loop)
+        for group in self._async_groups.values():
+            group.loop.call_soon_threadsafe(cancel_on_loop, group)
         return True
 
     def on_connection_lost(self, conn: Connection) -> None:
@@ -193,7 +245,7 @@ class ActorRuntime:
     def _call_context(self, conn: Connection, message: tuple) -> TaskContext:
         # Prints of an actor go to the driver of the job that created it (as Ray does).
         ctx = self.executor.task_context(
-            message[1], message[3], self.spec["job"].job_id, None, conn
+            message[1], message[3], self.spec["job"].job_id, self.grant, conn
         )
         ctx.prefix = self.context.prefix
         return ctx
@@ -201,39 +253,51 @@ class ActorRuntime:
     def execute(self, conn: Connection, message: tuple) -> None:
         """Run one call synchronously (main thread or a group's thread) and reply."""
         task_id, method, name, args, kwargs, num_returns = message[1:7]
+        if method == TERMINATE:
+            self._terminate(conn, message)
+            return
         executor = self.executor
         if executor.refused_as_cancelled(conn, task_id, num_returns):
             return
         ctx = self._call_context(conn, message)
-        if method == TERMINATE:
-            # Graceful: refuse new calls, let the running ones finish, then go.
-            self.request_exit(_TERMINATING)
-            with self._idle:
-                self._idle.wait_for(lambda: not self._active)
-            payloads = executor.return_payloads(None, num_returns, ctx)
-        else:
-            main = threading.get_ident() == executor._main_thread
+        main = threading.get_ident() == executor._main_thread
+        if main:
+            executor.current = ctx
+        try:
+            fn = ctx.function = self._bound(method)
+            payloads = executor.invoke(ctx, fn, args, kwargs, num_returns)
+        except AttributeError as exc:
+            payloads = [error_payload(task_error(name, exc))] * num_returns
+        except ActorExit:
+            payloads = [error_payload(self._exit_error())] * num_returns
+        finally:
             if main:
-                executor.current = ctx
-            try:
-                payloads = executor.invoke(
-                    ctx, self._bound(method, name), args, kwargs, num_returns
-                )
-            except ActorExit:
-                payloads = [error_payload(self._exit_error())] * num_returns
-            finally:
-                if main:
-                    executor.current = None
-                    executor._interrupt = None
+                executor.current = None
+                executor._interrupt = None
         conn.send(("done", task_id, payloads, executor.worker.take_task_borrows()))
-        if self._exit_reason is not None and (
-            method == TERMINATE or self._exit_reason != _TERMINATING
-        ):
+        if self._exit_reason is not None and not self._graceful:
             self._exit()
+
+    def _terminate(self, conn: Connection, message: tuple) -> None:
+        """On the main thread, behind the calls accepted before: wait for the calls running
+        elsewhere (group threads, event loops), reply (to a `__ray_terminate__` call), exit."""
+        task_id, num_returns = message[1], message[6]
+        if task_id is not None:
+            if self.executor.refused_as_cancelled(conn, task_id, num_returns):
+                return
+            if self._exit_reason is None:
+                self.request_exit(_TERMINATING, graceful=True)
+        with self._idle:
+            self._idle.wait_for(lambda: not self._active)
+        if task_id is not None:
+            ctx = self._call_context(conn, message)
+            payloads = self.executor.return_payloads(None, num_returns, ctx)
+            conn.send(("done", task_id, payloads, []))
+        self._exit()
 
     def _exit_error(self) -> exceptions.ActorDiedError:
         return exceptions.ActorDiedError(
-            f"The actor {self.name} is dead: it exited on purpose ({self._exit_reason}).",
+            f"The actor {self.name} ({self.actor_id.hex()}) is dead: {self._exit_cause}",
             self.actor_id.hex(),
         )
 
@@ -241,13 +305,13 @@ class ActorRuntime:
         """A call that arrives after the actor decided to exit fails as Ray's do."""
         conn.send(("done", message[1], [error_payload(self._exit_error())] * message[6], []))
 
-    async def _run_async(self, conn: Connection, message: tuple) -> None:
+    async def _run_async(self, group: _AsyncGroup, conn: Connection, message: tuple) -> None:
         task_id, method, name, args, kwargs, num_returns = message[1:7]
         executor = self.executor
-        self._started.add(task_id)
+        group.started.add(task_id)
         try:
-            # Accepted before __ray_terminate__: runs (it waits for us). After exit_actor: fails.
-            if self._exit_reason is not None and self._exit_reason != _TERMINATING:
+            # Accepted before a graceful exit: runs. After exit_actor: fails.
+            if self._exit_reason is not None and not self._graceful:
                 self._refuse(conn, message)
                 return
             if executor.refused_as_cancelled(conn, task_id, num_returns):
@@ -255,8 +319,8 @@ class ActorRuntime:
             ctx = self._call_context(conn, message)
             token = _task_context.set(ctx)
             try:
-                async with self._semaphores[self._group(method, message[8])]:
-                    fn = self._bound(method, name)
+                async with group.semaphore:
+                    fn = ctx.function = self._bound(method)
                     call_args, call_kwargs = executor.materialize_args(args, kwargs)
                     result = fn(*call_args, **call_kwargs)
                     if inspect.isawaitable(result):
@@ -272,27 +336,28 @@ class ActorRuntime:
             finally:
                 _task_context.reset(token)
             conn.send(("done", task_id, payloads, executor.worker.take_task_borrows()))
-            if self._exit_reason is not None and self._exit_reason != _TERMINATING:
+            if self._exit_reason is not None and not self._graceful:
                 self._exit()
         finally:
-            self._started.discard(task_id)
-            self._running.pop(task_id, None)
+            group.started.discard(task_id)
+            group.running.pop(task_id, None)
             self._call_done()
 
-    def _bound(self, method: str, name: str) -> Any:
+    def _bound(self, method: str) -> Any:
         try:
             return getattr(self.instance, method)
         except AttributeError:
             raise AttributeError(f"'{self.name}' object has no attribute '{method}'") from None
 
     # -- exiting on purpose -----------------------------------------------------------------
-    def request_exit(self, reason: str) -> None:
-        """Exit once the current call has replied (exit_actor / __ray_terminate__)."""
+    def request_exit(self, reason: str, graceful: bool = False, cause: str | None = None) -> None:
+        """Accept no new calls and exit: once the current call has replied (exit_actor), or
+        once every call accepted before has finished (graceful)."""
+        self._exit_cause = cause or f"The actor exited on purpose: {reason}."
+        self._graceful = graceful
         self._exit_reason = reason
 
     def _exit(self) -> None:
-        from redray.executor import _flush_streams
-
         _flush_streams()
         if self.control is not None:
             self.control.send(("actor_exiting", self.actor_id, self._exit_reason))
@@ -302,10 +367,10 @@ class ActorRuntime:
 
 
 class _ReactorSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
-    """The selector of an async actor's event loop: while the loop has nothing to run, its
-    thread runs the worker's reactor loop (Reactor.block_until_readable), so a call arrives
-    on the thread that runs it instead of being handed over from the thread that read it (a
-    wake-up and a GIL hand-off per call)."""
+    """The selector of an async actor's default-group event loop: while the loop has nothing
+    to run, its thread runs the worker's reactor loop (Reactor.block_until_readable), so a
+    call arrives on the thread that runs it instead of being handed over from the thread that
+    read it (a wake-up and a GIL hand-off per call)."""
 
     def __init__(self, reactor: Any):
         super().__init__()

@@ -4,6 +4,16 @@ Calls from this process to one actor are sent in submission order over one conne
 as soon as its arguments are ready and no earlier call still waits. The actor's state
 (alive at an address, restarting, dead with a cause) arrives by Redis pub/sub, so a death is
 learnt without polling; a dropped connection fails or retries the calls in flight.
+
+While calls made here are unfinished (waiting for the actor to be alive, for their arguments,
+or for their reply) they hold a reference to the actor, as a handle does: dropping the last
+handle right after a call (`A.remote().f.remote()`) does not end the actor before the call
+ran. The table of actors holds those not known to be dead; a dead actor's entry goes at once
+(handles and pending calls keep their own reference to it), so it is bounded by live actors.
+
+Threads: user threads submit; the reactor thread handles replies and connection losses; the
+watcher thread applies published states. `ActorSubmitter._lock` guards every `_ActorState`
+and the table (it may be held while taking the worker's lock, never the other way round).
 """
 
 from __future__ import annotations
@@ -37,25 +47,33 @@ class _ActorState:
         "state",
         "conn",
         "connecting",
+        "looking_up",
         "queue",
         "inflight",
         "seq",
         "cause",
         "dying",
+        "pending",
+        "pinned",
+        "registry",
     )
 
-    def __init__(self, actor_id: bytes):
+    def __init__(self, actor_id: bytes, registry: ActorSubmitter):
         self.actor_id = actor_id
         self.hex = actor_id.hex()
         self.info: dict[str, Any] = {}
         self.state = "UNKNOWN"
         self.conn: Connection | None = None
         self.connecting = False
+        self.looking_up = False  # its state is being read from the table
         self.queue: collections.deque = collections.deque()  # calls not yet sent, in order
         self.inflight: dict[bytes, Any] = {}  # sent, awaiting a reply (insertion = send order)
         self.seq = -1
         self.cause = ""
         self.dying: list = []  # in-flight calls lost with the process, failed once its fate is known
+        self.pending: set[bytes] = set()  # ids of the calls made here and not finished yet
+        self.pinned = False  # the pending calls hold a reference to the actor (see module doc)
+        self.registry = registry  # the submitter this state belongs to
 
 
 class ActorSubmitter:
@@ -64,7 +82,7 @@ class ActorSubmitter:
     def __init__(self, worker: CoreWorker):
         self.worker = worker
         self._lock = threading.RLock()
-        self._actors: dict[bytes, _ActorState] = {}
+        self._actors: dict[bytes, _ActorState] = {}  # actors not known to be dead
 
     # -- creation ---------------------------------------------------------------------------
     def wire_creation_args(self, args: tuple, kwargs: dict, name: str) -> tuple:
@@ -95,32 +113,80 @@ class ActorSubmitter:
             state.info = info
             state.state = "PENDING_CREATION"
             state.seq = 0
+        handle._caller_state = state
         self._ensure_watching()
         worker.gcs.create_actor(actor_id.hex(), info, spec)
         return handle
 
     def out_of_scope(self, actor_id: bytes) -> None:
-        """The last handle of an actor we created is gone (called off the reactor thread)."""
+        """Nothing here refers to an actor we created any more: no handle, no pending call
+        (called off the reactor thread). The control loop ends it once it has finished the
+        calls it accepted."""
         self.worker.gcs.push_request(pickle.dumps(("actor_out_of_scope", actor_id.hex())))
 
     # -- calls ------------------------------------------------------------------------------
     def submit(self, handle: ActorHandle, method: str, args: tuple, kwargs: dict, options: Any):
-        state = self._state(handle._actor_id)
+        state = handle._caller_state
+        if state is None or state.registry is not self:
+            state = handle._caller_state = self._state(handle._actor_id)
         tasks = self.worker.submitter
         task, refs, deps = tasks.prepare(method, args, kwargs, options, actor=state)
         with self._lock:
             task.unresolved = len(deps) + 1  # not sendable before its arguments are resolved
             state.queue.append(task)
-        if state.state == "UNKNOWN":
+            state.pending.add(task.task_id)
+            if not state.pinned:
+                state.pinned = self._pin(state.actor_id)
+        if state.state == "UNKNOWN" and not state.looking_up:
             self._lookup(state)
-        tasks.await_dependencies(task, deps)
+        for dep in deps:
+            self.worker.on_ready(dep, lambda t=task: self._argument_ready(t, True))
+        self._argument_ready(task, bool(deps))
         return refs
 
-    def dependencies_ready(self, task: Any) -> None:
-        self._pump(task.actor)
+    def _pin(self, actor_id: bytes) -> bool:
+        """Count a reference to the actor for the pending calls (lock held); False when
+        this process holds no reference to it to add to (nothing to keep alive then)."""
+        worker = self.worker
+        with worker._lock:
+            obj = worker._objects.get(actor_id)
+            if obj is None:
+                return False
+            obj.count += 1
+            return True
+
+    def _settle(self, state: _ActorState, task: Any) -> tuple[bool, bool]:
+        """Take a call off the books (lock held): (it was pending, the actor's reference for
+        pending calls is to be dropped now)."""
+        if task.task_id not in state.pending:
+            return False, False  # finished already (by a racing failure or reply)
+        state.pending.discard(task.task_id)
+        if state.pending or not state.pinned:
+            return True, False
+        state.pinned = False
+        return True, True
+
+    def _unpin(self, state: _ActorState) -> None:
+        self.worker.remove_local_ref(state.actor_id)
+
+    def _argument_ready(self, task: Any, resolve: bool) -> None:
+        """One of a call's arguments (or its submission) is done; send it once all are."""
+        state = task.actor
+        with self._lock:
+            task.unresolved -= 1
+            if task.unresolved or task.task_id not in state.pending:
+                return  # still waiting, or finished already (cancelled, actor dead, ...)
+        failure = self.worker.submitter.fill_ref_args(task.args, task.kwargs) if resolve else None
+        if failure is not None:
+            with self._lock:
+                if task in state.queue:
+                    state.queue.remove(task)
+            self._finish(task, [failure] * len(task.return_ids))
+        self._pump(state)
 
     def _pump(self, state: _ActorState) -> None:
         """Send queued calls in order while the head of the queue is ready."""
+        cancelled = []
         with self._lock:
             if state.state == "DEAD":
                 # Calls in flight fail too: their connection may have closed before we knew.
@@ -135,9 +201,13 @@ class ActorSubmitter:
                         self._connect(state)
                     return
                 queue = state.queue
+                pending = state.pending
                 while queue and queue[0].unresolved == 0:
                     task = queue.popleft()
+                    if task.task_id not in pending:
+                        continue  # finished already
                     if task.cancelled:
+                        cancelled.append(task)
                         continue
                     state.inflight[task.task_id] = task
                     self.worker.introduce(conn, task.job)
@@ -155,9 +225,9 @@ class ActorSubmitter:
                         )
                     )
         if failed:
-            error = self._death_error(state)
-            for task in failed:
-                self.worker.submitter.fail(task, error)
+            self._fail(state, failed, self._death_error(state))
+        for task in cancelled:
+            self._fail(state, [task], exceptions.TaskCancelledError(task.task_id.hex()))
 
     def _connect(self, state: _ActorState) -> None:
         """Open (once) the connection to an alive actor, then pump (lock held)."""
@@ -181,17 +251,47 @@ class ActorSubmitter:
     def on_done(self, task: Any, results: list) -> None:
         state = task.actor
         tasks = self.worker.submitter
-        with self._lock:
-            state.inflight.pop(task.task_id, None)
         first = results[0] if results else None
         if first is not None and first[0] == "e" and tasks.should_retry_error(task, first):
-            if task.retries_left > 0:
-                task.retries_left -= 1
             with self._lock:
-                state.queue.appendleft(task)
+                state.inflight.pop(task.task_id, None)
+                if task.task_id in state.pending:
+                    if task.retries_left > 0:
+                        task.retries_left -= 1
+                    state.queue.appendleft(task)
             self._pump(state)
             return
-        tasks.finish(task, results)
+        with self._lock:
+            state.inflight.pop(task.task_id, None)
+            pending, unpin = self._settle(state, task)
+        if pending:
+            tasks.finish(task, results)
+        if unpin:
+            self._unpin(state)
+
+    def _finish(self, task: Any, results: list) -> None:
+        state = task.actor
+        with self._lock:
+            pending, unpin = self._settle(state, task)
+        if pending:
+            self.worker.submitter.finish(task, results)
+        if unpin:
+            self._unpin(state)
+
+    def _fail(self, state: _ActorState, failed: list, error: BaseException) -> None:
+        """Fail calls with one error (each once, whoever else is failing it meanwhile)."""
+        unpin = False
+        with self._lock:
+            settled = []
+            for task in failed:
+                pending, last = self._settle(state, task)
+                if pending:
+                    settled.append(task)
+                unpin = unpin or last
+        for task in settled:
+            self.worker.submitter.fail(task, error)
+        if unpin:
+            self._unpin(state)
 
     def cancel(self, task: Any, force: bool) -> None:
         state = task.actor
@@ -202,7 +302,8 @@ class ActorSubmitter:
             sent = task.task_id in state.inflight
             conn = state.conn
         if queued:
-            self.worker.submitter.fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
+            self._fail(state, [task], exceptions.TaskCancelledError(task.task_id.hex()))
+            self._pump(state)  # calls behind it may go now
         elif sent and conn is not None:
             conn.send(("cancel", task.task_id, False, True))
 
@@ -247,8 +348,7 @@ class ActorSubmitter:
                 + (" (it is being restarted)." if state.state == "RESTARTING" else "."),
                 state.hex,
             )
-        for task in failed:
-            self.worker.submitter.fail(task, error)
+        self._fail(state, failed, error)
 
     def _fail_dying(self, state: _ActorState) -> None:
         with self._lock:
@@ -262,20 +362,23 @@ class ActorSubmitter:
             with self._lock:
                 state = self._actors.get(actor_id)
                 if state is None:
-                    state = self._actors[actor_id] = _ActorState(actor_id)
+                    state = self._actors[actor_id] = _ActorState(actor_id, self)
         return state
 
     def _lookup(self, state: _ActorState) -> None:
         """Learn an actor's current state: subscribe first, then read the table."""
         self._ensure_watching()
+        state.looking_up = True
 
         def read() -> None:
             try:
                 info = self.worker.gcs.actor(state.hex)
             except Exception:
+                state.looking_up = False
                 if self.worker.shutting_down:
                     return
                 raise
+            state.looking_up = False
             if info is None:
                 info = {"state": "DEAD", "death_cause": "The actor does not exist.", "seq": 1 << 60}
             self._apply(state, info, from_table=True)
@@ -302,6 +405,10 @@ class ActorSubmitter:
             if newer and state.state != "ALIVE":
                 failed += state.dying
                 state.dying = []
+            if state.state == "DEAD" and self._actors.get(state.actor_id) is state:
+                # Final: whoever still holds this state (a handle, a pending call) has all
+                # it needs; calls failed below or by the pump.
+                del self._actors[state.actor_id]
         self._fail_lost(state, failed)
         self._pump(state)
 

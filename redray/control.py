@@ -33,6 +33,10 @@ log = logging.getLogger("redray.control")
 
 LEADER_TTL = float(os.environ.get("REDRAY_LEADER_TTL", "3"))
 TICK_SECONDS = 0.5
+# An actor ended gracefully (its last reference is gone) is killed if it has not finished the
+# calls it accepted within this time (Ray: actor_graceful_shutdown_timeout_ms).
+GRACEFUL_EXIT_SECONDS = float(os.environ.get("REDRAY_ACTOR_GRACEFUL_SHUTDOWN_TIMEOUT_S", "30"))
+OUT_OF_SCOPE = "The actor is dead because all references to the actor were removed."
 
 
 @dataclass
@@ -42,6 +46,7 @@ class _Actor:
     spec: bytes
     conn: Connection | None = None
     lease: tuple | None = None  # (raylet connection, lease id)
+    grant: dict[str, Any] | None = None  # what the worker's lease gave it (GPU ids, group)
     kill_reason: str | None = None  # set when it is being killed on purpose, no restart
     exit_reason: str | None = None  # set when it exits on purpose (__ray_terminate__)
     attempt: int = 0
@@ -59,6 +64,8 @@ class ControlLoop:
         self.leader = False
         self.client: Any = None
         self.actors: dict[str, _Actor] = {}
+        # Actors asked to finish their calls and exit: id -> (deadline, its connection then).
+        self.terminating: dict[str, tuple[float, Any]] = {}
         self.stopping = threading.Event()
         from redray.pg_manager import PlacementGroupManager
 
@@ -119,6 +126,7 @@ class ControlLoop:
             if not self.leader:
                 self._become_leader()
             self._check_nodes()
+            self._kill_overdue_exits()
             self.pgs.retry_pending()
         elif self.leader:
             log.warning("lost the control loop's leadership")
@@ -213,12 +221,37 @@ class ControlLoop:
         self._kill(actor, "The actor was killed by ray.kill()." if no_restart else None)
 
     def _request_actor_out_of_scope(self, actor_id: str) -> None:
+        """Its owner holds no reference to it any more (nor does anyone it lent one to)."""
         actor = self.actors.get(actor_id)
-        if actor is not None and not actor.info.get("detached"):
-            self._kill(
-                actor,
-                "The actor is dead because all references to the actor were removed.",
-            )
+        if actor is None or actor.info.get("detached"):
+            return
+        if actor.info.get("state") == "ALIVE" and actor.conn is not None:
+            self._terminate(actor, OUT_OF_SCOPE)
+        else:
+            self._kill(actor, OUT_OF_SCOPE)
+
+    def _terminate(self, actor: _Actor, reason: str) -> None:
+        """End the actor gracefully, as Ray does for one out of scope: it refuses new calls,
+        finishes those it accepted (from any caller), then exits; killed if that takes
+        longer than GRACEFUL_EXIT_SECONDS."""
+        actor.kill_reason = reason  # its death, however it comes: no restart, this cause
+        self.terminating[actor.actor_id] = (time.monotonic() + GRACEFUL_EXIT_SECONDS, actor.conn)
+        actor.conn.send(("actor_terminate", reason))
+
+    def _kill_overdue_exits(self) -> None:
+        now = time.monotonic()
+        for actor_id, (deadline, conn) in list(self.terminating.items()):
+            actor = self.actors.get(actor_id)
+            if actor is None or actor.conn is not conn:
+                del self.terminating[actor_id]  # it exited (or its process died)
+            elif now >= deadline:
+                del self.terminating[actor_id]
+                log.warning(
+                    "actor %s did not finish its calls within %s s of being ended: killing it",
+                    actor_id,
+                    GRACEFUL_EXIT_SECONDS,
+                )
+                self._kill(actor, actor.kill_reason)
 
     def _request_create_pg(self, pg_id: str, info: dict) -> None:
         self.pgs.create(pg_id, info)
@@ -292,8 +325,9 @@ class ControlLoop:
                 self._set_dead(actor, actor.kill_reason)
             return
         if kind == "granted":
-            _, lease_id, address, _grant = reply
+            _, lease_id, address, grant = reply
             actor.lease = (raylet, lease_id)
+            actor.grant = grant
             self.client.peer_async(
                 tuple(address),
                 lambda conn: self.post(
@@ -327,8 +361,12 @@ class ControlLoop:
     def _on_worker(
         self, actor: _Actor, address: Any, conn: Connection | None, attempt: int, lease: tuple
     ) -> None:
-        if attempt != actor.attempt:
-            lease[0].send(("lease_return", lease[1], True))  # a newer attempt took over
+        if attempt != actor.attempt or actor.kill_reason is not None:
+            # A newer attempt took over, or it was killed while its worker was connected to.
+            lease[0].send(("lease_return", lease[1], True))
+            if attempt == actor.attempt:
+                actor.lease = None
+                self._set_dead(actor, actor.kill_reason)
             return
         if conn is None:
             self._return_lease(actor, kill=True)
@@ -337,18 +375,25 @@ class ControlLoop:
         self._watch(actor, conn)
         actor_bytes = bytes.fromhex(actor.actor_id)
         restarts = actor.info.get("num_restarts", 0)
+        grant = actor.grant or {}
+        placement = {  # what get_runtime_context() and CUDA_VISIBLE_DEVICES show in the actor
+            "resources": actor.info.get("resources") or {},
+            "gpu_ids": grant.get("gpu_ids") or [],
+        }
+        if grant.get("pg_id"):
+            placement.update(pg_id=grant["pg_id"], capture=grant.get("capture", False))
         self.client.call_async(
             conn,
             "actor_create",
-            (actor_bytes, actor.spec, restarts),
+            (actor_bytes, actor.spec, restarts, placement),
             lambda reply: self.post(self._on_created, actor, address, conn, reply),
         )
 
     def _on_created(self, actor: _Actor, address: Any, conn: Connection, reply: Any) -> None:
         from redray.worker import CONNECTION_LOST
 
-        if actor.conn is not conn or reply is CONNECTION_LOST:
-            return  # the connection's close handles it
+        if actor.conn is not conn or reply is CONNECTION_LOST or actor.lease is None:
+            return  # the connection's close handles it (lease None: killed meanwhile)
         if reply[0] == "error":
             actor.info["creation_error"] = reply[1]
             self._return_lease(actor, kill=True)
@@ -407,6 +452,10 @@ class ControlLoop:
             self._send_to_node(
                 actor.info.get("node_id"), ("kill_worker", bytes.fromhex(address[2]))
             )
+        elif actor.conn is not None and actor.lease is not None:
+            # Its constructor is running: the worker goes with its lease (its connection's
+            # close then records the death).
+            self._return_lease(actor, kill=True)
         elif reason is not None and actor.info.get("state") != "ALIVE":
             self._set_dead(actor, reason)
 
@@ -432,6 +481,7 @@ class ControlLoop:
             )
         self._publish(actor, state="DEAD", death_cause=cause, address=None)
         self.actors.pop(actor.actor_id, None)
+        self.terminating.pop(actor.actor_id, None)
 
     def _publish(self, actor: _Actor, **changes: Any) -> None:
         actor.info.update(changes)

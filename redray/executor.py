@@ -36,7 +36,17 @@ _task_context: contextvars.ContextVar[TaskContext | None] = contextvars.ContextV
 class TaskContext:
     """The task (or actor call) running on this thread or coroutine, and where its logs go."""
 
-    __slots__ = ("task_id", "name", "job_id", "grant", "conn", "driver", "log_to_driver", "prefix")
+    __slots__ = (
+        "task_id",
+        "name",
+        "job_id",
+        "grant",
+        "conn",
+        "driver",
+        "log_to_driver",
+        "prefix",
+        "function",
+    )
 
     def __init__(self, task_id, name, job_id, grant, conn, driver=None, log_to_driver=True):
         self.task_id = task_id
@@ -47,6 +57,7 @@ class TaskContext:
         self.driver = driver
         self.log_to_driver = log_to_driver
         self.prefix = f"({name} pid={_PID})"
+        self.function: Any = None  # what runs: get_runtime_context().get_task_function_name()
 
 
 _PID = os.getpid()  # for log prefixes, without a system call per task
@@ -226,6 +237,7 @@ class Executor:
                 fn = None
                 payloads = [error_payload(task_error(name, exc))] * num_returns
             else:
+                ctx.function = fn
                 payloads = self.invoke(ctx, fn, args, kwargs, num_returns)
         finally:
             self._interrupt = None

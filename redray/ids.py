@@ -43,3 +43,61 @@ def task_of(object_id: bytes) -> bytes:
 
 def new_id(n: int = 16) -> bytes:
     return os.urandom(n)
+
+
+class BaseID:
+    """An id as Ray's API objects show it (`JobID`, `TaskID`, ...): compared by value,
+    `.hex()` and `.binary()`. Returned by `RuntimeContext.get()` and its id properties."""
+
+    __slots__ = ("_id",)
+
+    def __init__(self, id_bytes: bytes):
+        if not isinstance(id_bytes, bytes):
+            raise TypeError(f"{type(self).__name__} needs bytes, got {type(id_bytes).__name__}")
+        self._id = id_bytes
+
+    @classmethod
+    def from_hex(cls, hex_id: str) -> BaseID:
+        return cls(bytes.fromhex(hex_id))
+
+    def binary(self) -> bytes:
+        return self._id
+
+    def hex(self) -> str:
+        return self._id.hex()
+
+    def is_nil(self) -> bool:
+        return all(b == 0xFF for b in self._id)  # Ray's nil ids are all 0xff
+
+    def size(self) -> int:
+        return len(self._id)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._id == self._id  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._id))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.hex()})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self._id,))
+
+
+class JobID(BaseID):
+    __slots__ = ()
+
+
+class NodeID(BaseID):
+    __slots__ = ()
+
+
+class TaskID(BaseID):
+    __slots__ = ()
+
+
+class ActorID(BaseID):
+    __slots__ = ()

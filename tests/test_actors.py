@@ -36,6 +36,7 @@ from redray.exceptions import (
     RayError,
     RayTaskError,
     TaskCancelledError,
+    WorkerCrashedError,
 )
 from redray.redis_server import free_port
 
@@ -431,6 +432,96 @@ class Forker:
 
 
 @redray.remote
+class Echo:
+    """Returns what it is sent; plain, or threaded with max_concurrency (see AsyncEcho)."""
+
+    def echo(self, x: Any) -> Any:
+        return x
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@redray.remote
+class AsyncEcho:
+    async def echo(self, x: Any) -> Any:
+        await asyncio.sleep(0)
+        return x
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@redray.remote
+class Finisher:
+    """A call that blocks on a gate and marks that it finished."""
+
+    def block_then_mark(self, started_file: str, release_file: str, finished_file: str) -> str:
+        mark(started_file)
+        block_until(release_file)
+        mark(finished_file)
+        return "finished"
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@redray.remote(max_retries=0)
+def call_and_hang(handle, started: str, release: str, finished: str, pid_file: str) -> None:
+    """Calls the actor without waiting for the result, then hangs (until SIGKILLed)."""
+    handle.block_then_mark.remote(started, release, finished)
+    mark(pid_file, str(os.getpid()))
+    block_until(pid_file + ".never", timeout=60)
+
+
+GROUP_LIMITS = {"g1": 1, "g2": 1}
+
+
+@redray.remote(concurrency_groups=GROUP_LIMITS)
+class ThreadedGroups:
+    """Synchronous methods that block on a gate in g1 or in the default group."""
+
+    @redray.method(concurrency_group="g1")
+    def block_in_g1(self, started_file: str, release_file: str) -> str:
+        mark(started_file)
+        block_until(release_file)
+        return threading.current_thread().name
+
+    def block_in_default(self, started_file: str, release_file: str) -> str:
+        mark(started_file)
+        block_until(release_file)
+        return threading.current_thread().name
+
+    @redray.method(concurrency_group="g2")
+    def in_g2(self) -> str:
+        return threading.current_thread().name
+
+
+@redray.remote(concurrency_groups=GROUP_LIMITS)
+class AsyncGroups:
+    """An async actor whose synchronous methods block on a gate in g1 or the default group
+    (each runs on its group's event-loop thread, blocking that loop)."""
+
+    @redray.method(concurrency_group="g1")
+    def block_in_g1(self, started_file: str, release_file: str) -> str:
+        mark(started_file)
+        block_until(release_file)
+        return threading.current_thread().name
+
+    def block_in_default(self, started_file: str, release_file: str) -> str:
+        mark(started_file)
+        block_until(release_file)
+        return threading.current_thread().name
+
+    @redray.method(concurrency_group="g2")
+    async def in_g2(self) -> str:
+        return threading.current_thread().name
+
+    async def in_default(self) -> str:
+        return threading.current_thread().name
+
+
+@redray.remote
 def echo_task(x: Any) -> Any:
     return x
 
@@ -471,6 +562,24 @@ def incr_all(handles: list, n: int) -> list:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def actor_record(actor_hex: str) -> dict:
+    """The actor's entry in the cluster's actor table (what the state API shows)."""
+    return redray.context.current.gcs.actor(actor_hex) or {}
+
+
+OUT_OF_SCOPE = "The actor is dead because all references to the actor were removed."
+
+
+def wait_out_of_scope_death(actor_hex: str, pid: int) -> None:
+    """The actor's process exits and its death is recorded with Ray's out-of-scope cause."""
+    wait_gone(pid, what="out-of-scope actor")
+    wait_for(
+        lambda: actor_record(actor_hex).get("state") == "DEAD",
+        message="the actor's death was never recorded",
+    )
+    assert actor_record(actor_hex)["death_cause"] == OUT_OF_SCOPE
+
+
 def gone(pid: int) -> bool:
     """The process is gone (or a zombie nobody reaped yet)."""
     try:
@@ -915,6 +1024,99 @@ def test_handle_held_by_another_actor_keeps_the_actor_alive(cluster):
     wait_gone_collecting(pid, what="actor whose last holder went away")
 
 
+# Ray: when all handles are gone the actor ends *after* the calls already submitted to it.
+def test_a_call_on_a_handle_dropped_at_once_runs(cluster, gate):
+    for start in range(3):
+        assert redray.get(Counter.remote(start).incr.remote(), timeout=20) == start + 1
+    # Still pending while the actor is created, long after its handle is gone: not failed.
+    ref = Gated.remote(str(gate.dir)).append.remote("first call")
+    gate.wait_mark("ctor-started1")
+    gc.collect()
+    assert redray.wait([ref], timeout=1) == ([], [ref])
+    Path(gate.path("release1")).touch()
+    assert redray.get(ref, timeout=20) == ["first call"]
+
+
+def make_echo(kind: str) -> Any:
+    if kind == "async":
+        return AsyncEcho.remote()
+    return Echo.options(max_concurrency=4 if kind == "threaded" else 1).remote()
+
+
+@pytest.mark.parametrize("kind", ["plain", "threaded", "async"])
+def test_calls_made_before_the_last_handle_goes_all_run_then_the_actor_ends(cluster, kind):
+    actor = make_echo(kind)
+    actor_hex = actor._actor_id_hex
+    refs = [actor.echo.remote(i) for i in range(100)]
+    pid_ref = actor.pid.remote()
+    late = [actor.echo.remote(i) for i in range(100, 120)]
+    del actor
+    gc.collect()
+    assert redray.get(refs + late, timeout=30) == list(range(120))
+    wait_out_of_scope_death(actor_hex, redray.get(pid_ref, timeout=20))
+
+
+def test_calls_made_while_the_actor_is_created_run_after_its_handle_is_gone(cluster, gate):
+    actor = Gated.remote(str(gate.dir))
+    actor_hex = actor._actor_id_hex
+    pid = int(gate.wait_mark("ctor-started1"))
+    refs = [actor.append.remote(i) for i in range(5)]
+    del actor
+    gc.collect()
+    assert redray.wait(refs, num_returns=5, timeout=1) == ([], refs)  # waiting, not failed
+    Path(gate.path("release1")).touch()
+    assert redray.get(refs, timeout=20)[-1] == [0, 1, 2, 3, 4]
+    wait_out_of_scope_death(actor_hex, pid)
+
+
+def test_an_actor_dropped_while_its_constructor_runs_ends(cluster, gate):
+    """No calls, no handle: the half-made actor goes (its constructor does not finish)."""
+    actor = Gated.remote(str(gate.dir))
+    actor_hex = actor._actor_id_hex
+    pid = int(gate.wait_mark("ctor-started1"))
+    del actor
+    gc.collect()
+    wait_out_of_scope_death(actor_hex, pid)
+    assert actor_record(actor_hex)["state"] == "DEAD"  # for good: not alive after all
+
+
+def test_an_actor_out_of_scope_finishes_the_calls_it_accepted_before_it_exits(cluster, gate):
+    """Ray ends an actor out of scope gracefully: it refuses new calls, finishes those it
+    accepted (here one from a task that died since), then exits."""
+    name = "finishes-before-exit"
+    actor = Finisher.options(name=name, max_concurrency=2).remote()  # probes run meanwhile
+    pid = redray.get(actor.pid.remote())
+    task = call_and_hang.remote(
+        actor,
+        gate.path("started"),
+        gate.release_file,
+        gate.path("finished"),
+        gate.path("task-pid"),
+    )
+    gate.wait_mark("started")
+    sigkill(int(gate.wait_mark("task-pid")))
+    with pytest.raises(WorkerCrashedError):
+        redray.get(task, timeout=20)
+    actor_hex = actor._actor_id_hex
+    del task, actor
+    gc.collect()
+
+    def refused() -> str | None:
+        handle = redray.get_actor(name)  # alive until it has finished
+        try:
+            redray.get(handle.pid.remote(), timeout=10)
+        except ActorDiedError as exc:
+            return str(exc)
+        return None
+
+    assert OUT_OF_SCOPE in wait_for(refused, message="the actor was never ended")
+    assert not gone(pid)
+    assert not os.path.exists(gate.path("finished"))
+    gate.open()
+    gate.wait_mark("finished")
+    wait_out_of_scope_death(actor_hex, pid)
+
+
 @pytest.mark.parametrize("how", ["kill", "sigkill"])
 def test_actor_created_by_an_actor_dies_with_it(cluster, how):
     parent = Parent.remote()
@@ -1155,6 +1357,24 @@ def test_kill_an_actor_that_was_never_placed(cluster):
     redray.kill(nowhere)
     with pytest.raises(ActorDiedError, match=r"kill\(\)"):
         redray.get(ref, timeout=20)
+
+
+def test_the_table_of_called_actors_forgets_dead_ones(cluster):
+    """This process's table of the actors it calls keeps those not known to be dead only."""
+    table = redray.context.current.actors._actors
+    baseline = len(table)
+    actors = [Counter.remote(i) for i in range(200)]
+    assert redray.get([a.get.remote() for a in actors[:10]], timeout=60) == list(range(10))
+    for actor in actors:
+        redray.kill(actor)
+    with pytest.raises(ActorDiedError):
+        redray.get(actors[0].get.remote(), timeout=20)
+    del actors, actor
+    wait_for(
+        lambda: len(table) <= baseline,
+        timeout=60,
+        message="the table still holds dead actors",
+    )
 
 
 def test_kill_rejects_non_actors(cluster):
@@ -1579,6 +1799,42 @@ def test_concurrency_group_chosen_per_call(cluster, gate):
     finally:
         gate.open()
         redray.get(blocked, timeout=20)
+
+
+@pytest.mark.parametrize(
+    ("cls", "blocker"),
+    [
+        (ThreadedGroups, "block_in_g1"),
+        (ThreadedGroups, "block_in_default"),
+        (AsyncGroups, "block_in_g1"),
+        (AsyncGroups, "block_in_default"),
+    ],
+    ids=["threaded-g1", "threaded-default", "async-g1", "async-default"],
+)
+def test_a_concurrency_group_runs_while_another_is_blocked(cluster, gate, cls, blocker):
+    """Each group has its own threads (threaded actors) or its own event loop in its own
+    thread (async actors), so calls blocking one group never hold up another."""
+    actor = cls.remote()
+    blocked = [
+        getattr(actor, blocker).remote(gate.path(f"started{i}"), gate.release_file)
+        for i in range(2)
+    ]
+    gate.wait_mark("started0")
+    try:
+        in_g2 = redray.get(actor.in_g2.remote(), timeout=5)
+        if cls is AsyncGroups:
+            assert in_g2 == "AsyncIO Thread: g2"
+            if blocker == "block_in_g1":
+                assert redray.get(actor.in_default.remote(), timeout=5) == (
+                    "AsyncIO Thread: default"
+                )
+    finally:
+        gate.open()
+    names = redray.get(blocked, timeout=20)
+    assert len(set(names)) == 1 and in_g2 not in names
+    if cls is AsyncGroups:  # a synchronous method runs on its group's loop thread, as in Ray
+        group = "g1" if blocker == "block_in_g1" else "default"
+        assert names[0] == f"AsyncIO Thread: {group}"
 
 
 # -- 8. resources, runtime_env, logs ----------------------------------------------------------

@@ -1,13 +1,18 @@
-"""`get_runtime_context()` in drivers and tasks, and task output forwarded to the driver."""
+"""`get_runtime_context()` in drivers, tasks and actors (compared with what Ray 2.60 gives in
+each), and task output forwarded to the driver."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 
 import pytest
-from conftest import last_json, run_driver
+from conftest import last_json, run_driver, wait_for
 
 import redray
+from redray.exceptions import RayActorError
+from redray.ids import ActorID, JobID, NodeID, TaskID
 
 
 @redray.remote
@@ -22,7 +27,36 @@ def context_in_task():
         "resources": ctx.get_assigned_resources(),
         "pid": os.getpid(),
         "get": ctx.get(),
+        "task_name": ctx.get_task_name(),
+        "function_name": ctx.get_task_function_name(),
+        "actor_name": ctx.get_actor_name(),
+        "ids": [ctx.job_id, ctx.node_id, ctx.task_id, ctx.actor_id],
     }
+
+
+def describe_context() -> dict:
+    """The same as context_in_task, from wherever it is called (a method of an actor)."""
+    return context_in_task._function()
+
+
+@redray.remote
+class ContextProbe:
+    def __init__(self):
+        self.reconstructed_at_init = redray.get_runtime_context().was_current_actor_reconstructed
+
+    def context(self) -> dict:
+        return describe_context()
+
+    def restarts(self) -> tuple:
+        ctx = redray.get_runtime_context()
+        return self.reconstructed_at_init, ctx.was_current_actor_reconstructed, os.getpid()
+
+
+@redray.remote
+class AsyncContextProbe:
+    async def context(self) -> dict:
+        await asyncio.sleep(0)
+        return describe_context()
 
 
 @redray.remote
@@ -39,8 +73,16 @@ def test_driver_context(ray_start):
     assert ctx.get_node_id() == redray.nodes()[0]["NodeID"] == ray_start["node_id"]
     worker_id = ctx.get_worker_id()
     assert isinstance(worker_id, str) and int(worker_id, 16) >= 0
-    assert ctx.get()["job_id"] == ray_start["job_id"]
-    assert ctx.get()["task_id"] is None
+    # As Ray's: a driver has no task or actor id (absent from get(), not None).
+    found = ctx.get()
+    assert set(found) == {"job_id", "node_id", "namespace"}
+    assert found["job_id"] == ctx.job_id == JobID.from_hex(ray_start["job_id"])
+    assert found["node_id"] == ctx.node_id == NodeID.from_hex(ray_start["node_id"])
+    assert found["namespace"] == ctx.namespace
+    assert ctx.get_task_name() is None and ctx.get_task_function_name() is None
+    assert ctx.get_actor_name() is None
+    with pytest.raises(AssertionError):
+        ctx.task_id  # noqa: B018 (Ray: only in a worker)
 
 
 def test_task_context(ray_start):
@@ -53,8 +95,21 @@ def test_task_context(ray_start):
     assert info["node_id"] == redray.nodes()[0]["NodeID"]
     assert info["worker_id"] != driver.get_worker_id()
     assert info["actor_id"] is None
-    assert info["get"]["task_id"] == info["task_id"]
-    assert info["get"]["job_id"] == driver.get_job_id()
+    assert set(info["get"]) == {"job_id", "node_id", "namespace", "task_id"}
+    assert info["get"]["task_id"] == TaskID.from_hex(info["task_id"])
+    assert info["get"]["job_id"] == JobID.from_hex(driver.get_job_id())
+    assert info["ids"] == [
+        JobID.from_hex(driver.get_job_id()),
+        NodeID.from_hex(info["node_id"]),
+        TaskID.from_hex(info["task_id"]),
+        None,
+    ]
+    assert info["task_name"] == "context_in_task"
+    assert info["function_name"] == "test_runtime_context.context_in_task"
+    assert info["actor_name"] is None
+    renamed = redray.get(context_in_task.options(name="renamed").remote())
+    assert renamed["task_name"] == "renamed"
+    assert renamed["function_name"] == "test_runtime_context.context_in_task"
 
 
 def test_each_task_has_its_own_id(ray_start):
@@ -86,6 +141,65 @@ def test_nested_task_context(ray_start):
 def test_assigned_resources(ray_start, options, expected):
     info = redray.get(context_in_task.options(**options).remote(), timeout=30)
     assert info["resources"] == expected
+
+
+# -- actors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("probe", [ContextProbe, AsyncContextProbe], ids=["sync", "async"])
+def test_actor_context(ray_start, probe):
+    actor = probe.remote()
+    ref = actor.context.remote()
+    info = redray.get(ref, timeout=30)
+    actor_hex = actor._actor_id_hex
+    assert info["actor_id"] == actor_hex
+    assert info["task_id"] == ref.task_id().hex()
+    assert set(info["get"]) == {"job_id", "node_id", "namespace", "task_id", "actor_id"}
+    assert info["get"]["actor_id"] == ActorID.from_hex(actor_hex)
+    assert info["get"]["task_id"] == TaskID.from_hex(info["task_id"])
+    assert info["ids"][2:] == [TaskID.from_hex(info["task_id"]), ActorID.from_hex(actor_hex)]
+    name = probe.__name__
+    assert info["task_name"] == f"{name}.context"
+    assert info["function_name"] == f"test_runtime_context.{name}.context"
+    assert info["actor_name"] == ""  # an actor without a name (None outside actors)
+    assert info["resources"] == {}  # an actor holds no CPU while it runs, by default
+    named = probe.options(name="context-probe", num_cpus=2).remote()
+    info = redray.get(named.context.remote(), timeout=30)
+    assert info["actor_name"] == "context-probe"
+    assert info["resources"] == {"CPU": 2.0}
+    redray.kill(named)
+
+
+def test_actor_gpus_are_its_own(ray_start_gpu_custom):
+    actor = ContextProbe.options(num_cpus=1, num_gpus=1, resources={"custom": 1}).remote()
+    info = redray.get(actor.context.remote(), timeout=30)
+    assert info["resources"] == {"CPU": 1.0, "GPU": 1.0, "custom": 1.0}
+
+    @redray.remote(num_gpus=1)
+    class GpuUser:
+        def __init__(self):
+            self.at_init = os.environ.get("CUDA_VISIBLE_DEVICES")
+
+        def gpus(self):
+            return redray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"), self.at_init
+
+    ids, visible, at_init = redray.get(GpuUser.remote().gpus.remote(), timeout=30)
+    assert len(ids) == 1 and visible == at_init == str(ids[0])
+
+
+def test_was_current_actor_reconstructed(ray_start):
+    actor = ContextProbe.options(max_restarts=1).remote()
+    at_init, now, pid = redray.get(actor.restarts.remote(), timeout=30)
+    assert (at_init, now) == (False, False)
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted() -> tuple | None:
+        try:
+            found = redray.get(actor.restarts.remote(), timeout=30)
+        except RayActorError:
+            return None  # sent to the dead process before its death was known
+        return found if found[2] != pid else None
+
+    at_init, now, _ = wait_for(restarted, timeout=30, message="the actor never restarted")
+    assert (at_init, now) == (True, True)
 
 
 # -- logs ---------------------------------------------------------------------------------------
