@@ -84,7 +84,7 @@ class ActorClass:
         return self._create(args, kwargs, self._options)
 
     def options(self, **actor_options: Any) -> _BoundActorClass:
-        merged = {**self._options, **opts.validate(dict(actor_options), "actor")}
+        merged = {**self._options, **opts.validate(dict(actor_options), "actor", in_options=True)}
         return _BoundActorClass(self, merged)
 
     def bind(self, *args: Any, **kwargs: Any) -> Any:
@@ -96,6 +96,8 @@ class ActorClass:
                 self._blob = serialization.dumps_function(self._cls)
             except Exception as exc:
                 raise serialization.describe_failure(self._cls, exc, "the actor class") from exc
+            name = f"{getattr(self._cls, '__module__', '__main__')}.{self.__name__}"
+            serialization.check_function_size(self._blob, name, "actor")
             self._key = hashlib.sha1(self._blob).hexdigest()
         worker.export_function(self._key, lambda: self._blob)
         return self._key

@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 from redray import exceptions
 from redray.actor import TERMINATE, ActorExit
 from redray.connection import Connection
-from redray.executor import TaskContext, _flush_streams, _task_context, error_payload, task_error
+from redray.executor import (
+    TaskContext,
+    _flush_streams,
+    _task_context,
+    error_payload,
+    interrupted_error,
+    task_error,
+)
 
 if TYPE_CHECKING:
     from redray.executor import Executor
@@ -222,7 +229,7 @@ class ActorRuntime:
             else:
                 # Not started yet (a task cancelled before its first step would never run
                 # our code, so never reply): it refuses itself when it starts.
-                self.executor._cancelled.add(task_id)
+                self.executor.cancel_before_start(task_id)
 
         for group in self._async_groups.values():
             group.loop.call_soon_threadsafe(cancel_on_loop, group)
@@ -274,7 +281,7 @@ class ActorRuntime:
             if main:
                 executor.current = None
                 executor._interrupt = None
-        conn.send(("done", task_id, payloads, executor.worker.take_task_borrows()))
+        executor.reply(conn, task_id, payloads, ctx)
         if self._exit_reason is not None and not self._graceful:
             self._exit()
 
@@ -292,7 +299,7 @@ class ActorRuntime:
         if task_id is not None:
             ctx = self._call_context(conn, message)
             payloads = self.executor.return_payloads(None, num_returns, ctx)
-            conn.send(("done", task_id, payloads, []))
+            self.executor.reply(conn, task_id, payloads, ctx)
         self._exit()
 
     def _exit_error(self) -> exceptions.ActorDiedError:
@@ -303,7 +310,7 @@ class ActorRuntime:
 
     def _refuse(self, conn: Connection, message: tuple) -> None:
         """A call that arrives after the actor decided to exit fails as Ray's do."""
-        conn.send(("done", message[1], [error_payload(self._exit_error())] * message[6], []))
+        self.executor.refuse(conn, message[1], self._exit_error(), message[6])
 
     async def _run_async(self, group: _AsyncGroup, conn: Connection, message: tuple) -> None:
         task_id, method, name, args, kwargs, num_returns = message[1:7]
@@ -331,11 +338,13 @@ class ActorRuntime:
                 payloads = [error_payload(error)] * num_returns
             except ActorExit:
                 payloads = [error_payload(self._exit_error())] * num_returns
+            except KeyboardInterrupt as exc:  # raised by the user's code: only the call fails
+                payloads = [error_payload(interrupted_error(name, task_id, exc))] * num_returns
             except Exception as exc:
                 payloads = [error_payload(task_error(name, exc))] * num_returns
             finally:
                 _task_context.reset(token)
-            conn.send(("done", task_id, payloads, executor.worker.take_task_borrows()))
+            executor.reply(conn, task_id, payloads, ctx)
             if self._exit_reason is not None and not self._graceful:
                 self._exit()
         finally:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LOOKUP_RETRY_SECONDS = 1.0  # between reads of an actor's state while Redis fails
 DEATH_CAUSE_WAIT = 2.0  # how long failed in-flight calls wait to learn why the actor died
 
 
@@ -370,20 +371,21 @@ class ActorSubmitter:
         self._ensure_watching()
         state.looking_up = True
 
-        def read() -> None:
+        def read() -> None:  # on the background thread: it may wait for Redis
             try:
                 info = self.worker.gcs.actor(state.hex)
-            except Exception:
-                state.looking_up = False
+            except Exception as exc:
                 if self.worker.shutting_down:
                     return
-                raise
+                log.warning("reading actor %s's state failed (%s); retrying", state.hex, exc)
+                self.worker.reactor.call_later(LOOKUP_RETRY_SECONDS, self.worker.background, read)
+                return
             state.looking_up = False
             if info is None:
                 info = {"state": "DEAD", "death_cause": "The actor does not exist.", "seq": 1 << 60}
             self._apply(state, info, from_table=True)
 
-        threading.Thread(target=read, daemon=True, name="redray-actor-lookup").start()
+        self.worker.background(read)
 
     def _apply(self, state: _ActorState, info: dict, from_table: bool = False) -> None:
         with self._lock:

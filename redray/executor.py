@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from redray import context, exceptions
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from redray.worker import CoreWorker
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+MAX_CANCELLED = 10_000  # cancels of calls not started yet, remembered until they come up
 
 _task_context: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
     "redray_task_context", default=None
@@ -46,6 +48,7 @@ class TaskContext:
         "log_to_driver",
         "prefix",
         "function",
+        "lent",
     )
 
     def __init__(self, task_id, name, job_id, grant, conn, driver=None, log_to_driver=True):
@@ -58,6 +61,7 @@ class TaskContext:
         self.log_to_driver = log_to_driver
         self.prefix = f"({name} pid={_PID})"
         self.function: Any = None  # what runs: get_runtime_context().get_task_function_name()
+        self.lent: list | None = None  # refs in its return values, kept until the reply is sent
 
 
 _PID = os.getpid()  # for log prefixes, without a system call per task
@@ -80,7 +84,9 @@ class Executor:
         self._idle: Waiter | None = None  # set while the main thread waits for work
         self.current: TaskContext | None = None  # the normal task on the main thread
         self.actor: ActorRuntime | None = None
-        self._cancelled: set[bytes] = set()
+        # Calls cancelled before they started (refused when they come up); bounded, since a
+        # cancel may cross its call's end.
+        self._cancelled: OrderedDict[bytes, None] = OrderedDict()
         self._waiting: set[bytes] = set()  # tasks in the inbox, not started
         self._stolen: set[bytes] = set()  # ...of which these were given back to their owner
         self._waiting_lock = threading.Lock()
@@ -147,7 +153,7 @@ class Executor:
     def _on_actor_task(self, conn: Connection, message: tuple) -> None:
         if self.actor is None:
             error = exceptions.RaySystemError("this worker is not an actor")
-            conn.send(("done", message[1], [error_payload(error)] * message[6], []))
+            self.refuse(conn, message[1], error, message[6])
             return
         self.actor.accept(conn, message)
 
@@ -176,14 +182,27 @@ class Executor:
             self.worker.submitter.cancel_children(task_id, force)
         if self.actor is not None and self.actor.cancel(task_id):
             return
-        current = self.current
-        if current is not None and current.task_id == task_id:
+        with self._waiting_lock:  # (a task leaves _waiting as it becomes `current`)
+            current = self.current
+            running = current is not None and current.task_id == task_id
+            if not running and (self.actor is not None or task_id in self._waiting):
+                self._remember_cancel(task_id)
+        if running:
             if force:
                 os._exit(1)
             self._interrupt = task_id
             signal.pthread_kill(self._main_thread, signal.SIGINT)
-        else:
-            self._cancelled.add(task_id)
+
+    def cancel_before_start(self, task_id: bytes) -> None:
+        """Refuse the call `task_id` when it comes up (it has not started yet)."""
+        with self._waiting_lock:
+            self._remember_cancel(task_id)
+
+    def _remember_cancel(self, task_id: bytes) -> None:
+        """(waiting lock held) Bounded: a cancel may cross the end of its call."""
+        self._cancelled[task_id] = None
+        if len(self._cancelled) > MAX_CANCELLED:
+            self._cancelled.popitem(last=False)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         current = self.current
@@ -219,17 +238,23 @@ class Executor:
             if task_id in self._stolen:
                 self._stolen.discard(task_id)
                 return  # given back to its owner, which runs it elsewhere
-            self._waiting.discard(task_id)
         if self._retired:  # its owner runs it on another worker
+            with self._waiting_lock:
+                self._waiting.discard(task_id)
             conn.send(("retire", (grant or {}).get("lease_id")))
             conn.send(("stolen", [task_id]))
-            return
-        if self.refused_as_cancelled(conn, task_id, num_returns):
             return
         if grant != self._applied_grant:
             self._apply_grant(grant)
         ctx = self.task_context(task_id, name, job_id, grant, conn)
-        self.current = ctx
+        with self._waiting_lock:  # from waiting to running in one step, as cancels see it
+            self._waiting.discard(task_id)
+            cancelled = self._cancelled.pop(task_id, True) is None
+            if not cancelled:
+                self.current = ctx
+        if cancelled:
+            self.refuse(conn, task_id, exceptions.TaskCancelledError(task_id.hex()), num_returns)
+            return
         try:
             try:
                 fn = self.worker.load_function(fn_key, conn)
@@ -242,7 +267,7 @@ class Executor:
         finally:
             self._interrupt = None
             self.current = None
-        conn.send(("done", task_id, payloads, self.worker.take_task_borrows()))
+        self.reply(conn, task_id, payloads, ctx)
         if type(fn) is CallLimit:
             self._count_call(fn_key, fn.max_calls, conn, grant)
 
@@ -260,11 +285,12 @@ class Executor:
 
     def refused_as_cancelled(self, conn: Connection, task_id: bytes, num_returns: int) -> bool:
         """A task or call cancelled before it started: reply TaskCancelledError (True)."""
-        if task_id not in self._cancelled:
+        if not self._cancelled:  # (the usual case, without the lock)
             return False
-        self._cancelled.discard(task_id)
-        error = exceptions.TaskCancelledError(task_id.hex())
-        conn.send(("done", task_id, [error_payload(error)] * num_returns, []))
+        with self._waiting_lock:
+            if self._cancelled.pop(task_id, True) is not None:
+                return False
+        self.refuse(conn, task_id, exceptions.TaskCancelledError(task_id.hex()), num_returns)
         return True
 
     def task_context(self, task_id, name, job_id, grant, conn) -> TaskContext:
@@ -320,7 +346,9 @@ class Executor:
         return self.worker.materialize(oid, payload)
 
     def return_payloads(self, result: Any, num_returns: int, ctx: TaskContext) -> list[tuple]:
-        """Serialize a task's return values for its caller (who owns them)."""
+        """Serialize a task's return values for its caller (who owns them). Refs inside
+        them are lent to the caller and kept here (`ctx.lent`) until the reply is sent
+        (`reply`): our release of them must not reach their owner before the reply does."""
         name = ctx.name
         if num_returns == 1:
             values = [result]
@@ -344,8 +372,20 @@ class Executor:
             )
             if refs:  # refs inside a return value: the caller borrows them before seeing them
                 self.worker.lend([(r._id, r._owner) for r in refs], caller)
+                ctx.lent = refs if ctx.lent is None else ctx.lent + refs
             payloads.append(payload)
         return payloads
+
+    def reply(self, conn: Connection, task_id: bytes, payloads: list, ctx: TaskContext) -> None:
+        """Send a task's or call's results to its caller, with the borrows its arguments
+        left here; then let go of the refs its return values lent."""
+        worker = self.worker
+        worker.route_to(conn).send(("done", task_id, payloads, worker.take_task_borrows()))
+        ctx.lent = None
+
+    def refuse(self, conn: Connection, task_id: bytes, error: BaseException, num_returns: int):
+        """Answer a task or call that will not run here with `error` for each return."""
+        self.worker.route_to(conn).send(("done", task_id, [error_payload(error)] * num_returns, []))
 
     def _apply_grant(self, grant: Any) -> None:
         """Make the lease's resources visible to user code (GPU ids as CUDA_VISIBLE_DEVICES)."""

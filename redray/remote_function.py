@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import sys
 from typing import Any
 
 from redray import context, serialization
@@ -16,9 +15,6 @@ from redray.submitter import TaskOptions
 
 # A pickled function or class above these sizes (bytes) draws a warning / is refused (Ray's
 # values): it almost always captured a large object by accident, which every worker would load.
-FUNCTION_SIZE_WARN_THRESHOLD = 10_000_000
-FUNCTION_SIZE_ERROR_THRESHOLD = 100_000_000
-_MIB = 1024 * 1024
 
 
 class RemoteFunction:
@@ -89,7 +85,7 @@ class RemoteFunction:
             function = self._function
             name = getattr(function, "__name__", self._name)
             name = f"{getattr(function, '__module__', '__main__')}.{name}"
-            check_function_size(blob, name, "remote function")
+            serialization.check_function_size(blob, name, "remote function")
             self._blob = blob
             self._key = hashlib.sha1(blob).hexdigest()
         worker.export_function(self._key, lambda: self._blob)
@@ -119,27 +115,3 @@ class _BoundOptions:
 
     def bind(self, *args: Any, **kwargs: Any) -> Any:
         return self._function.bind(*args, **kwargs)
-
-
-def check_function_size(blob: bytes, name: str, kind: str) -> None:
-    """Refuse (ValueError) a pickled function or class too large to ship to every worker, and
-    warn about a large one, with Ray's thresholds and messages; kind: "remote function",
-    "actor"."""
-    size = len(blob)
-    if size <= FUNCTION_SIZE_WARN_THRESHOLD:
-        return
-    advice = (
-        "Check that its definition is not implicitly capturing a large array or other object "
-        "in scope. Tip: use redray.put() to put large objects in the object store."
-    )
-    if size < FUNCTION_SIZE_ERROR_THRESHOLD:
-        print(
-            f"Warning: The {kind} {name} is very large ({size // _MIB} MiB). {advice}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return
-    raise ValueError(
-        f"The {kind} {name} is too large ({size // _MIB} MiB > FUNCTION_SIZE_ERROR_THRESHOLD="
-        f"{FUNCTION_SIZE_ERROR_THRESHOLD // _MIB} MiB). {advice}"
-    )

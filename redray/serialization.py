@@ -8,6 +8,7 @@ is used so that lambdas and classes defined in a driver's ``__main__`` reach the
 from __future__ import annotations
 
 import pickle
+import sys
 from typing import Any
 
 import cloudpickle
@@ -15,6 +16,9 @@ import cloudpickle
 from redray import context
 
 INLINE_LIMIT = 100 * 1024  # values up to this size travel inline, as Ray's default
+FUNCTION_SIZE_WARN_THRESHOLD = 10_000_000  # pickled functions and classes, as Ray's
+FUNCTION_SIZE_ERROR_THRESHOLD = 100_000_000
+_MIB = 1024 * 1024
 
 _PRIMITIVES = frozenset({bytes, str, int, float, bool, type(None)})
 
@@ -66,6 +70,30 @@ def dumps_function(fn: Any) -> bytes:
     code = getattr(fn, "__code__", None)
     filename = code.co_filename if code is not None else _class_file(fn)
     return pickle.dumps((filename, cloudpickle.dumps(fn, protocol=5)), protocol=5)
+
+
+def check_function_size(blob: bytes, name: str, kind: str) -> None:
+    """Refuse (ValueError) a pickled function or class too large to ship to every worker, and
+    warn about a large one, with Ray's thresholds and messages; kind: "remote function",
+    "actor"."""
+    size = len(blob)
+    if size <= FUNCTION_SIZE_WARN_THRESHOLD:
+        return
+    advice = (
+        "Check that its definition is not implicitly capturing a large array or other object "
+        "in scope. Tip: use redray.put() to put large objects in the object store."
+    )
+    if size < FUNCTION_SIZE_ERROR_THRESHOLD:
+        print(
+            f"Warning: The {kind} {name} is very large ({size // _MIB} MiB). {advice}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    raise ValueError(
+        f"The {kind} {name} is too large ({size // _MIB} MiB > FUNCTION_SIZE_ERROR_THRESHOLD="
+        f"{FUNCTION_SIZE_ERROR_THRESHOLD // _MIB} MiB). {advice}"
+    )
 
 
 def loads_function(blob: bytes) -> Any:

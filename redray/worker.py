@@ -226,6 +226,13 @@ class CoreWorker(Ownership, Waiting):
         with self._peer_lock:
             self._peers.setdefault(address[2], conn)
 
+    def route_to(self, conn: Connection) -> Connection:
+        """The connection everything we send to conn's peer travels on (the first one made
+        between us): a reply sent there is never overtaken by what we send the peer after
+        it, such as the release of a ref the reply carries."""
+        route = self._peers.get(conn.info.get("peer_id"))
+        return route if route is not None and not route.closed else conn
+
     def peer(self, address: Address) -> Connection:
         """A connection to another core worker (made once, then reused)."""
         with self._peer_lock:

@@ -56,3 +56,23 @@ def test_actor_method_raising_keyboard_interrupt_replies_and_the_actor_goes_on(
         assert isinstance(info.value, RayTaskError)
     assert redray.get(actor.ping.remote(), timeout=20) == "pong"
     redray.kill(actor)
+
+
+@redray.remote
+class AsyncInterrupting:
+    async def interrupt(self):
+        raise KeyboardInterrupt
+
+    async def ping(self):
+        return "pong"
+
+
+@pytest.mark.timeout(60)
+def test_async_actor_method_raising_keyboard_interrupt_replies_and_the_loop_goes_on(ray_start):
+    actor = AsyncInterrupting.remote()
+    for _ in range(3):
+        with pytest.raises(TaskCancelledError) as info:
+            redray.get(actor.interrupt.remote(), timeout=20)
+        assert isinstance(info.value, RayTaskError)
+    assert redray.get(actor.ping.remote(), timeout=20) == "pong"
+    redray.kill(actor)

@@ -904,3 +904,25 @@ def test_module_next_to_the_driver_script_is_importable(tmp_path):
         timeout=50,
     )
     assert "RESULT 25" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_actor_class_too_large_to_ship_is_refused_where_created(ray_start):
+    big = bytes(100 * 1024 * 1024)
+
+    @redray.remote
+    class Captures:
+        def size(self):
+            return len(big)
+
+    with pytest.raises(ValueError, match="actor .*Captures is too large"):
+        Captures.remote()
+
+
+def test_concurrency_groups_cannot_be_set_in_options(ray_start):
+    @redray.remote
+    class Grouped:
+        def f(self):
+            return 1
+
+    with pytest.raises(ValueError, match="concurrency_groups"):
+        Grouped.options(concurrency_groups={"io": 2})
