@@ -18,6 +18,7 @@ from redray.object_ref import ObjectRef
 log = logging.getLogger("redray")
 
 _init_lock = threading.RLock()
+LOCAL_RESOURCES_TIMEOUT = 5.0
 _private_node: Any = None  # the node init() started for a private cluster
 
 
@@ -91,10 +92,14 @@ def init(
         from redray import options
 
         options.validate_runtime_env(runtime_env)
+        if _node_ip_address is not None:
+            from redray import node
+
+            node.check_node_ip(_node_ip_address)
         address = address or os.environ.get("REDRAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
         if address is None or address == "local":
             connection = _start_private_cluster(
-                num_cpus, num_gpus, resources, object_store_memory, _node_ip_address
+                num_cpus, num_gpus, resources, object_store_memory, _node_ip_address, _temp_dir
             )
         else:
             if any(v is not None for v in (num_cpus, num_gpus, resources, object_store_memory)):
@@ -116,7 +121,9 @@ def init(
         return RayContext(_context_info())
 
 
-def _start_private_cluster(num_cpus, num_gpus, resources, object_store_memory, node_ip):
+def _start_private_cluster(
+    num_cpus, num_gpus, resources, object_store_memory, node_ip, temp_dir=None
+):
     global _private_node
     from redray import node
 
@@ -139,6 +146,7 @@ def _start_private_cluster(num_cpus, num_gpus, resources, object_store_memory, n
         object_store_memory=int(object_store_memory or node.default_object_store_memory()),
         node_ip_address=node_ip,
         redis_password=secrets.token_hex(16),
+        session_dir=node.new_session_dir(temp_dir),
         private=True,
         while_starting=_import_runtime,  # overlaps our imports with the node's start-up
     )
@@ -456,7 +464,7 @@ def nodes() -> list[dict[str, Any]]:
                 "RayletSocketName": "",
                 "MetricsExportPort": 0,
                 "NodeName": info.get("node_ip_address", host),
-                "Resources": info.get("resources", {}) if info["alive"] else {},
+                "Resources": _node_resources(info) if info["alive"] else {},
                 "Labels": {},
                 "IsHead": info.get("is_head", False),
                 "state": info.get("state"),
@@ -467,25 +475,53 @@ def nodes() -> list[dict[str, Any]]:
     return result
 
 
+def _node_resources(info: dict[str, Any]) -> dict[str, float]:
+    resources = dict(info.get("resources") or {})
+    if info.get("object_store_memory"):
+        resources["object_store_memory"] = float(info["object_store_memory"])
+    return resources
+
+
 def cluster_resources() -> dict[str, float]:
-    """The total resources of every live node."""
+    """The total resources of every live node (with `memory` and `object_store_memory`)."""
     return _sum_resources("resources")
 
 
 def available_resources() -> dict[str, float]:
-    """What live nodes report as free right now (from their last heartbeat)."""
+    """What is free now: this node's as its raylet counts it at this moment, other nodes' as
+    of their last heartbeat (at most ~0.5 s old)."""
     return _sum_resources("available")
 
 
 def _sum_resources(key: str) -> dict[str, float]:
     worker = context.worker()
+    local = _local_resources(worker)
     total: dict[str, float] = {}
     for info in worker.gcs.nodes():
         if not info["alive"]:
             continue
+        if local is not None and info["node_id"] == worker.node_id:
+            info = {**info, **local}
         for name, amount in (info.get(key) or {}).items():
             total[name] = total.get(name, 0.0) + amount
+        # The store's size is a (logical) resource in Ray's reports; puts do not consume it.
+        store = info.get("object_store_memory")
+        if store:
+            total["object_store_memory"] = total.get("object_store_memory", 0.0) + float(store)
     return {k: v for k, v in total.items() if v > 1e-9 or key == "resources"}
+
+
+def _local_resources(worker: Any) -> dict[str, Any] | None:
+    """This node's resources straight from its raylet (None if it does not answer)."""
+    from redray.worker import CONNECTION_LOST
+
+    try:
+        reply = worker.call(worker.raylet, "resources", timeout=LOCAL_RESOURCES_TIMEOUT)
+    except exceptions.GetTimeoutError:
+        return None
+    if reply is CONNECTION_LOST or not isinstance(reply, dict):
+        return None
+    return reply
 
 
 def get_gpu_ids() -> list[int]:
