@@ -74,7 +74,9 @@ def init(
     With no address (and no REDRAY_ADDRESS), a private cluster is started (Redis on a free
     port, one raylet with a worker pool) and torn down by `shutdown()` or at exit. "auto"
     connects to the cluster `redray start` runs on this machine; "redis://..." connects to
-    the cluster whose GCS lives there.
+    the cluster whose GCS lives there. `_temp_dir` is where a private cluster's session
+    directory (logs, spilled objects) goes; `_node_ip_address` must be an address of this
+    machine, not 0.0.0.0.
     """
     global _private_node
     with _init_lock:
@@ -256,17 +258,21 @@ def _start_driver(connection, namespace, log_to_driver, runtime_env) -> None:
         listen_host=connection["node_ip_address"],
         log_to_driver=log_to_driver,
     )
-    worker.jobs[job_id] = JobInfo(
-        job_id,
-        worker.address,
-        worker.namespace,
-        log_to_driver,
-        _driver_paths(),
-        runtime_env,
-    )
-    worker.gcs.add_job(
-        job_id, {"driver_pid": os.getpid(), "driver_address": list(worker.address[:2])}
-    )
+    try:
+        worker.jobs[job_id] = JobInfo(
+            job_id,
+            worker.address,
+            worker.namespace,
+            log_to_driver,
+            _driver_paths(),
+            runtime_env,
+        )
+        worker.gcs.add_job(
+            job_id, {"driver_pid": os.getpid(), "driver_address": list(worker.address[:2])}
+        )
+    except BaseException:
+        worker.shutdown()  # its threads and sockets must not outlive a failed init
+        raise
     context.current = worker
     _defer_sigint(worker)
 

@@ -43,9 +43,10 @@ class Watcher:
         self._lock = threading.Lock()
 
     def ensure_running(self, timeout: float = 10.0) -> None:
-        """Start the subscription if needed; return once it is confirmed."""
+        """Start the subscription if needed; return once it is confirmed (or stopped)."""
         self.start()
-        self._ready.wait(timeout)
+        if not self._stop.is_set():
+            self._ready.wait(timeout)
 
     def start(self) -> None:
         """Start the subscription if needed (without waiting for it)."""

@@ -506,74 +506,32 @@ def test_temp_dir_holds_the_session_of_a_private_cluster(isolated, tmp_path):
 
 
 # -- init/shutdown cycles and threads left waiting ---------------------------------------------
-CYCLES = """
-    import asyncio, gc, json, os, sys, threading, time
-    import psutil
-    import redray
-
-    cycles = int(sys.argv[1]) if len(sys.argv) > 1 else CYCLES_DEFAULT
-
-    @redray.remote
-    def blob(n):
-        return b"x" * n
-
-    @redray.remote
-    class Holder:
-        def get(self):
-            return 1
-
-    async def awaited(ref):
-        return await ref
-
-    me = psutil.Process()
-
-    def figures():
-        gc.collect()
-        return {"threads": threading.active_count(), "fds": me.num_fds(),
-                "rss_mb": me.memory_info().rss / 2**20}
-
-    samples = []
-    start = time.monotonic()
-    for i in range(cycles):
-        redray.init(num_cpus=1)
-        # Start what a session may start: leases, the store, an actor (and so the
-        # watcher), a future settled off the loop.
-        assert redray.get(blob.remote(10)) == b"x" * 10
-        assert len(redray.get(redray.put(b"y" * 200_000))) == 200_000
-        if i % 4 == 0:
-            holder = Holder.remote()
-            assert redray.get(holder.get.remote()) == 1
-            del holder
-            assert len(asyncio.run(awaited(blob.remote(200_000)))) == 200_000
-        redray.shutdown()
-        samples.append(figures())
-    print(json.dumps({"samples": samples, "seconds": time.monotonic() - start,
-                      "threads": [t.name for t in threading.enumerate()]}))
-"""
-
-
 def check_flat(samples: list[dict], warmup: int = 4) -> None:
     """Threads and fds back to where they were after each cycle; memory does not grow."""
     base = samples[warmup - 1]
-    for i, sample in enumerate(samples[warmup:], warmup):
-        assert sample["threads"] <= base["threads"], (i, sample, base)
-        assert sample["fds"] <= base["fds"], (i, sample, base)
-    # redray's allocations are reused from cycle to cycle: what is left is allocator noise.
+    for sample in samples[warmup:]:
+        assert sample["threads"] <= base["threads"], (sample, base)
+        assert sample["fds"] <= base["fds"], (sample, base)
+    # What redray allocates is freed or reused from cycle to cycle: the rest is allocator noise.
     assert samples[-1]["rss_mb"] - base["rss_mb"] < 10, (base, samples[-1])
 
 
 @pytest.mark.timeout(180)
 def test_init_shutdown_cycles_leave_threads_fds_and_memory_flat(isolated):
-    cycles = 40
-    out = run_driver(CYCLES.replace("CYCLES_DEFAULT", str(cycles)), env=isolated, timeout=170)
-    result = last_json(out.stdout)
-    samples = result["samples"]
-    print(
-        f"{cycles} cycles in {result['seconds']:.1f} s; first/last after warm-up:",
-        samples[3],
-        samples[-1],
-    )
-    assert result["threads"] == ["MainThread"], result["threads"]
+    """(scripts/init_cycles.py; run it with 1000 cycles for the long measurement)"""
+    cycles = 30
+    script = REPO / "scripts" / "init_cycles.py"
+    out = run_driver(
+        f"import runpy, sys\nsys.argv = ['init_cycles', '{cycles}']\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')",
+        env=isolated,
+        timeout=170,
+    ).stdout
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    samples, left = lines[:-1], lines[-1]["threads_left"]
+    assert len(samples) == cycles
+    print(f"{cycles} cycles in {samples[-1]['seconds']:.1f} s:", samples[3], samples[-1])
+    assert left == ["MainThread"], left
     check_flat(samples)
 
 
