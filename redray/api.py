@@ -18,6 +18,7 @@ from redray.object_ref import ObjectRef
 log = logging.getLogger("redray")
 
 _init_lock = threading.RLock()
+LOCAL_RESOURCES_TIMEOUT = 5.0
 _private_node: Any = None  # the node init() started for a private cluster
 
 
@@ -73,7 +74,9 @@ def init(
     With no address (and no REDRAY_ADDRESS), a private cluster is started (Redis on a free
     port, one raylet with a worker pool) and torn down by `shutdown()` or at exit. "auto"
     connects to the cluster `redray start` runs on this machine; "redis://..." connects to
-    the cluster whose GCS lives there.
+    the cluster whose GCS lives there. `_temp_dir` is where a private cluster's session
+    directory (logs, spilled objects) goes; `_node_ip_address` must be an address of this
+    machine, not 0.0.0.0.
     """
     global _private_node
     with _init_lock:
@@ -98,10 +101,14 @@ def init(
             if namespace is None:
                 namespace = job_config.ray_namespace
         options.validate_runtime_env(runtime_env)
+        if _node_ip_address is not None:
+            from redray import node
+
+            node.check_node_ip(_node_ip_address)
         address = address or os.environ.get("REDRAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
         if address is None or address == "local":
             connection = _start_private_cluster(
-                num_cpus, num_gpus, resources, object_store_memory, _node_ip_address
+                num_cpus, num_gpus, resources, object_store_memory, _node_ip_address, _temp_dir
             )
         else:
             if any(v is not None for v in (num_cpus, num_gpus, resources, object_store_memory)):
@@ -123,7 +130,9 @@ def init(
         return RayContext(_context_info())
 
 
-def _start_private_cluster(num_cpus, num_gpus, resources, object_store_memory, node_ip):
+def _start_private_cluster(
+    num_cpus, num_gpus, resources, object_store_memory, node_ip, temp_dir=None
+):
     global _private_node
     from redray import node
 
@@ -146,6 +155,7 @@ def _start_private_cluster(num_cpus, num_gpus, resources, object_store_memory, n
         object_store_memory=int(object_store_memory or node.default_object_store_memory()),
         node_ip_address=node_ip,
         redis_password=secrets.token_hex(16),
+        session_dir=node.new_session_dir(temp_dir),
         private=True,
         while_starting=_import_runtime,  # overlaps our imports with the node's start-up
     )
@@ -265,22 +275,26 @@ def _start_driver(connection, namespace, log_to_driver, runtime_env, job_config=
         listen_host=connection["node_ip_address"],
         log_to_driver=log_to_driver,
     )
-    worker.jobs[job_id] = JobInfo(
-        job_id,
-        worker.address,
-        worker.namespace,
-        log_to_driver,
-        _driver_paths() + (job_config.import_paths() if job_config is not None else ()),
-        runtime_env,
-    )
-    worker.gcs.add_job(
-        job_id,
-        {
-            "driver_pid": os.getpid(),
-            "driver_address": list(worker.address[:2]),
-            "metadata": dict(job_config.metadata) if job_config is not None else {},
-        },
-    )
+    try:
+        worker.jobs[job_id] = JobInfo(
+            job_id,
+            worker.address,
+            worker.namespace,
+            log_to_driver,
+            _driver_paths() + (job_config.import_paths() if job_config is not None else ()),
+            runtime_env,
+        )
+        worker.gcs.add_job(
+            job_id,
+            {
+                "driver_pid": os.getpid(),
+                "driver_address": list(worker.address[:2]),
+                "metadata": dict(job_config.metadata) if job_config is not None else {},
+            },
+        )
+    except BaseException:
+        worker.shutdown()  # its threads and sockets must not outlive a failed init
+        raise
     context.current = worker
     _defer_sigint(worker)
 
@@ -478,7 +492,7 @@ def nodes() -> list[dict[str, Any]]:
                 "RayletSocketName": "",
                 "MetricsExportPort": 0,
                 "NodeName": info.get("node_ip_address", host),
-                "Resources": info.get("resources", {}) if info["alive"] else {},
+                "Resources": _node_resources(info) if info["alive"] else {},
                 "Labels": {},
                 "IsHead": info.get("is_head", False),
                 "state": info.get("state"),
@@ -489,25 +503,53 @@ def nodes() -> list[dict[str, Any]]:
     return result
 
 
+def _node_resources(info: dict[str, Any]) -> dict[str, float]:
+    resources = dict(info.get("resources") or {})
+    if info.get("object_store_memory"):
+        resources["object_store_memory"] = float(info["object_store_memory"])
+    return resources
+
+
 def cluster_resources() -> dict[str, float]:
-    """The total resources of every live node."""
+    """The total resources of every live node (with `memory` and `object_store_memory`)."""
     return _sum_resources("resources")
 
 
 def available_resources() -> dict[str, float]:
-    """What live nodes report as free right now (from their last heartbeat)."""
+    """What is free now: this node's as its raylet counts it at this moment, other nodes' as
+    of their last heartbeat (at most ~0.5 s old)."""
     return _sum_resources("available")
 
 
 def _sum_resources(key: str) -> dict[str, float]:
     worker = context.worker()
+    local = _local_resources(worker)
     total: dict[str, float] = {}
     for info in worker.gcs.nodes():
         if not info["alive"]:
             continue
+        if local is not None and info["node_id"] == worker.node_id:
+            info = {**info, **local}
         for name, amount in (info.get(key) or {}).items():
             total[name] = total.get(name, 0.0) + amount
+        # The store's size is a (logical) resource in Ray's reports; puts do not consume it.
+        store = info.get("object_store_memory")
+        if store:
+            total["object_store_memory"] = total.get("object_store_memory", 0.0) + float(store)
     return {k: v for k, v in total.items() if v > 1e-9 or key == "resources"}
+
+
+def _local_resources(worker: Any) -> dict[str, Any] | None:
+    """This node's resources straight from its raylet (None if it does not answer)."""
+    from redray.worker import CONNECTION_LOST
+
+    try:
+        reply = worker.call(worker.raylet, "resources", timeout=LOCAL_RESOURCES_TIMEOUT)
+    except exceptions.GetTimeoutError:
+        return None
+    if reply is CONNECTION_LOST or not isinstance(reply, dict):
+        return None
+    return reply
 
 
 def get_gpu_ids() -> list[int]:

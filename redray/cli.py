@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import json
 import math
 import os
@@ -79,13 +78,11 @@ def _parse_resources(text: str | None) -> dict[str, float]:
 
 
 def _check_ip(ip: str) -> str:
-    """An address this machine can listen on (what --node-ip-address must be)."""
+    """An address of this machine others can connect to (what --node-ip-address must be)."""
     try:
-        ipaddress.ip_address(ip)
-    except ValueError:
-        raise click.BadParameter(
-            f"{ip!r} is not an IP address", param_hint="--node-ip-address"
-        ) from None
+        node.check_node_ip(ip)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--node-ip-address") from None
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     try:
         with socket.socket(family) as sock:
@@ -170,9 +167,19 @@ def _log_tail(session_dir: str) -> str:
     return "\n".join("    " + line for line in lines)
 
 
-def _start(**kwargs: Any) -> node.StartedNode:
+def _session_dir(temp_dir: str | None) -> str:
+    try:
+        return node.new_session_dir(temp_dir)
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot make a session directory in {temp_dir!r}: {exc.strerror}",
+            param_hint="--temp-dir",
+        ) from None
+
+
+def _start(temp_dir: str | None = None, **kwargs: Any) -> node.StartedNode:
     """`node.start_node` for a daemonized node, its failures as click errors with the log."""
-    session_dir = node.new_session_dir()
+    session_dir = _session_dir(temp_dir)
     try:
         return node.start_node(private=False, session_dir=session_dir, **kwargs)
     except (RuntimeError, OSError, ValueError) as exc:
@@ -242,7 +249,8 @@ def _is_raylet(proc: psutil.Process) -> bool:
 
 
 def _started_here(proc: psutil.Process) -> bool:
-    """A daemonized raylet of this redray root: leads its own session, logs under ROOT_DIR.
+    """A daemonized raylet: leads its own session, logs into a session directory (under
+    ROOT_DIR, or a --temp-dir).
 
     Raylets of private clusters (`redray.init()` with no address) share their driver's
     session, so `redray stop` leaves them to their drivers.
@@ -255,7 +263,14 @@ def _started_here(proc: psutil.Process) -> bool:
         return False
     except OSError:
         return True  # no /proc: trust the session check
-    return log_path.startswith(node.ROOT_DIR + os.sep)
+    if log_path.startswith(node.ROOT_DIR + os.sep):
+        return True
+    logs = os.path.dirname(log_path)
+    return (
+        os.path.basename(log_path) == "raylet.log"
+        and os.path.basename(logs) == "logs"
+        and os.path.basename(os.path.dirname(logs)).startswith("session_")
+    )
 
 
 def _node_processes(record: dict[str, Any] | None) -> list[psutil.Process]:
@@ -425,13 +440,21 @@ _node_options = [
         "--node-ip-address",
         default="127.0.0.1",
         show_default=True,
-        help="Address this node listens on; other machines must be able to reach it.",
+        help="Address this node listens on and announces: one other machines can reach "
+        "(not 0.0.0.0).",
     ),
     click.option(
         "--cluster",
         default=DEFAULT_CLUSTER,
         show_default=True,
         help="Cluster name: its keys' prefix, so several clusters can share one Redis.",
+    ),
+    click.option(
+        "--temp-dir",
+        default=None,
+        metavar="DIR",
+        help=f"Where the node's session directory (logs, spilled objects) goes "
+        f"(default: {node.ROOT_DIR}).",
     ),
 ]
 
@@ -477,6 +500,7 @@ def start(
     object_store_memory: int | None,
     node_ip_address: str,
     cluster: str,
+    temp_dir: str | None,
 ) -> None:
     """Start a head node that outlives this command, and print how to connect to it."""
     if not head:
@@ -514,6 +538,7 @@ def start(
         gcs_url=redis_url,
         redis_port=port,
         redis_password=password,
+        temp_dir=temp_dir,
     )
     gcs_url = started.info["gcs_url"]
     _record_node(started, gcs_url, cluster, head=True)
@@ -582,6 +607,7 @@ def node_command(
     object_store_memory: int | None,
     node_ip_address: str,
     cluster: str,
+    temp_dir: str | None,
 ) -> None:
     """Join this machine to the cluster whose Redis is at URL, as a node that outlives us."""
     custom = _parse_resources(resources)
@@ -607,6 +633,7 @@ def node_command(
         object_store_memory=object_store_memory or node.default_object_store_memory(),
         node_ip_address=node_ip_address,
         gcs_url=redis_url,
+        temp_dir=temp_dir,
     )
     _record_node(started, redis_url, cluster, head=False)
     info = started.info

@@ -10,6 +10,8 @@ import gc
 import threading
 from typing import Any
 
+from redray import exceptions
+
 current: Any = None  # the CoreWorker of this process once init() or a worker has started it
 
 PAUSE_GC_REFS = 1000  # values with this many refs are rebuilt with the cyclic GC paused
@@ -18,12 +20,22 @@ scopes = threading.local()  # per-thread serialization scopes (see below)
 
 
 def worker() -> Any:
-    """The running core worker; starts a local cluster on first use, as Ray does."""
-    if current is None:
+    """The running core worker; starts a local cluster on first use, as Ray does.
+
+    Raises LocalRayletDiedError once the raylet of this process's node has died: nothing
+    can be run, stored or fetched any more."""
+    running = current
+    if running is None:
         from redray import api
 
         api.init()
-    return current
+        return current
+    if running.raylet_lost:
+        raise exceptions.LocalRayletDiedError(
+            "The raylet of this node died, so this driver can no longer run tasks or reach "
+            "objects. Call redray.shutdown() (and redray.init() to start again)."
+        )
+    return running
 
 
 def note_serialized_ref(ref: Any) -> None:

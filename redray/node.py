@@ -7,10 +7,12 @@ needs to connect.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -61,10 +63,44 @@ def default_object_store_memory() -> int:
     return int(psutil.virtual_memory().total * 0.3)
 
 
-def new_session_dir() -> str:
-    os.makedirs(ROOT_DIR, mode=0o700, exist_ok=True)
+def new_session_dir(temp_dir: str | None = None) -> str:
+    """A new directory for one node's logs and spilled objects, under temp_dir (default
+    ROOT_DIR). OSError when temp_dir cannot be made or written."""
+    root = os.path.abspath(os.path.expanduser(temp_dir)) if temp_dir else ROOT_DIR
+    os.makedirs(root, mode=0o700, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    return tempfile.mkdtemp(prefix=f"session_{stamp}_{os.getpid()}_", dir=ROOT_DIR)
+    return tempfile.mkdtemp(prefix=f"session_{stamp}_{os.getpid()}_", dir=root)
+
+
+def check_node_ip(ip: str) -> str:
+    """ip, if it can be a node's address: one that other processes and machines connect to.
+
+    ValueError otherwise. 0.0.0.0 (or ::) is refused: it names no machine, so printed or
+    recorded as the node's address it would send every peer nowhere."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        raise ValueError(f"{ip!r} is not an IP address") from None
+    if address.is_unspecified:
+        guess = guess_node_ip()
+        hint = f" (this machine's seems to be {guess})" if guess else ""
+        raise ValueError(
+            f"{ip} means every interface, not an address other machines can reach: give "
+            f"the IP address of this machine that the other nodes use{hint}. redray listens "
+            "on that address."
+        )
+    return ip
+
+
+def guess_node_ip() -> str | None:
+    """This machine's address on the route to the outside (None when there is none)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("192.0.2.1", 9))  # (a documentation address: nothing is sent)
+            ip = sock.getsockname()[0]
+    except OSError:
+        return None
+    return None if ip.startswith("127.") or ip == "0.0.0.0" else ip
 
 
 @dataclass

@@ -72,8 +72,10 @@ class ObjectRef:
         """A concurrent.futures.Future resolved with this object's value (or error)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         worker = context.worker()
-        worker.on_ready(self, lambda: _settle(future, self))
-        worker.reactor.ensure_running()  # the future is settled by whoever runs the loop
+        # Settled by whichever thread learns the object is ready, often the one running the
+        # reactor loop: settle_future never blocks it.
+        worker.on_ready(self, lambda: worker.settle_future(future, self))
+        worker.reactor.ensure_running()
         return future
 
     def __await__(self):
@@ -85,15 +87,6 @@ class ObjectRef:
         import asyncio
 
         return asyncio.wrap_future(self.future())
-
-
-def _settle(future: concurrent.futures.Future, ref: ObjectRef) -> None:
-    try:
-        value = context.worker().get_objects([ref], timeout=None)[0]
-    except BaseException as exc:  # the task's error goes to whoever awaits the future
-        future.set_exception(exc)
-    else:
-        future.set_result(value)
 
 
 _new_ref = object.__new__

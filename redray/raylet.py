@@ -152,6 +152,7 @@ class Raylet:
             "pg_cancel": lambda conn, message: self.cancel_bundles(message[1]),
             "pg_remove": lambda conn, message: self.remove_bundles(message[1]),
             "debug_state": self._on_debug_state,
+            "resources": self._on_resources,
             "shutdown": lambda conn, message: self.reactor.call_soon(self.stop),
             "hello_client": lambda conn, message: None,
         }
@@ -751,6 +752,15 @@ class Raylet:
 
     def _on_store_stats(self, conn: Connection, message: tuple) -> None:
         conn.send(("reply", message[1], self.store.stats()))
+
+    def _on_resources(self, conn: Connection, message: tuple) -> None:
+        """This node's total and available resources now (heartbeats lag by up to 0.5 s)."""
+        reply = {
+            "resources": dict(self.total),
+            "available": dict(self.available),
+            "object_store_memory": self.store.capacity,
+        }
+        conn.send(("reply", message[1], reply))
 
     def _on_debug_state(self, conn: Connection, message: tuple) -> None:
         """This node's scheduling state, for diagnosing stuck work (pids, not ids)."""

@@ -10,6 +10,10 @@ blocks again soon, as a caller making synchronous calls or a worker running shor
 does, it takes the loop straight back. The lent-out I/O thread checks every
 `PARKED_CHECK_SECONDS` and takes a loop left free, so messages arriving while the waiter runs
 user code wait about that long at most; after a long wait it is woken at once instead.
+
+The thread running the loop must never block for what the loop itself produces: `block` on
+that thread raises `LoopBlockedError` instead of waiting forever. Once the reactor is stopped,
+every thread blocked in it (or blocking later) gets `ReactorStoppedError`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redray import protocol
+from redray import exceptions, protocol
 from redray.connection import Connection, Handler
 from redray.spinning import SpinPolicy
 
@@ -38,6 +42,15 @@ _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 _RECV_SIZE = 1 << 18
 PARKED_CHECK_SECONDS = 0.001
+
+
+class ReactorStoppedError(exceptions.RaySystemError):
+    """The reactor was stopped (the process shut redray down) while a thread waited in it."""
+
+
+class LoopBlockedError(RuntimeError):
+    """A blocking wait was made on the thread running the reactor loop: from a message
+    handler or a callback. It would wait forever for a reply only that thread can read."""
 
 
 class Waiter:
@@ -88,6 +101,9 @@ class Reactor:
         self._connections: dict[int, Connection] = {}
         self._listeners: dict[int, tuple[socket.socket, Callable]] = {}
         self._stopping = False
+        self._stop_reason = "the I/O loop of this process was stopped"
+        self._closed = False  # (role lock) sockets closed: nothing may be registered any more
+        self._sleepers: set[Waiter] = set()  # (role lock) threads asleep in `block`
         self._role = threading.Lock()  # guards who runs the loop (the fields below)
         # The ident of the thread running the loop; 0: free (see the module doc); -1: the
         # I/O thread, before it has started.
@@ -135,19 +151,29 @@ class Reactor:
         main thread leads only while SIGINT's handler defers KeyboardInterrupt (see
         `keyboard_interrupt`): it must never land inside a message handler. With `lead`
         False it just sleeps (leaving the loop to threads that should run it).
+
+        Raises LoopBlockedError on the thread running the loop (nothing could set the
+        waiter), and ReactorStoppedError once the reactor is stopped.
         """
+        if waiter.done:
+            return True
+        if threading.get_ident() == self._leader:
+            raise LoopBlockedError(
+                "a blocking redray call (get, put of a large object, a request to the raylet "
+                "or another process) was made on the thread that runs redray's I/O loop, from "
+                "a message handler or a callback; it would wait forever for a reply only that "
+                "thread can read"
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         while not waiter.done:
+            if self._stopping:
+                raise ReactorStoppedError(self._stop_reason)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return False
             leading = lead and self._may_lead() and self._take_or_ask(waiter)
             if not leading:
-                waiter._lock.acquire(timeout=-1 if left is None else left)
-                with self._role:
-                    if self._borrower is waiter:
-                        self._borrower = None
-                    leading = waiter.leading
+                leading = self._sleep(waiter, left)
             if leading:
                 try:
                     self._lead(waiter, deadline, spin)
@@ -157,6 +183,20 @@ class Reactor:
                     self.interrupted = False
                     raise KeyboardInterrupt
         return True
+
+    def _sleep(self, waiter: Waiter, left: float | None) -> bool:
+        """Sleep until waiter is set, the loop is lent to us (True), the time is up or the
+        reactor stops. Registered meanwhile, so that `stop` can wake us."""
+        with self._role:
+            if self._stopping or waiter.done:
+                return False
+            self._sleepers.add(waiter)
+        waiter._lock.acquire(timeout=-1 if left is None else left)
+        with self._role:
+            self._sleepers.discard(waiter)
+            if self._borrower is waiter:
+                self._borrower = None
+            return waiter.leading
 
     def _take_or_ask(self, waiter: Waiter) -> bool:
         """Take the loop if it is free (True); else ask the I/O thread to lend it."""
@@ -283,7 +323,7 @@ class Reactor:
         """On the I/O thread: give the loop to the blocked thread asking for it."""
         with self._role:
             waiter, self._borrower = self._borrower, None
-            if waiter is None or waiter.done:
+            if waiter is None or waiter.done or self._stopping:
                 return
             waiter.leading = True
             self._leader = waiter.thread
@@ -376,7 +416,7 @@ class Reactor:
         """Open an authenticated connection (blocking handshake) and start reading it."""
         sock = protocol.connect(tuple(address), self.token, timeout)
         conn = Connection(self, sock, handler, on_close)
-        self.call_soon(self._register, conn)
+        self._register_soon(conn)
         return conn
 
     def adopt(
@@ -387,17 +427,40 @@ class Reactor:
     ) -> Connection:
         """Register an already-trusted socket (e.g. one end of a socketpair)."""
         conn = Connection(self, sock, handler, on_close)
-        self.call_soon(self._register, conn)
+        self._register_soon(conn)
         return conn
 
-    def stop(self) -> None:
-        """Close every socket and end the thread."""
+    def _register_soon(self, conn: Connection) -> None:
+        """Have the loop read conn; once the reactor has closed its sockets, close conn too
+        (it would never be read, nor closed) and raise ConnectionError."""
         with self._role:
+            closed = self._closed
+            if not closed:
+                self._calls.append((self._register, (conn,)))
+        if closed:
+            conn.closed = True
+            conn.sock.close()
+            raise ConnectionError(self._stop_reason)
+        self._wake()
+
+    def stop(self, reason: str | None = None) -> None:
+        """Close every socket and end the thread; threads blocked in `block` (now or later)
+        get ReactorStoppedError(reason)."""
+        with self._role:
+            if reason is not None and not self._stopping:
+                self._stop_reason = reason
             self._stopping = True
             self._parked.notify()
+            for waiter in self._sleepers:
+                if waiter._lock.locked():
+                    waiter._lock.release()
         self.call_soon(lambda: None)
         if not self.in_reactor():
             self.thread.join(timeout=5)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopping
 
     # -- reactor thread -----------------------------------------------------------------
     def _add_listener(self, sock: socket.socket, accept: Callable) -> None:
@@ -478,11 +541,25 @@ class Reactor:
                 self._lend()
                 continue
             self._run_once(None)
+        with self._role:
+            self._closed = True
+            self._woken = True  # from now on `_wake` writes nothing: the pipe is closed below
+            pending = list(self._calls)
+            self._calls.clear()
+        for fn, args in pending:  # sockets handed over but never registered
+            if fn == self._register:
+                args[0].on_close = None
+                self._connections[args[0].fileno] = args[0]
+            elif fn == self._add_listener:
+                args[0].close()
         for conn in list(self._connections.values()):
             conn.on_close = None
             conn.close()
+        self._connections.clear()
         for sock, _ in self._listeners.values():
             sock.close()
+        self._listeners.clear()
+        self._timers.clear()
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -21,6 +21,7 @@ import time
 
 SPIN_SECONDS = float(os.environ.get("REDRAY_SPIN_US", "200")) / 1e6
 _CPU_CHECK_SECONDS = 0.005  # /proc/loadavg is read at most this often
+_loadavg: int | None = None  # /proc/loadavg, opened once per process (every policy reads it)
 
 
 class SpinPolicy:
@@ -30,7 +31,6 @@ class SpinPolicy:
         self.typical_wait = 0.0
         self._checked_at = float("-inf")
         self._cpu_free = False
-        self._loadavg: int | None = None
         try:
             self._cpus = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
@@ -56,11 +56,12 @@ class SpinPolicy:
 
     def _runnable(self) -> int:
         """Threads runnable system-wide now, this one included (Linux); else a large number."""
+        global _loadavg
         try:
-            if self._loadavg is None:
-                self._loadavg = os.open("/proc/loadavg", os.O_RDONLY)
+            if _loadavg is None:
+                _loadavg = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
             # "0.50 0.40 0.30 2/345 6789": the 4th field is running/total
-            fields = os.pread(self._loadavg, 128, 0).split()
+            fields = os.pread(_loadavg, 128, 0).split()
             return int(fields[3].split(b"/")[0])
         except (OSError, IndexError, ValueError):
             return 1 << 30

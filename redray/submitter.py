@@ -435,13 +435,21 @@ class TaskSubmitter:
             self._retry_soon(shape, bound)
             return
         if reply is CONNECTION_LOST:
+            # The local raylet is gone (or this process shuts down): nothing queued can run.
+            shutting_down = self.worker.shutting_down
             with self._lock:
-                shape.requesting -= 1
-                if self.worker.shutting_down:
-                    return
+                if not shutting_down:
+                    # (Once shut down the reply comes before `call_async` returns: the count
+                    # stays up, or the dispatch pass asking would ask again, forever.)
+                    shape.requesting -= 1
                 failed = list(shape.queue) + ([bound] if bound is not None else [])
                 shape.queue.clear()
-            error = exceptions.LocalRayletDiedError("the raylet handling this task died")
+            if shutting_down:
+                error: BaseException = exceptions.RaySystemError(
+                    "redray.shutdown() was called before this task was scheduled"
+                )
+            else:
+                error = exceptions.LocalRayletDiedError("the raylet of this node died")
             for task in failed:
                 self.fail(task, error)
             return

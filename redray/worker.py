@@ -7,11 +7,17 @@ owners, and talks to its raylet. Task submission lives in `submitter.py`, task e
 
 Threads: user threads call in (get/put/submit); the reactor thread handles every incoming
 message. Shared state is guarded by `self._lock`; nothing blocking happens while it is held.
+Besides the reactor's I/O thread the core worker runs a background thread (blocking GCS
+calls), a watcher thread (pub/sub, started on first need), short-lived connect and lookup
+threads, and a small pool that turns objects awaited as futures into values off the loop
+(reading a stored object waits for the raylet). `shutdown` ends them all and wakes every
+thread still waiting with ReactorStoppedError.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -29,14 +35,18 @@ from redray.connection import Connection
 from redray.gcs import Gcs
 from redray.ids import IdSource
 from redray.object_ref import Address, ObjectRef
+from redray.offloop import OffLoop
 from redray.ownership import Ownership, Payload
-from redray.reactor import Reactor
+from redray.reactor import Reactor, ReactorStoppedError
 from redray.reference_table import ObjectEntry, ReferenceTable
 from redray.waiting import ListWatch, Waiting
+from redray.watcher import Watcher, is_connection_error
 
 log = logging.getLogger(__name__)
 
 CONNECTION_LOST = ConnectionError("connection lost")
+SHUTDOWN_REASON = "redray.shutdown() was called while this call was waiting"
+SETTLE_THREADS = 4  # threads reading stored objects for futures (each waits on the raylet)
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,8 @@ class CoreWorker(Ownership, Waiting):
         self._exported: dict[str, bytes] = {}  # functions we exported, served to our workers
         self._arena = None
         self.shutting_down = False
+        self.raylet_lost = False  # the local raylet is gone: no API call can succeed
+        self._off_loop = OffLoop(SETTLE_THREADS, "redray-settle")
         self.executor = None  # set in worker processes
         self.blocked_depth = 0
 
@@ -123,7 +135,6 @@ class CoreWorker(Ownership, Waiting):
         self.submitter = TaskSubmitter(self)
         self.actors = ActorSubmitter(self)
         from redray.util.placement_group import PlacementGroups
-        from redray.watcher import Watcher
 
         self.placement_groups = PlacementGroups(self)
         self.watcher = Watcher(
@@ -136,19 +147,30 @@ class CoreWorker(Ownership, Waiting):
             lambda: self.shutting_down,
         )
         self._background: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run_background, daemon=True, name="redray-bg").start()
-        self.raylet = self.reactor.connect(raylet_address, self._on_message, self._on_raylet_lost)
-        node = self.call(
-            self.raylet,
-            "register",
-            mode,
-            worker_id,
-            os.getpid(),
-            self.address,
-            job_id,
+        self._background_thread = threading.Thread(
+            target=self._run_background, daemon=True, name="redray-bg"
         )
-        if isinstance(node, BaseException):
-            raise exceptions.RaySystemError(f"could not register with the raylet: {node}")
+        self._background_thread.start()
+        try:
+            self.raylet = self.reactor.connect(
+                raylet_address, self._on_message, self._on_raylet_lost
+            )
+            node = self.call(
+                self.raylet,
+                "register",
+                mode,
+                worker_id,
+                os.getpid(),
+                self.address,
+                job_id,
+            )
+            if node is CONNECTION_LOST:
+                raise exceptions.RaySystemError("the raylet closed the connection at registration")
+            if isinstance(node, BaseException):
+                raise exceptions.RaySystemError(f"could not register with the raylet: {node}")
+        except BaseException:
+            self._stop_threads()
+            raise
         self.node: dict[str, Any] = node
         self.node_id: str = node["node_id"]
 
@@ -165,17 +187,26 @@ class CoreWorker(Ownership, Waiting):
         handler(conn, message)
 
     def call_async(self, conn: Connection, kind: str, args: tuple, callback: Callable) -> None:
-        """Send a request; callback(reply) runs on the reactor thread (CONNECTION_LOST on loss)."""
+        """Send a request; callback(reply) runs on the reactor thread (CONNECTION_LOST on loss).
+
+        Never calls back before returning (the caller may hold locks, or loop until its
+        request is answered), except once the reactor is stopped: nothing else would."""
         call_id = next(self._call_ids)
         self._calls[call_id] = callback
         conn.info.setdefault("calls", set()).add(call_id)
         if not conn.send((kind, call_id, *args)):
             conn.info["calls"].discard(call_id)
             self._calls.pop(call_id, None)
-            callback(CONNECTION_LOST)
+            if self.reactor.stopped:
+                callback(CONNECTION_LOST)
+            else:
+                self.reactor.call_soon(callback, CONNECTION_LOST)
 
     def call(self, conn: Connection, kind: str, *args: Any, timeout: float | None = None) -> Any:
-        """Send a request and wait for its reply (not on the reactor thread)."""
+        """Send a request and wait for its reply; CONNECTION_LOST if the peer went away.
+
+        Not on the thread running the reactor loop (LoopBlockedError: see Reactor.block);
+        ReactorStoppedError once redray is shut down."""
         waiter = self.reactor.waiter()
         result: list[Any] = []
 
@@ -186,7 +217,10 @@ class CoreWorker(Ownership, Waiting):
         self.call_async(conn, kind, args, on_reply)
         if not self.reactor.block(waiter, timeout, spin=True):
             raise exceptions.GetTimeoutError(f"no reply to {kind} within {timeout} s")
-        return result[0]
+        reply = result[0]
+        if reply is CONNECTION_LOST and self.shutting_down:
+            raise ReactorStoppedError(SHUTDOWN_REASON)
+        return reply
 
     def _on_reply(self, conn: Connection, message: tuple) -> None:
         _, call_id, reply = message
@@ -214,11 +248,20 @@ class CoreWorker(Ownership, Waiting):
             self.executor.on_connection_lost(conn)
 
     def _on_raylet_lost(self, conn: Connection) -> None:
+        """The local raylet died: a worker exits; a driver fails everything pending with
+        LocalRayletDiedError, as it does every API call from now on (see context.worker)."""
+        if self.shutting_down:
+            self._on_conn_closed(conn)
+            return
+        if self.mode == "worker":
+            os._exit(1)
+        self.raylet_lost = True
+        log.error(
+            "The raylet of this node died: this driver can no longer run tasks or reach "
+            "objects; every redray call now raises LocalRayletDiedError."
+        )
         self._on_conn_closed(conn)
-        if not self.shutting_down:
-            if self.mode == "worker":
-                os._exit(1)
-            log.error("lost the connection to the raylet; the cluster is gone")
+        self.fail_pending(exceptions.LocalRayletDiedError("the raylet of this node died"))
 
     def _on_hello(self, conn: Connection, message: tuple) -> None:
         address = message[1]
@@ -711,35 +754,114 @@ class CoreWorker(Ownership, Waiting):
         self._background.put((fn, args))
 
     def _run_background(self) -> None:
+        redis_down = False
         while True:
-            fn, args = self._background.get()
+            item = self._background.get()
+            if item is None:
+                return
+            fn, args = item
             try:
                 fn(*args)
-            except Exception:
-                if not self.shutting_down:
+            except Exception as exc:
+                if self.shutting_down:
+                    continue
+                if is_connection_error(exc):
+                    if not redis_down:
+                        log.warning("a GCS request failed: Redis is unreachable (%s)", exc)
+                    redis_down = True
+                else:
                     log.exception("background call %r failed", fn)
+            else:
+                redis_down = False
 
     def drain_background(self, timeout: float = 5.0) -> None:
         """Wait (up to timeout) until what was handed to the background thread has run:
         requests a program made just before it exits (a placement group's removal) still
         reach the cluster."""
-        if threading.current_thread().name == "redray-bg":
+        if threading.current_thread() is self._background_thread:
             return
         done = threading.Event()
         self._background.put((done.set, ()))
         done.wait(timeout)
 
+    def settle_future(self, future: concurrent.futures.Future, ref: ObjectRef) -> None:
+        """Resolve future with the (ready) object's value or error, without blocking the
+        calling thread, which may run the reactor loop: an inline value is turned into the
+        user's value here, a stored one (its reading waits for the raylet) on a pool thread."""
+        payload = self.payload_of(ref._id)
+        if payload is not None and payload[0] != "s":
+            _resolve(future, self.materialize, ref._id, payload)
+            return
+        if not self._off_loop.submit(_resolve, future, self._get_one, ref):
+            _resolve(future, _raise, ReactorStoppedError(SHUTDOWN_REASON))
+
+    def _get_one(self, ref: ObjectRef) -> Any:
+        return self.get_objects([ref], timeout=None)[0]
+
+    def fail_pending(self, error: BaseException) -> None:
+        """Give every object not made yet `error` as its value: whoever waits for one (get,
+        wait, a future) gets the error instead of waiting for what can no longer come."""
+        with self._lock:
+            pending = [oid for oid, obj in self._objects.items() if obj.value is None]
+        if not pending:
+            return
+        payload = ("e", pickle_error(error))
+        for oid in pending:
+            with self._lock:
+                obj = self._objects.get(oid)
+                if obj is None or obj.value is not None:
+                    continue
+            self.set_value(oid, payload)
+
     def shutdown(self) -> None:
+        """Leave the cluster: return leases, stop every thread of the core worker, close its
+        sockets, Redis connections and shared memory; threads still waiting for something
+        get ReactorStoppedError (a RaySystemError)."""
         self.drain_background()
         self.shutting_down = True
         try:
             self.submitter.shutdown()
         except Exception:
             log.exception("submitter shutdown failed")
-        self.reactor.stop()
+        self.reactor.stop(SHUTDOWN_REASON)
+        self.fail_pending(ReactorStoppedError(SHUTDOWN_REASON))
+        self._stop_threads()
         if self._arena is not None:
             self._arena.close()
-        self.gcs.close()
+
+    def _stop_threads(self) -> None:
+        """End the threads this core worker started and close its connections."""
+        self.shutting_down = True
+        self.watcher.stop()
+        self.reactor.stop(SHUTDOWN_REASON)
+        self._off_loop.stop()
+        self._background.put(None)
+        if threading.current_thread() is not self._background_thread:
+            self._background_thread.join(timeout=5)
+        self.gcs.close()  # (also ends the watcher's wait for a message)
+        self.watcher.join(timeout=5)
+
+
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+def _resolve(future: concurrent.futures.Future, fn: Callable, *args: Any) -> None:
+    """future gets fn(*args), or what it raised (a task's error goes to whoever awaits it)."""
+    if future.done():  # cancelled by its awaiter
+        return
+    try:
+        value = fn(*args)
+    except BaseException as exc:
+        try:
+            future.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass
+    else:
+        try:
+            future.set_result(value)
+        except concurrent.futures.InvalidStateError:
+            pass
 
 
 def _nothing() -> None:

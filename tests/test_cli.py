@@ -202,6 +202,8 @@ def test_driver_with_redis_url(head: dict[str, Any], cli_tmp: Path) -> None:
 
 
 def test_node_joins_the_cluster(head: dict[str, Any], cli_tmp: Path) -> None:
+    """Also: --temp-dir is where the node's session (logs, spilled objects) goes."""
+    temp_dir = cli_tmp / "node-temp"
     out = redray_cli(
         "node",
         "--redis",
@@ -210,11 +212,17 @@ def test_node_joins_the_cluster(head: dict[str, Any], cli_tmp: Path) -> None:
         "1",
         "--object-store-memory",
         STORE,
+        "--temp-dir",
+        str(temp_dir),
         tmpdir=cli_tmp,
     ).stdout
     assert "joined cluster 'default'" in out
     record = json.loads(cluster_file(cli_tmp).read_text())
     assert len(record["pids"]) == 2 and record["gcs_url"] == head["url"]
+    session_dir = Path(record["nodes"][1]["session_dir"])
+    assert session_dir.parent == temp_dir
+    assert (session_dir / "logs" / "raylet.log").exists()
+    assert f"Logs: {session_dir / 'logs'}" in out
     status = redray_cli("status", tmpdir=cli_tmp).stdout
     assert "Nodes: 2 alive, 0 dead" in status
     # (used may not be back to 0 yet: the last heartbeat can predate the previous driver's exit)
@@ -302,6 +310,9 @@ def test_stop_leaves_nothing_running(head: dict[str, Any], cli_tmp: Path) -> Non
         (["node", "--redis", "redis://127.0.0.1:9", "--num-gpus", "-2"], "-2 is not in the range"),
         (["start"], "--head"),
         (["start", "--head", "--node-ip-address", "not-an-ip"], "not an IP address"),
+        (["start", "--head", "--node-ip-address", "0.0.0.0"], "every interface"),
+        (["node", "--redis", "redis://127.0.0.1:9", "--node-ip-address", "::"], "every interface"),
+        (["start", "--head", "--port", "0", "--temp-dir", "/proc/redray"], "cannot make a session"),
         (["status", "--address", "http://example"], "not a Redis URL"),
     ],
 )

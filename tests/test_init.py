@@ -67,6 +67,8 @@ def test_unknown_keyword_is_a_type_error_naming_it():
         ({"resources": ["custom"]}, TypeError),
         ({"runtime_env": {"pip": ["x"]}}, ValueError),
         ({"runtime_env": "not a dict"}, TypeError),
+        ({"_node_ip_address": "0.0.0.0"}, ValueError),
+        ({"_node_ip_address": "not-an-ip"}, ValueError),
     ],
 )
 def test_bad_init_arguments(kwargs, error):
@@ -594,3 +596,126 @@ def test_sigkilled_driver_leaves_nothing(isolated):
             driver.wait()
         driver.stdin.close()
         driver.stdout.close()
+
+
+@pytest.mark.timeout(60)
+def test_temp_dir_holds_the_session_of_a_private_cluster(isolated, tmp_path):
+    temp_dir = tmp_path / "redray-temp"
+    result = last_json(
+        run_driver(
+            f"""
+            import json, os, redray
+            ctx = redray.init(num_cpus=1, _temp_dir={str(temp_dir)!r})
+            session = ctx["session_dir"]
+            logs = os.listdir(os.path.join(session, "logs"))
+            redray.shutdown()
+            print(json.dumps({{"session": session, "logs": logs,
+                               "left": os.path.exists(session)}}))
+            """,
+            env=isolated,
+        ).stdout
+    )
+    assert os.path.dirname(result["session"]) == str(temp_dir)
+    assert "raylet.log" in result["logs"]
+    assert result["left"] is False and temp_dir.is_dir()
+
+
+# -- init/shutdown cycles and threads left waiting ---------------------------------------------
+def check_flat(samples: list[dict], warmup: int = 4) -> None:
+    """Threads and fds back to where they were after each cycle; memory does not grow."""
+    base = samples[warmup - 1]
+    for sample in samples[warmup:]:
+        assert sample["threads"] <= base["threads"], (sample, base)
+        assert sample["fds"] <= base["fds"], (sample, base)
+    # What redray allocates is freed or reused from cycle to cycle: the rest is allocator noise.
+    assert samples[-1]["rss_mb"] - base["rss_mb"] < 10, (base, samples[-1])
+
+
+@pytest.mark.timeout(180)
+def test_init_shutdown_cycles_leave_threads_fds_and_memory_flat(isolated):
+    """(scripts/init_cycles.py; run it with 1000 cycles for the long measurement)"""
+    cycles = 30
+    script = REPO / "scripts" / "init_cycles.py"
+    out = run_driver(
+        f"import runpy, sys\nsys.argv = ['init_cycles', '{cycles}']\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')",
+        env=isolated,
+        timeout=170,
+    ).stdout
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    samples, left = lines[:-1], lines[-1]["threads_left"]
+    assert len(samples) == cycles
+    print(f"{cycles} cycles in {samples[-1]['seconds']:.1f} s:", samples[3], samples[-1])
+    assert left == ["MainThread"], left
+    check_flat(samples)
+
+
+BLOCKED_AT_SHUTDOWN = """
+    import asyncio, json, threading, time
+    import redray
+    from redray.exceptions import RaySystemError
+
+    redray.init(num_cpus=1)
+
+    @redray.remote
+    def forever():
+        time.sleep(3600)
+
+    @redray.remote
+    def blob(n):
+        return b"x" * n
+
+    assert len(redray.get(blob.remote(200_000))) == 200_000  # the store and leases in use
+    pending = forever.remote()
+    outcomes = {}
+
+    def blocked(name, fn):
+        def run():
+            try:
+                fn()
+                outcomes[name] = "returned"
+            except RaySystemError as exc:
+                outcomes[name] = "RaySystemError: " + str(exc)
+            except BaseException as exc:
+                outcomes[name] = repr(exc)
+        thread = threading.Thread(target=run, name="user-" + name)
+        thread.start()
+        return thread
+
+    async def awaited():
+        return await pending
+
+    threads = [
+        blocked("get", lambda: redray.get(pending)),
+        blocked("get_many", lambda: redray.get([pending, forever.remote()])),
+        blocked("wait", lambda: redray.wait([pending], timeout=None)),
+        blocked("future", lambda: pending.future().result()),
+        blocked("await", lambda: asyncio.run(awaited())),
+    ]
+    time.sleep(0.5)  # (nothing to wait for: they block until shutdown, which is the test)
+    start = time.monotonic()
+    redray.shutdown()
+    for thread in threads:
+        thread.join(10)
+    print(json.dumps({
+        "outcomes": outcomes,
+        "seconds": time.monotonic() - start,
+        "alive": [t.name for t in threading.enumerate() if t is not threading.main_thread()],
+    }))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_shutdown_wakes_threads_blocked_in_get_wait_and_futures(isolated):
+    """Threads waiting for objects when another thread shuts redray down get a
+    RaySystemError (instead of waiting forever), and every runtime thread ends."""
+    result = last_json(run_driver(BLOCKED_AT_SHUTDOWN, env=isolated, timeout=80).stdout)
+    assert result["alive"] == [], result
+    assert result["seconds"] < 10, result
+    for name in ("get", "get_many", "future", "await"):
+        assert result["outcomes"][name].startswith("RaySystemError: "), result["outcomes"]
+        assert "redray.shutdown()" in result["outcomes"][name]
+    # wait() may also return the refs, whose get would then raise the same error.
+    assert result["outcomes"]["wait"] in ("returned",) or result["outcomes"]["wait"].startswith(
+        "RaySystemError"
+    )

@@ -9,8 +9,8 @@ import threading
 import pytest
 from conftest import wait_for
 
-from redray import protocol
-from redray.reactor import Reactor
+from redray import exceptions, protocol
+from redray.reactor import LoopBlockedError, Reactor, ReactorStoppedError
 
 TOKEN = b"t" * 32
 
@@ -42,12 +42,15 @@ def echo():
 
 
 def blocked_in(reactor: Reactor, waiter, timeout=None) -> tuple[threading.Thread, dict]:
-    """Run reactor.block(waiter) on a new thread; the dict gets its result."""
+    """Run reactor.block(waiter) on a new thread; the dict gets its result (or its error)."""
     result: dict = {}
 
     def run() -> None:
         result["ident"] = threading.get_ident()
-        result["returned"] = reactor.block(waiter, timeout)
+        try:
+            result["returned"] = reactor.block(waiter, timeout)
+        except Exception as exc:
+            result["error"] = exc
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -135,13 +138,80 @@ def test_two_blocked_threads_are_both_woken(echo):
     sock.close()
 
 
+@pytest.mark.timeout(30)
 def test_stop_while_a_thread_runs_the_loop(echo):
+    """The I/O thread ends, and the thread that ran the loop learns at once that nothing it
+    waits for can come any more."""
     waiter = echo.reactor.waiter()
-    thread, result = blocked_in(echo.reactor, waiter, timeout=30)
+    thread, result = blocked_in(echo.reactor, waiter)
     wait_for(lambda: echo.reactor._leader == result.get("ident"), message="loop never lent")
-    echo.reactor.stop()
+    echo.reactor.stop("stopped by the test")
     echo.reactor.thread.join(10)
     assert not echo.reactor.thread.is_alive()
-    waiter.set()
     thread.join(10)
-    assert result["returned"] is True
+    assert not thread.is_alive()
+    assert isinstance(result["error"], ReactorStoppedError)
+    assert isinstance(result["error"], exceptions.RaySystemError)
+    assert "stopped by the test" in str(result["error"])
+
+
+@pytest.mark.timeout(30)
+def test_stop_wakes_every_sleeping_thread_with_an_error(echo):
+    waiters = [echo.reactor.waiter() for _ in range(3)]
+    blocked = [blocked_in(echo.reactor, w) for w in waiters]
+    # One of them runs the loop; the others sleep.
+    wait_for(lambda: len(echo.reactor._sleepers) >= 2, message="threads never slept")
+    echo.reactor.stop()
+    for thread, result in blocked:
+        thread.join(10)
+        assert not thread.is_alive()
+        assert isinstance(result["error"], ReactorStoppedError)
+    # A wait that starts after the stop fails at once too.
+    with pytest.raises(ReactorStoppedError):
+        echo.reactor.block(echo.reactor.waiter(), timeout=10)
+
+
+@pytest.mark.timeout(30)
+def test_blocking_on_the_thread_running_the_loop_raises(echo):
+    """A handler that blocks for a reply only its own thread could read fails clearly
+    instead of wedging the process."""
+    errors: list = []
+    replied = echo.reactor.waiter()
+
+    def handler(conn, message):
+        try:
+            echo.reactor.block(echo.reactor.waiter(), timeout=5)
+        except LoopBlockedError as exc:
+            errors.append(exc)
+        replied.set()
+
+    address = echo.reactor.listen("127.0.0.1", 0, handler)
+    sock = protocol.connect(address, TOKEN)
+    sock.sendall(protocol.encode("block"))
+    assert echo.reactor.block(replied, timeout=10)
+    assert len(errors) == 1 and "I/O loop" in str(errors[0])
+    # The loop is not wedged: other messages are still handled.
+    done = echo.reactor.waiter()
+    echo.waiters["after"] = done
+    client = echo.client()
+    client.sendall(protocol.encode("after"))
+    assert echo.reactor.block(done, timeout=10)
+    sock.close()
+    client.close()
+
+
+@pytest.mark.timeout(30)
+def test_stop_closes_every_descriptor(echo):
+    """A reactor leaves no file descriptor behind: its sockets, listeners, selector and
+    pipe, and a connection handed to it after it stopped (refused with ConnectionError)."""
+    before = set(os.listdir("/proc/self/fd"))
+    reactor = Reactor(TOKEN, name="test-reactor")
+    reactor.listen("127.0.0.1", 0, lambda conn, message: None)
+    conn = reactor.connect(echo.address, lambda conn, message: None)
+    wait_for(lambda: conn.fileno in reactor._connections, message="never registered")
+    reactor.stop()
+    assert not reactor.thread.is_alive() and conn.closed
+    with pytest.raises(ConnectionError):
+        reactor.connect(echo.address, lambda conn, message: None)
+    # (the echo server's ends of those connections close once it reads their EOF)
+    wait_for(lambda: set(os.listdir("/proc/self/fd")) - before == set(), timeout=5)

@@ -3,6 +3,7 @@ resources and scheduling. Worker processes are real and really get SIGKILLed."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -926,3 +927,109 @@ def test_concurrency_groups_cannot_be_set_in_options(ray_start):
 
     with pytest.raises(ValueError, match="concurrency_groups"):
         Grouped.options(concurrency_groups={"io": 2})
+
+
+# -- awaiting results -------------------------------------------------------------------------
+@redray.remote
+def blob(size: int) -> bytes:
+    return b"x" * size
+
+
+@redray.remote
+class BlobMaker:
+    def make(self, size: int) -> bytes:
+        return b"y" * size
+
+
+BIG = 200 * 1024  # above the inline limit: the result lives in the object store
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cluster", ["ray_start_1cpu", "ray_start"])
+@pytest.mark.parametrize("size", [10 * 1024, BIG])
+def test_await_a_task_result_in_asyncio(cluster, size, request):
+    request.getfixturevalue(cluster)
+
+    async def main():
+        return await asyncio.wait_for(_awaited(blob.remote(size)), 20)
+
+    assert asyncio.run(main()) == b"x" * size
+    # The driver still works afterwards.
+    assert redray.get(blob.remote(10), timeout=20) == b"x" * 10
+
+
+async def _awaited(ref):
+    return await ref
+
+
+@pytest.mark.timeout(60)
+def test_await_many_large_results_and_an_actor_future(ray_start):
+    maker = BlobMaker.remote()
+
+    async def main():
+        results = asyncio.gather(*(_awaited(blob.remote(BIG + i)) for i in range(8)))
+        from_actor = maker.make.remote(BIG).as_future()
+        return await asyncio.wait_for(asyncio.gather(results, from_actor), 30)
+
+    results, from_actor = asyncio.run(main())
+    assert [len(r) for r in results] == [BIG + i for i in range(8)]
+    assert from_actor == b"y" * BIG
+    assert redray.get(maker.make.remote(10), timeout=20) == b"y" * 10
+
+
+@pytest.mark.timeout(60)
+def test_future_of_a_large_result_from_a_plain_thread(ray_start):
+    """A concurrent.futures.Future of a stored object resolves (and its callbacks run)."""
+    future = blob.remote(BIG).future()
+    assert future.result(timeout=20) == b"x" * BIG
+    ready = blob.remote(BIG)
+    redray.wait([ready], timeout=20)
+    assert ready.future().result(timeout=20) == b"x" * BIG
+
+
+# -- resource views ---------------------------------------------------------------------------
+@redray.remote
+def hold_cpu(started: str, release: str) -> str:
+    mark(started)
+    block_until(release)
+    return "done"
+
+
+@redray.remote
+def wait_on_inner(started: str, inner_started: str, release: str) -> str:
+    mark(started)
+    return redray.get(hold_cpu.remote(inner_started, release))
+
+
+@pytest.mark.timeout(60)
+def test_available_resources_are_current_on_this_node(ray_start, gate):
+    """What this node has free is read from its raylet at the time of the call: a task
+    holding a CPU shows at once, and its CPU is back as soon as its lease is returned."""
+    for i in range(3):
+        ref = hold_cpu.remote(gate.path(f"started{i}"), gate.path(f"release{i}"))
+        gate.wait_mark(f"started{i}")
+        assert redray.available_resources().get("CPU", 0.0) == 1.0
+        mark(gate.path(f"release{i}"))
+        assert redray.get(ref, timeout=20) == "done"
+        wait_for(lambda: redray.available_resources().get("CPU") == 2.0, timeout=5)
+    # A task blocked in get lends its CPU back; both CPUs are free soon after it is done.
+    ref = wait_on_inner.remote(gate.path("outer"), gate.path("inner"), gate.path("release"))
+    gate.wait_mark("inner")
+    wait_for(lambda: redray.available_resources().get("CPU") == 1.0, timeout=5)
+    gate.open()
+    mark(gate.path("release"))
+    assert redray.get(ref, timeout=20) == "done"
+    done = time.monotonic()
+    wait_for(lambda: redray.available_resources().get("CPU") == 2.0, timeout=5, interval=0.005)
+    print(f"both CPUs free {time.monotonic() - done:.3f} s after the blocked task returned")
+
+
+def test_cluster_resources_have_the_store_and_memory_as_ray(ray_start):
+    total = redray.cluster_resources()
+    available = redray.available_resources()
+    node = redray.nodes()[0]
+    for view in (total, available, node["Resources"]):
+        assert view["object_store_memory"] == node["object_store_memory"] > 0
+        assert view["memory"] > 0
+    assert {"CPU", "memory", "object_store_memory", "node:__internal_head__"} <= set(total)
+    assert any(name.startswith("node:") and name != "node:__internal_head__" for name in total)
