@@ -1,0 +1,194 @@
+"""Soak: long runs of the usual patterns leave nothing behind.
+
+A driver in its own process runs each pattern many times and reports its own threads, file
+descriptors and RSS, the node's processes, and the store's bytes before and after; every
+figure must come back to its baseline (RSS within a margin: the allocator keeps some pages).
+The figures are printed, so a run shows how close to the baseline each one came.
+
+Marked `slow`; the CI command runs it with the rest.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import last_json, run_driver
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+MEASURE = """
+import gc, json, os, threading, time
+import psutil
+import redray
+from redray import context
+
+def store():
+    worker = context.current
+    return worker.call(worker.raylet, "store_stats", timeout=10)
+
+def cluster_processes():
+    raylets = [p for p in psutil.Process().children() if "redray.raylet" in " ".join(p.cmdline())]
+    procs = []
+    for raylet in raylets:
+        procs.append(raylet)
+        procs.extend(raylet.children(recursive=True))
+    return procs
+
+def figures():
+    gc.collect()
+    context.current.process_released()
+    me = psutil.Process()
+    procs = cluster_processes()
+    stats = store()
+    return {
+        "threads": threading.active_count(),
+        "fds": me.num_fds(),
+        "rss_mb": me.memory_info().rss / 2**20,
+        "node_processes": len(procs),
+        "node_rss_mb": sum(p.memory_info().rss for p in procs) / 2**20,
+        "store_used": stats["used"],
+        "store_objects": stats["num_objects"],
+        "disk_bytes": stats["disk_bytes"],
+    }
+
+def settle(baseline, keys=("threads", "fds", "store_used", "store_objects", "disk_bytes")):
+    deadline = time.monotonic() + 20
+    while True:
+        now = figures()
+        if all(now[k] <= baseline[k] for k in keys) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.1)
+"""
+
+
+def soak(body: str, timeout: float = 500) -> dict:
+    """Run body (with `redray` initialized and `baseline` measured) in a fresh driver."""
+    script = (
+        MEASURE
+        + """
+redray.init(num_cpus=2, object_store_memory=300 * 2**20)
+@redray.remote
+def warm():
+    return 0
+redray.get([warm.remote() for _ in range(100)])
+baseline = figures()
+"""
+        + body
+        + """
+after = settle(baseline)
+print(json.dumps({"baseline": baseline, "after": after}))
+redray.shutdown()
+"""
+    )
+    out = last_json(run_driver(script, timeout=timeout).stdout)
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def assert_back_to_baseline(figures: dict, rss_margin_mb: float = 60) -> None:
+    before, after = figures["baseline"], figures["after"]
+    for key in ("threads", "fds", "node_processes", "store_used", "store_objects", "disk_bytes"):
+        assert after[key] <= before[key], f"{key}: {before[key]} -> {after[key]}"
+    assert after["rss_mb"] <= before["rss_mb"] + rss_margin_mb
+    assert after["node_rss_mb"] <= before["node_rss_mb"] + 2 * rss_margin_mb
+
+
+def test_100k_tasks():
+    figures = soak(
+        """
+@redray.remote
+def small(i):
+    return i
+for start in range(0, 100_000, 10_000):
+    assert redray.get([small.remote(i) for i in range(start, start + 10_000)])[-1] == start + 9_999
+"""
+    )
+    assert_back_to_baseline(figures)
+
+
+def test_20k_dropped_1mb_puts_and_echo_rounds():
+    figures = soak(
+        """
+import numpy as np
+block = np.ones(2**20, dtype=np.uint8)
+for _ in range(20_000):
+    ref = redray.put(block)
+    del ref
+@redray.remote
+def echo(x):
+    return x
+for _ in range(20):
+    x = redray.put(block)
+    [back] = redray.get(echo.remote([x]))
+    assert back == x
+    del x, back
+"""
+    )
+    assert_back_to_baseline(figures)
+
+
+def test_1000_actors_created_and_killed():
+    figures = soak(
+        """
+@redray.remote(num_cpus=0)
+class Counter:
+    def __init__(self):
+        self.n = 0
+    def incr(self):
+        self.n += 1
+        return self.n
+for start in range(0, 1000, 50):
+    actors = [Counter.remote() for _ in range(50)]
+    assert redray.get([a.incr.remote() for a in actors]) == [1] * 50
+    for a in actors:
+        redray.kill(a)
+    del actors
+"""
+    )
+    assert_back_to_baseline(figures)
+
+
+def test_100_init_shutdown_cycles():
+    out = last_json(
+        run_driver(
+            MEASURE.replace("def figures():", "def cluster_figures():")
+            + """
+def figures():
+    gc.collect()
+    me = psutil.Process()
+    return {"threads": threading.active_count(), "fds": me.num_fds(),
+            "rss_mb": me.memory_info().rss / 2**20, "children": len(me.children())}
+
+@redray.remote
+def one():
+    return 1
+
+def cycle():
+    redray.init(num_cpus=1)
+    assert redray.get(one.remote()) == 1
+    redray.shutdown()
+
+for _ in range(5):
+    cycle()
+baseline = figures()
+for _ in range(100):
+    cycle()
+deadline = time.monotonic() + 20
+after = figures()
+while time.monotonic() < deadline and (
+    after["threads"] > baseline["threads"] or after["children"] > baseline["children"]
+):
+    time.sleep(0.1)
+    after = figures()
+print(json.dumps({"baseline": baseline, "after": after}))
+""",
+            timeout=500,
+        ).stdout
+    )
+    print(json.dumps(out, indent=1))
+    before, after = out["baseline"], out["after"]
+    assert after["threads"] <= before["threads"]
+    assert after["fds"] <= before["fds"]
+    assert after["children"] == 0
+    assert after["rss_mb"] <= before["rss_mb"] + 30
