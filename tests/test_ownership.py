@@ -131,10 +131,10 @@ def test_an_unborrow_arriving_before_its_borrow_still_frees_the_object(cluster):
     x = redray.put(np.ones(MiB, dtype=np.uint8))
     oid = x._id
     conn.send(("unborrow", [(oid, 1)], borrower))
+    wait_for(lambda: worker.refs.borrowers_of(oid) == {borrower: -1})
     del x
     sync_driver_refs()
     # The borrow that release answers is still on its way: the object must wait for it.
-    wait_for(lambda: worker.refs.borrowers_of(oid) == {borrower: -1})
     assert store_stats()["num_objects"] == 1
     conn.send(("borrow", [oid], borrower))
     wait_empty()

@@ -2,7 +2,8 @@
 
 A driver in its own process runs each pattern many times and reports its own threads, file
 descriptors and RSS, the node's processes, and the store's bytes before and after; every
-figure must come back to its baseline (RSS within a margin: the allocator keeps some pages).
+figure must come back to its baseline (RSS within a margin: the allocator keeps some pages;
+file descriptors within two: Redis connections are pooled).
 The figures are printed, so a run shows how close to the baseline each one came.
 
 Marked `slow`; the CI command runs it with the rest.
@@ -39,14 +40,19 @@ def figures():
     gc.collect()
     context.current.process_released()
     me = psutil.Process()
-    procs = cluster_processes()
+    rss = []
+    for proc in cluster_processes():
+        try:
+            rss.append(proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            pass  # (an idle worker ending as we look)
     stats = store()
     return {
         "threads": threading.active_count(),
         "fds": me.num_fds(),
         "rss_mb": me.memory_info().rss / 2**20,
-        "node_processes": len(procs),
-        "node_rss_mb": sum(p.memory_info().rss for p in procs) / 2**20,
+        "node_processes": len(rss),
+        "node_rss_mb": sum(rss) / 2**20,
         "store_used": stats["used"],
         "store_objects": stats["num_objects"],
         "disk_bytes": stats["disk_bytes"],
@@ -69,9 +75,12 @@ def soak(body: str, timeout: float = 500) -> dict:
         + """
 redray.init(num_cpus=2, object_store_memory=300 * 2**20)
 @redray.remote
-def warm():
-    return 0
+def warm(x=None):
+    return x
+# What the runtime starts once and keeps (the thread following process deaths, connections
+# to the raylet and Redis) is in the baseline: warm each path up once.
 redray.get([warm.remote() for _ in range(100)])
+redray.get(warm.remote([redray.put(b"x" * 200_000)]))
 baseline = figures()
 """
         + body
@@ -88,8 +97,11 @@ redray.shutdown()
 
 def assert_back_to_baseline(figures: dict, rss_margin_mb: float = 60) -> None:
     before, after = figures["baseline"], figures["after"]
-    for key in ("threads", "fds", "node_processes", "store_used", "store_objects", "disk_bytes"):
+    for key in ("threads", "node_processes", "store_used", "store_objects", "disk_bytes"):
         assert after[key] <= before[key], f"{key}: {before[key]} -> {after[key]}"
+    # A pooled connection to Redis more (two threads once used it at the same time) is not a
+    # leak; one per task, put or actor would be thousands.
+    assert after["fds"] <= before["fds"] + 2, f"fds: {before['fds']} -> {after['fds']}"
     assert after["rss_mb"] <= before["rss_mb"] + rss_margin_mb
     assert after["node_rss_mb"] <= before["node_rss_mb"] + 2 * rss_margin_mb
 
