@@ -28,7 +28,7 @@ from redray.api import (
     timeline,
     wait,
 )
-from redray.object_ref import ObjectID, ObjectRef
+from redray.core.object_ref import ObjectID, ObjectRef
 from redray.runtime_context import get_runtime_context
 
 __version__ = "0.1.0"

@@ -13,8 +13,8 @@ import os
 import pickle
 from typing import Any
 
-from redray import context, serialization
 from redray import options as opts
+from redray.core import context, serialization
 from redray.gcs import NAMED_ACTORS
 from redray.signatures import check_actor_creation, check_method
 
@@ -300,7 +300,7 @@ class _BoundMethod:
 
 
 def _call_options(handle: ActorHandle, name: str, meta: dict, overrides: dict) -> Any:
-    from redray.submitter import TaskOptions
+    from redray.core.task_submitter import TaskOptions
 
     retries = overrides.get("max_task_retries", meta.get("max_task_retries"))
     if retries is None:

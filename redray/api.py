@@ -12,8 +12,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from redray import context, exceptions
-from redray.object_ref import ObjectRef
+from redray import exceptions
+from redray.core import context
+from redray.core.object_ref import ObjectRef
 
 log = logging.getLogger("redray")
 
@@ -102,7 +103,7 @@ def init(
                 namespace = job_config.ray_namespace
         options.validate_runtime_env(runtime_env)
         if _node_ip_address is not None:
-            from redray import node
+            from redray.node import launch as node
 
             node.check_node_ip(_node_ip_address)
         address = address or os.environ.get("REDRAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
@@ -121,7 +122,7 @@ def init(
             _start_driver(connection, namespace, log_to_driver, runtime_env, job_config)
         except BaseException:
             if _private_node is not None:
-                from redray import node
+                from redray.node import launch as node
 
                 _private_node.stop()
                 node.remove_session_dir(_private_node.session_dir)
@@ -134,7 +135,7 @@ def _start_private_cluster(
     num_cpus, num_gpus, resources, object_store_memory, node_ip, temp_dir=None
 ):
     global _private_node
-    from redray import node
+    from redray.node import launch as node
 
     if resources is not None:
         if not isinstance(resources, dict):
@@ -175,8 +176,8 @@ def _import_runtime() -> None:
 
 
 def _connect_existing(address: str, node_ip: str | None = None) -> dict[str, Any]:
-    from redray import node
     from redray.gcs import DEFAULT_CLUSTER, Gcs
+    from redray.node import launch as node
 
     cluster = DEFAULT_CLUSTER
     if address == "auto":
@@ -351,7 +352,7 @@ def shutdown(_exiting_interpreter: bool = False) -> None:
         if _private_node is not None:
             started, _private_node = _private_node, None
             started.stop()
-            from redray import node
+            from redray.node import launch as node
 
             node.remove_session_dir(started.session_dir)
 
@@ -444,7 +445,7 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
             f"Got: {type(object_ref)}."
         )
     worker = context.worker()
-    from redray.ids import task_of
+    from redray.core.ids import task_of
 
     actor_cancel = getattr(worker, "cancel_actor_task", None)
     if actor_cancel is not None and actor_cancel(object_ref, force, recursive):

@@ -7,7 +7,7 @@
 
 Nodes started here outlive the command (their raylets run in their own sessions). What
 `redray start` / `redray node` started is recorded in the current-cluster file
-(`redray.node.CURRENT_CLUSTER`, mode 0600, it holds the Redis password), which is how
+(`redray.node.launch.CURRENT_CLUSTER`, mode 0600, it holds the Redis password), which is how
 `redray.init(address="auto")` finds the cluster and how `redray stop` finds the nodes.
 Also runnable as `python -m redray.cli`.
 """
@@ -31,8 +31,8 @@ import click
 import psutil
 import redis
 
-from redray import node
 from redray.gcs import DEFAULT_CLUSTER, Gcs
+from redray.node import launch as node
 
 MIN_OBJECT_STORE_MEMORY = 1 << 20
 LOG_TAIL_LINES = 20

@@ -25,12 +25,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from redray import exceptions, scheduling
+from redray import exceptions
 from redray import gcs as gcs_schema
-from redray.bundles import Bundles
-from redray.connection import Connection
 from redray.gcs import Gcs
-from redray.reactor import Reactor
+from redray.node import scheduling
+from redray.node.bundles import Bundles
+from redray.transport.connection import Connection
+from redray.transport.reactor import Reactor
 
 log = logging.getLogger("redray.raylet")
 
@@ -127,7 +128,7 @@ class Raylet:
         self.address = self.reactor.listen(
             self.host, int(config.get("port", 0)), self._on_message, self._on_conn_closed
         )
-        from redray.object_manager import ObjectManager
+        from redray.node.object_manager import ObjectManager
 
         self.object_manager = ObjectManager(self)
         self.object_managers: dict[str, tuple[str, int]] = {}  # node id -> its object server
@@ -185,7 +186,7 @@ class Raylet:
             self.gcs, {gcs_schema.WORKER_CHANNEL: self._on_death_event}, self.stopping.is_set
         ).start()
         if self.config.get("head"):
-            from redray.control import ControlLoop
+            from redray.control.loop import ControlLoop
 
             self.control = ControlLoop(self)
             self.control.start()
@@ -922,7 +923,7 @@ def _alive(pid: int) -> bool:
 
 def main() -> None:
     """Run a raylet: read config from stdin, print node info as one JSON line when ready."""
-    from redray import worker_pool
+    from redray.node import worker_pool
 
     config = json.loads(sys.stdin.readline())
     # Our stdout carries one line (the node's description) to whoever started us; everything
@@ -937,7 +938,7 @@ def main() -> None:
         worker_pool.die_with_parent()
     redis_server = None
     if config.get("start_redis"):
-        from redray.redis_server import RedisServer
+        from redray.node.redis_server import RedisServer
 
         redis_server = RedisServer.start(
             host=config["node_ip_address"],

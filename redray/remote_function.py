@@ -7,11 +7,11 @@ import hashlib
 import inspect
 from typing import Any
 
-from redray import context, serialization
 from redray import options as opts
-from redray.executor import CallLimit
+from redray.core import context, serialization
+from redray.core.executor import CallLimit
+from redray.core.task_submitter import TaskOptions
 from redray.signatures import Binder
-from redray.submitter import TaskOptions
 
 # A pickled function or class above these sizes (bytes) draws a warning / is refused (Ray's
 # values): it almost always captured a large object by accident, which every worker would load.

@@ -11,8 +11,8 @@ import inspect
 import re
 from typing import Any
 
-from redray import context
-from redray.ids import ActorID, JobID, NodeID, TaskID
+from redray.core import context
+from redray.core.ids import ActorID, JobID, NodeID, TaskID
 
 # Resources of a placement group's bundle as the scheduler names them: CPU_group_<i>_<pg>
 # (bundle i) or CPU_group_<pg> (any bundle); "bundle_group_..." only marks the group.

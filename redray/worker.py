@@ -29,17 +29,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redray import context, exceptions, serialization
+from redray import exceptions
 from redray import gcs as gcs_schema
-from redray.connection import Connection
+from redray.core import context, serialization
+from redray.core.ids import IdSource
+from redray.core.object_ref import Address, ObjectRef
+from redray.core.ownership import Ownership, Payload
+from redray.core.reference_table import ObjectEntry, ReferenceTable
+from redray.core.waiting import ListWatch, Waiting
 from redray.gcs import Gcs
-from redray.ids import IdSource
-from redray.object_ref import Address, ObjectRef
-from redray.offloop import OffLoop
-from redray.ownership import Ownership, Payload
-from redray.reactor import Reactor, ReactorStoppedError
-from redray.reference_table import ObjectEntry, ReferenceTable
-from redray.waiting import ListWatch, Waiting
+from redray.transport.connection import Connection
+from redray.transport.offloop import OffLoop
+from redray.transport.reactor import Reactor, ReactorStoppedError
 from redray.watcher import Watcher, is_connection_error
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,8 @@ class CoreWorker(Ownership, Waiting):
             "log": self._on_log,
             "warn": self._on_warning,
         }
-        from redray.actor_submitter import ActorSubmitter
-        from redray.submitter import TaskSubmitter
+        from redray.core.actor_submitter import ActorSubmitter
+        from redray.core.task_submitter import TaskSubmitter
 
         self.submitter = TaskSubmitter(self)
         self.actors = ActorSubmitter(self)

@@ -6,12 +6,12 @@ import logging
 import os
 from typing import Any
 
-from redray import context
+from redray.core import context
 
 
 def main(config: dict[str, Any]) -> None:
     """Start the core worker in worker mode and run pushed tasks until told to exit."""
-    from redray.executor import Executor
+    from redray.core.executor import Executor
     from redray.worker import CoreWorker
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")

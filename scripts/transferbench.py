@@ -24,10 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import redray  # noqa: E402
-from redray import node as node_mod  # noqa: E402
 from redray.gcs import Gcs  # noqa: E402
-from redray.protocol import new_token  # noqa: E402
-from redray.redis_server import RedisServer  # noqa: E402
+from redray.node import launch as node_mod
+from redray.node.redis_server import RedisServer  # noqa: E402
+from redray.transport.protocol import new_token  # noqa: E402
 
 
 def start_cluster(store_bytes: int) -> tuple[RedisServer, list[node_mod.StartedNode], str]:

@@ -38,7 +38,7 @@ from redray.exceptions import (
     TaskCancelledError,
     WorkerCrashedError,
 )
-from redray.redis_server import free_port
+from redray.node.redis_server import free_port
 
 
 # -- actors and tasks used below -------------------------------------------------------------
@@ -398,7 +398,7 @@ class Forker:
     def fork_helper(self, release_file: str, keep_only_caller: bool = False) -> int:
         """Fork a helper that lives until release_file exists. With keep_only_caller, the
         helper closes every inherited socket but the one this call came in on."""
-        from redray import context
+        from redray.core import context
 
         connections = psutil.Process().net_connections("all")
         keep = [context.current.executor.context().conn.fileno]
@@ -564,7 +564,7 @@ def incr_all(handles: list, n: int) -> list:
 # -- helpers ---------------------------------------------------------------------------------
 def actor_record(actor_hex: str) -> dict:
     """The actor's entry in the cluster's actor table (what the state API shows)."""
-    return redray.context.current.gcs.actor(actor_hex) or {}
+    return redray.core.context.current.gcs.actor(actor_hex) or {}
 
 
 OUT_OF_SCOPE = "The actor is dead because all references to the actor were removed."
@@ -1361,7 +1361,7 @@ def test_kill_an_actor_that_was_never_placed(cluster):
 
 def test_the_table_of_called_actors_forgets_dead_ones(cluster):
     """This process's table of the actors it calls keeps those not known to be dead only."""
-    table = redray.context.current.actors._actors
+    table = redray.core.context.current.actors._actors
     baseline = len(table)
     actors = [Counter.remote(i) for i in range(200)]
     assert redray.get([a.get.remote() for a in actors[:10]], timeout=60) == list(range(10))

@@ -24,7 +24,7 @@ import pytest
 from conftest import REPO, last_json, run_driver
 
 from redray.gcs import Gcs
-from redray.redis_server import free_port
+from redray.node.redis_server import free_port
 
 pytestmark = pytest.mark.timeout(90)
 

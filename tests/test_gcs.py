@@ -11,7 +11,7 @@ import pytest
 from conftest import wait_for
 
 from redray.gcs import ACTORS, NAMED_ACTORS, NAMED_PGS, Gcs
-from redray.redis_server import RedisServer
+from redray.node.redis_server import RedisServer
 
 try:
     import lupa  # noqa: F401 - fakeredis runs Lua scripts (EVALSHA) only with lupa

@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, last_json, redray_shm_files, run_driver, wait_for
 
 import redray
-from redray.redis_server import RedisServer, free_port
+from redray.node.redis_server import RedisServer, free_port
 
 
 @pytest.fixture
@@ -251,7 +251,7 @@ def test_init_honours_the_job_config(isolated, tmp_path):
     out = run_driver(
         f"""
         import json, os, redray
-        from redray import context
+        from redray.core import context
         from redray.job_config import JobConfig
 
         redray.init(

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import redray
-from redray import node as node_mod
 from redray.gcs import Gcs
-from redray.protocol import new_token
-from redray.redis_server import RedisServer
+from redray.node import launch as node_mod
+from redray.node.redis_server import RedisServer
+from redray.transport.protocol import new_token
 from redray.util import placement_group, remove_placement_group
 from redray.util.scheduling_strategies import (
     NodeAffinitySchedulingStrategy,

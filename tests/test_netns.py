@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 import redray
-from redray import node as node_mod
 from redray.gcs import Gcs
-from redray.protocol import new_token
-from redray.redis_server import RedisServer, free_port
+from redray.node import launch as node_mod
+from redray.node.redis_server import RedisServer, free_port
+from redray.transport.protocol import new_token
 
 TAG = f"{os.getpid() % 10000}"
 NAMESPACES = {  # namespace -> (host-side veth, namespace-side veth, subnet prefix)

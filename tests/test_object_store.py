@@ -37,7 +37,7 @@ from conftest import (
 from test_multinode import LocalCluster, node_ids
 
 import redray
-from redray import context
+from redray.core import context
 from redray.exceptions import ObjectLostError, OwnerDiedError
 from redray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -734,7 +734,8 @@ def test_shutdown_removes_spill_files_and_shared_memory():
         import numpy as np
         import psutil
         import redray
-        from redray import api, context
+        from redray import api
+        from redray.core import context
 
         ctx = redray.init(num_cpus=1, object_store_memory=200 * 2**20)
         refs = [redray.put(np.full(60 * 2**20, i, dtype=np.uint8)) for i in range(5)]

@@ -16,8 +16,8 @@ from conftest import _ensure_cluster, block_until, mark, wait_for
 from test_object_store import STORE, store_stats, sync_driver_refs, wait_empty, wait_store
 
 import redray
-from redray import context
 from redray import gcs as gcs_schema
+from redray.core import context
 
 MiB = 1 << 20
 

@@ -78,7 +78,7 @@ def test_pending_groups_are_placed_in_order_and_forgotten_once_removed():
     """Groups waiting for room are placed in the order they were created (a younger one
     never takes the room an older one waits for), and creating and removing groups in a loop
     (Ray's benchmark does) does not grow the driver's memory."""
-    tracked = redray.context.current.placement_groups._states
+    tracked = redray.core.context.current.placement_groups._states
     groups = [placement_group([{"CPU": 1}]) for _ in range(20)]
     for pg in groups:  # 4 CPUs: the later ones are placed as the earlier ones go, in order
         assert pg.wait(timeout_seconds=10)

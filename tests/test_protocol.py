@@ -15,8 +15,8 @@ import pytest
 from conftest import block_until, mark, wait_for
 
 import redray
-from redray import protocol
-from redray.reactor import Reactor
+from redray.transport import protocol
+from redray.transport.reactor import Reactor
 
 TOKEN = b"t" * 32
 WRONG = b"w" * 32
@@ -381,7 +381,7 @@ def test_listener_survives_half_handshakes(listener):
 # -- the listeners of a live cluster ------------------------------------------------------------
 @redray.remote
 def worker_address_while_blocked(mark_file: str, release_file: str):
-    from redray import context
+    from redray.core import context
 
     host, port = context.current.address[:2]
     mark(mark_file, f"{host}:{port}:{os.getpid()}")
@@ -422,7 +422,7 @@ def test_raylet_drops_clients_without_the_token(ray_start, tmp_path, with_bad_pr
     attack(address, str(target), with_bad_proof, transport)
     assert not target.exists()
     # A client holding the token is served, and the node still runs tasks.
-    token = redray.context.current.token
+    token = redray.core.context.current.token
     reply = request(address, token, ("store_stats", 7))
     assert reply[0] == "reply" and reply[1] == 7 and "capacity" in reply[2]
     with pytest.raises(ConnectionError):
@@ -433,7 +433,7 @@ def test_raylet_drops_clients_without_the_token(ray_start, tmp_path, with_bad_pr
 
 @redray.remote
 def worker_port():
-    from redray import context
+    from redray.core import context
 
     return context.current.address[1]
 
@@ -451,7 +451,7 @@ def test_worker_drops_clients_without_the_token(ray_start, gate, with_bad_proof,
     assert not os.path.exists(target)
     # The worker is alive and serves a client that holds the token.
     assert psutil.pid_exists(int(pid))
-    reply = request(address, redray.context.current.token, ("get_obj", 3, b"\0" * 16))
+    reply = request(address, redray.core.context.current.token, ("get_obj", 3, b"\0" * 16))
     assert reply == ("reply", 3, ("lost",))
     gate.open()
     assert redray.get(ref, timeout=30) == int(port)

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 import redray
-from redray import context
+from redray.core import context
 
 
 @redray.remote

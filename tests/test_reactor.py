@@ -9,8 +9,9 @@ import threading
 import pytest
 from conftest import wait_for
 
-from redray import exceptions, protocol
-from redray.reactor import LoopBlockedError, Reactor, ReactorStoppedError
+from redray import exceptions
+from redray.transport import protocol
+from redray.transport.reactor import LoopBlockedError, Reactor, ReactorStoppedError
 
 TOKEN = b"t" * 32
 

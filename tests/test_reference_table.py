@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redray.reference_table import DEAD_BORROWERS_KEPT, ReferenceTable
+from redray.core.reference_table import DEAD_BORROWERS_KEPT, ReferenceTable
 
 OWNER = b"owner-id"
 OWNER_ADDRESS = ("127.0.0.1", 1, OWNER)

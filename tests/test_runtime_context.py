@@ -11,8 +11,8 @@ import pytest
 from conftest import last_json, run_driver, wait_for
 
 import redray
+from redray.core.ids import ActorID, JobID, NodeID, TaskID
 from redray.exceptions import RayActorError
-from redray.ids import ActorID, JobID, NodeID, TaskID
 
 
 @redray.remote

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from redray import bundles, scheduling
-from redray.scheduling import NodeView, decide, plan_bundles
+from redray.node import bundles, scheduling
+from redray.node.scheduling import NodeView, decide, plan_bundles
 
 LOCAL = NodeView("a", ("127.0.0.1", 1), {"CPU": 2.0}, {"CPU": 2.0})
 BUSY_LOCAL = NodeView("a", ("127.0.0.1", 1), {"CPU": 2.0}, {"CPU": 0.0})

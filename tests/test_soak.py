@@ -22,7 +22,7 @@ MEASURE = """
 import gc, json, os, threading, time
 import psutil
 import redray
-from redray import context
+from redray.core import context
 
 def store():
     worker = context.current

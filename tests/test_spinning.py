@@ -9,8 +9,8 @@ import psutil
 import pytest
 
 import redray
-from redray import spinning
-from redray.spinning import SpinPolicy
+from redray.transport import spinning
+from redray.transport.spinning import SpinPolicy
 
 
 def test_long_waits_turn_polling_off():

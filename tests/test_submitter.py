@@ -11,7 +11,7 @@ import numpy as np
 from conftest import wait_for
 
 import redray
-from redray import context
+from redray.core import context
 
 
 @redray.remote

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 import psutil
 import redis
 import redray
-from redray import context
-from redray.redis_server import RedisServer
+from redray.core import context
+from redray.node.redis_server import RedisServer
 from redray.watcher import Watcher
 
 redray.init(num_cpus=1)

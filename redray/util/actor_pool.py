@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from redray import api, exceptions
-from redray.object_ref import ObjectRef
+from redray.core.object_ref import ObjectRef
 
 _TIMEOUT_MSG = "Timed out waiting for result"
 

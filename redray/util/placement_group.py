@@ -15,13 +15,13 @@ import pickle
 import threading
 from typing import Any
 
-from redray import context
+from redray.core import context
 
 NAMED_PGS = "named_pgs"  # the GCS tables (see redray.gcs), named here to keep imports light
 PLACEMENT_GROUPS = "pgs"
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-BUNDLE_MARKER = "bundle"  # every bundle also offers bundle_group_<i>_<id> (redray.bundles)
+BUNDLE_MARKER = "bundle"  # every bundle also offers bundle_group_<i>_<id> (redray.node.bundles)
 
 
 class PlacementGroupID:
@@ -299,7 +299,7 @@ class PlacementGroups:
 
     def ready_ref(self, pg: PlacementGroup) -> Any:
         from redray import exceptions
-        from redray.object_ref import ObjectRef
+        from redray.core.object_ref import ObjectRef
         from redray.worker import pickle_error
 
         worker = self.worker

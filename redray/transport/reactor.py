@@ -32,9 +32,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redray import exceptions, protocol
-from redray.connection import Connection, Handler
-from redray.spinning import SpinPolicy
+from redray import exceptions
+from redray.transport import protocol
+from redray.transport.connection import Connection, Handler
+from redray.transport.spinning import SpinPolicy
 
 log = logging.getLogger(__name__)
 

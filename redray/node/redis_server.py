@@ -64,7 +64,7 @@ class RedisServer:
         die_with_parent: bool = True,
     ) -> RedisServer:
         """Start redis-server on host:port (0: a free port); returns at once."""
-        from redray.worker_pool import die_with_parent as _pdeathsig
+        from redray.node.worker_pool import die_with_parent as _pdeathsig
 
         port = port or free_port(host)
         args = [

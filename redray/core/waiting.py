@@ -27,9 +27,9 @@ import threading
 import time
 from itertools import compress, count, islice
 
-from redray.object_ref import ObjectRef
-from redray.ownership import RELEASE_SECONDS
-from redray.reactor import Waiter
+from redray.core.object_ref import ObjectRef
+from redray.core.ownership import RELEASE_SECONDS
+from redray.transport.reactor import Waiter
 
 IDLE_SECONDS = 1.0  # a watch not used for this long is dropped
 

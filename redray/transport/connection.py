@@ -17,12 +17,12 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from redray import protocol
+from redray.transport import protocol
 
 if TYPE_CHECKING:
-    from redray.reactor import Reactor
+    from redray.transport.reactor import Reactor
 
-log = logging.getLogger("redray.reactor")
+log = logging.getLogger(__name__)
 
 Handler = Callable[["Connection", Any], None]
 

@@ -20,14 +20,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from redray import scheduling
 from redray.gcs import NAMED_PGS
+from redray.node import scheduling
 
 if TYPE_CHECKING:
-    from redray.connection import Connection
-    from redray.control import ControlLoop
+    from redray.control.loop import ControlLoop
+    from redray.transport.connection import Connection
 
-log = logging.getLogger("redray.control")
+log = logging.getLogger(__name__)
 
 NODE_VIEW_SECONDS = 0.5
 MAX_BATCHED_WRITES = 256  # state changes written in one round trip at most

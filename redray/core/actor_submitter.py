@@ -25,8 +25,8 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from redray import exceptions
-from redray.connection import Connection
-from redray.object_ref import ObjectRef
+from redray.core.object_ref import ObjectRef
+from redray.transport.connection import Connection
 
 if TYPE_CHECKING:
     from redray.actor import ActorHandle

@@ -18,7 +18,7 @@ import socket
 import sys
 from typing import Any
 
-from redray import protocol
+from redray.transport import protocol
 
 _PR_SET_PDEATHSIG = 1
 
@@ -67,7 +67,7 @@ def _frames(buf: bytearray) -> list[Any]:
 def _zygote_main(sock: socket.socket, worker_config: dict[str, Any]) -> None:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import redray.executor  # noqa: F401 - imported once here, shared by every fork
+    import redray.core.executor  # noqa: F401 - imported once here, shared by every fork
     import redray.worker  # noqa: F401
     import redray.worker_main  # noqa: F401
 
@@ -104,7 +104,7 @@ def _warm_up() -> None:
 
     numpy and redis are left out on purpose: they would add ~30 MB to every idle process
     of the node, and a worker imports them the first time it needs them."""
-    import redray.actor_runtime  # noqa: F401
+    import redray.core.actor_runtime  # noqa: F401
     import redray.util.placement_group  # noqa: F401
 
 

@@ -18,10 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from redray import exceptions, protocol, serialization
-from redray.connection import Connection
-from redray.ids import return_id, task_of
-from redray.object_ref import Address, ObjectRef
+from redray import exceptions
+from redray.core import serialization
+from redray.core.ids import return_id, task_of
+from redray.core.object_ref import Address, ObjectRef
+from redray.transport import protocol
+from redray.transport.connection import Connection
 
 if TYPE_CHECKING:
     from redray.worker import CoreWorker

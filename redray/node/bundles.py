@@ -9,7 +9,7 @@ Removal takes them away and gives the bundles back.
 
 from __future__ import annotations
 
-from redray import scheduling
+from redray.node import scheduling
 
 Bundle = tuple[int, dict[str, float]]  # (bundle index, resources)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 from typing import TYPE_CHECKING, Any
 
-from redray import context
+from redray.core import context
 
 if TYPE_CHECKING:
     import asyncio

@@ -13,7 +13,7 @@ from typing import Any
 
 import cloudpickle
 
-from redray import context
+from redray.core import context
 
 INLINE_LIMIT = 100 * 1024  # values up to this size travel inline, as Ray's default
 FUNCTION_SIZE_WARN_THRESHOLD = 10_000_000  # pickled functions and classes, as Ray's

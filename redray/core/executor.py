@@ -18,16 +18,17 @@ import traceback
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from redray import context, exceptions
-from redray.connection import Connection
-from redray.ids import return_id
-from redray.reactor import Waiter
+from redray import exceptions
+from redray.core import context
+from redray.core.ids import return_id
+from redray.transport.connection import Connection
+from redray.transport.reactor import Waiter
 
 if TYPE_CHECKING:
-    from redray.actor_runtime import ActorRuntime
+    from redray.core.actor_runtime import ActorRuntime
     from redray.worker import CoreWorker
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # redray/
 MAX_CANCELLED = 10_000  # cancels of calls not started yet, remembered until they come up
 
 _task_context: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
@@ -226,7 +227,7 @@ class Executor:
                 elif kind == "actor_task":
                     self.actor.execute(conn, message)
                 elif kind == "actor_create":
-                    from redray.actor_runtime import create_actor
+                    from redray.core.actor_runtime import create_actor
 
                     create_actor(self, conn, message)
             except KeyboardInterrupt:
@@ -339,7 +340,7 @@ class Executor:
 
     def _arg(self, item: Any) -> Any:
         if type(item) is bytes:
-            from redray.serialization import loads
+            from redray.core.serialization import loads
 
             return loads(item)
         oid, payload = item

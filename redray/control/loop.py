@@ -26,10 +26,10 @@ from redray import gcs as gcs_schema
 from redray.gcs import Gcs
 
 if TYPE_CHECKING:
-    from redray.connection import Connection
     from redray.raylet import Raylet
+    from redray.transport.connection import Connection
 
-log = logging.getLogger("redray.control")
+log = logging.getLogger(__name__)
 
 LEADER_TTL = float(os.environ.get("REDRAY_LEADER_TTL", "3"))
 TICK_SECONDS = 0.5
@@ -67,7 +67,7 @@ class ControlLoop:
         # Actors asked to finish their calls and exit: id -> (deadline, its connection then).
         self.terminating: dict[str, tuple[float, Any]] = {}
         self.stopping = threading.Event()
-        from redray.pg_manager import PlacementGroupManager
+        from redray.control.placement import PlacementGroupManager
 
         self.pgs = PlacementGroupManager(self)
 

@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from redray import exceptions
 from redray.actor import TERMINATE, ActorExit
-from redray.connection import Connection
-from redray.executor import (
+from redray.core.executor import (
     TaskContext,
     _flush_streams,
     _task_context,
@@ -38,9 +37,10 @@ from redray.executor import (
     interrupted_error,
     task_error,
 )
+from redray.transport.connection import Connection
 
 if TYPE_CHECKING:
-    from redray.executor import Executor
+    from redray.core.executor import Executor
 
 DEFAULT_GROUP = "_default"
 _TERMINATING = "the actor was terminated by __ray_terminate__"

@@ -20,13 +20,14 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from redray import exceptions, protocol
+from redray import exceptions
 from redray.objstore import files
+from redray.transport import protocol
 
 if TYPE_CHECKING:
     from redray.raylet import Raylet
 
-log = logging.getLogger("redray.object_manager")
+log = logging.getLogger("redray.node.object_manager")
 
 CHUNK = 8 << 20
 TRANSFER_TIMEOUT = 30.0  # per socket operation: a peer silent this long is given up on

@@ -14,9 +14,9 @@ import contextvars
 import logging
 from collections.abc import Iterable
 
-from redray.connection import Connection
-from redray.object_ref import Address
-from redray.reference_table import Released
+from redray.core.object_ref import Address
+from redray.core.reference_table import Released
+from redray.transport.connection import Connection
 
 log = logging.getLogger("redray.worker")
 
