@@ -15,11 +15,23 @@ from typing import Any
 
 from redray import options as opts
 from redray.core import context, serialization
+from redray.core.actor_runtime import TERMINATE, ActorExit
+from redray.core.task_submitter import TaskOptions
 from redray.gcs import NAMED_ACTORS
 from redray.signatures import check_actor_creation, check_method
 
 _METHOD_OPTIONS = "__redray_method_options__"
-TERMINATE = "__ray_terminate__"
+
+__all__ = [
+    "ActorClass",
+    "ActorExit",
+    "ActorHandle",
+    "ActorMethod",
+    "exit_actor",
+    "get_actor",
+    "kill",
+    "method",
+]
 
 
 def method(*args: Any, **options: Any) -> Any:
@@ -99,7 +111,7 @@ class ActorClass:
             name = f"{getattr(self._cls, '__module__', '__main__')}.{self.__name__}"
             serialization.check_function_size(self._blob, name, "actor")
             self._key = hashlib.sha1(self._blob).hexdigest()
-        worker.export_function(self._key, lambda: self._blob)
+        worker.jobs.export_function(self._key, lambda: self._blob)
         return self._key
 
     def _create(self, args: tuple, kwargs: dict, options: dict[str, Any]) -> ActorHandle:
@@ -132,7 +144,7 @@ class ActorClass:
             "state": "PENDING_CREATION",
             "name": name or "",
             "namespace": namespace,
-            "job_id": worker.current_job().job_id,
+            "job_id": worker.jobs.current().job_id,
             "owner": [*worker.address[:2], worker.address[2].hex()],
             "detached": options.get("lifetime") == "detached",
             "max_restarts": options.get("max_restarts", 0),
@@ -158,7 +170,7 @@ class ActorClass:
                 "concurrency_groups": options.get("concurrency_groups") or {},
                 "is_async": is_async,
                 "methods": self._methods,
-                "job": worker.current_job(),
+                "job": worker.jobs.current(),
             },
             protocol=5,
         )
@@ -174,7 +186,9 @@ class ActorClass:
                     "different name or get the existing actor using "
                     f"redray.get_actor('{name}', namespace='{namespace}')"
                 )
-        handle = submitter.create(actor_id, info, spec, keep)
+        state = submitter.create(actor_id, info, spec, keep)
+        handle = ActorHandle(actor_id, info)
+        handle._caller_state = state
         return handle
 
 
@@ -300,8 +314,6 @@ class _BoundMethod:
 
 
 def _call_options(handle: ActorHandle, name: str, meta: dict, overrides: dict) -> Any:
-    from redray.core.task_submitter import TaskOptions
-
     retries = overrides.get("max_task_retries", meta.get("max_task_retries"))
     if retries is None:
         retries = handle._max_task_retries
@@ -372,11 +384,6 @@ def exit_actor() -> None:
         raise TypeError("exit_actor API is called on a non-actor worker.")
     runtime.request_exit("exit_actor() was called")
     raise ActorExit()
-
-
-class ActorExit(BaseException):
-    """Raised by exit_actor() to leave the running method (BaseException: `except
-    Exception` in user code does not swallow it)."""
 
 
 def list_named_actors(all_namespaces: bool = False) -> list:

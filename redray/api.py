@@ -257,8 +257,9 @@ def _check_job_config(job_config: Any) -> None:
 
 
 def _start_driver(connection, namespace, log_to_driver, runtime_env, job_config=None) -> None:
+    from redray.core.jobs import JobInfo
     from redray.gcs import Gcs
-    from redray.worker import CoreWorker, JobInfo
+    from redray.worker import CoreWorker
 
     gcs = Gcs(connection["gcs_url"], connection["cluster"])
     job_number = gcs.next_job_id()
@@ -277,7 +278,7 @@ def _start_driver(connection, namespace, log_to_driver, runtime_env, job_config=
         log_to_driver=log_to_driver,
     )
     try:
-        worker.jobs[job_id] = JobInfo(
+        worker.jobs.jobs[job_id] = JobInfo(
             job_id,
             worker.address,
             worker.namespace,
@@ -358,6 +359,7 @@ def shutdown(_exiting_interpreter: bool = False) -> None:
 
 
 atexit.register(shutdown, True)
+context.start_cluster = init  # the first remote call starts a cluster, as Ray's does
 
 
 def remote(*args: Any, **options: Any) -> Any:
@@ -392,7 +394,7 @@ def get(object_refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None =
         raise ValueError("'timeout' must be a non-negative number or None")
     worker = context.worker()
     if type(object_refs) is ObjectRef:
-        return worker.get_objects([object_refs], timeout)[0]
+        return worker.objects.get([object_refs], timeout)[0]
     if isinstance(object_refs, (list, tuple)):
         for ref in object_refs:
             if type(ref) is not ObjectRef:
@@ -400,7 +402,7 @@ def get(object_refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None =
                     f"Invalid type of object refs, {type(ref)}, is given. 'object_refs' must "
                     "either be an ObjectRef or a list of ObjectRefs."
                 )
-        return worker.get_objects(list(object_refs), timeout)
+        return worker.objects.get(list(object_refs), timeout)
     raise ValueError(
         f"Invalid type of object refs, {type(object_refs)}, is given. 'object_refs' must "
         "either be an ObjectRef or a list of ObjectRefs."
@@ -409,7 +411,7 @@ def get(object_refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None =
 
 def put(value: Any, *, _owner: Any = None) -> ObjectRef:
     """Store a value in the cluster; returns a ref to it."""
-    return context.worker().put_object(value)
+    return context.worker().objects.put(value)
 
 
 def wait(
@@ -429,9 +431,9 @@ def wait(
     if not object_refs:
         return [], []
     worker = context.worker()
-    ready, not_ready = worker.wait_refs(object_refs, num_returns, timeout)
+    ready, not_ready = worker.objects.waiting.wait_refs(object_refs, num_returns, timeout)
     if fetch_local and ready:
-        worker.prefetch(ready)
+        worker.objects.prefetch(ready)
     return ready, not_ready
 
 
@@ -542,10 +544,10 @@ def _sum_resources(key: str) -> dict[str, float]:
 
 def _local_resources(worker: Any) -> dict[str, Any] | None:
     """This node's resources straight from its raylet (None if it does not answer)."""
-    from redray.worker import CONNECTION_LOST
+    from redray.core.peers import CONNECTION_LOST
 
     try:
-        reply = worker.call(worker.raylet, "resources", timeout=LOCAL_RESOURCES_TIMEOUT)
+        reply = worker.peers.call(worker.raylet, "resources", timeout=LOCAL_RESOURCES_TIMEOUT)
     except exceptions.GetTimeoutError:
         return None
     if reply is CONNECTION_LOST or not isinstance(reply, dict):

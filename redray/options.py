@@ -9,6 +9,9 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+from redray.resources import bundle_resources
+from redray.util.scheduling_strategies import PlacementGroupSchedulingStrategy, check_strategy, wire
+
 _NONE = type(None)
 RESOURCE_UNIT = 0.0001  # the smallest fraction of a resource a request may name (as Ray)
 
@@ -219,8 +222,6 @@ def validate(options: dict[str, Any], kind: str, in_options: bool = False) -> di
     validate_runtime_env(options.get("runtime_env"))
     strategy = options.get("scheduling_strategy")
     if strategy is not None:
-        from redray.util.scheduling_strategies import check_strategy
-
         check_strategy(strategy)
     for key, default in _DEFAULT_FOR_NONE[kind].items():
         if key in options and options[key] is None:
@@ -263,11 +264,7 @@ def task_resources(options: dict[str, Any], default_cpus: float = 1.0) -> dict[s
 def placement(resources: dict[str, float], strategy: Any) -> tuple[dict[str, float], Any]:
     """Resources and wire strategy of a task or actor, drawing from a placement group's
     bundle when the strategy names one."""
-    from redray.util.scheduling_strategies import PlacementGroupSchedulingStrategy, wire
-
     if isinstance(strategy, PlacementGroupSchedulingStrategy) and strategy.placement_group:
-        from redray.util.placement_group import bundle_resources
-
         pg = strategy.placement_group
         index = strategy.placement_group_bundle_index
         if index >= pg.bundle_count or index < -1:

@@ -22,16 +22,24 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from redray import exceptions
 from redray import gcs as gcs_schema
+from redray.control.loop import ControlLoop
 from redray.gcs import Gcs
-from redray.node import scheduling
+from redray.node import scheduling, worker_pool
 from redray.node.bundles import Bundles
+from redray.node.object_manager import ObjectManager
+from redray.node.redis_server import RedisServer
+from redray.objstore.arena import SharedArena
+from redray.objstore.store import ObjectStore
+from redray.resources import placement_group_of
 from redray.transport.connection import Connection
 from redray.transport.reactor import Reactor
+from redray.watcher import Watcher
 
 log = logging.getLogger("redray.raylet")
 
@@ -114,13 +122,12 @@ class Raylet:
         self.control = None
         self._gcs_jobs: queue.SimpleQueue = queue.SimpleQueue()
 
-        from redray.objstore.arena import SharedArena
-        from redray.objstore.store import ObjectStore
-
         capacity = int(config["object_store_memory"])
         self.arena = SharedArena.create(capacity)
         self.store = ObjectStore(self.arena, capacity, config["spill_dir"])
         self.creating: dict[bytes, set[bytes]] = {}
+        # Readers of objects still being written: told (True) once sealed, (False) if not.
+        self._seal_waiters: dict[bytes, list[Callable[[bool], None]]] = {}
 
         self.gcs = Gcs(config["gcs_url"], config["cluster"])
         self.reactor = Reactor(self.token, name="redray-raylet")
@@ -128,9 +135,15 @@ class Raylet:
         self.address = self.reactor.listen(
             self.host, int(config.get("port", 0)), self._on_message, self._on_conn_closed
         )
-        from redray.node.object_manager import ObjectManager
-
-        self.object_manager = ObjectManager(self)
+        self.object_manager = ObjectManager(
+            self.token,
+            self.host,
+            self.reactor,
+            self.store,
+            self.arena,
+            self.release_pin,
+            self.when_sealed,
+        )
         self.object_managers: dict[str, tuple[str, int]] = {}  # node id -> its object server
         self._handlers = {
             "register": self._on_register,
@@ -180,14 +193,10 @@ class Raylet:
             self._start_worker(())
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
         threading.Thread(target=self._gcs_writer, daemon=True, name="gcs-writer").start()
-        from redray.watcher import Watcher
-
         Watcher(
             self.gcs, {gcs_schema.WORKER_CHANNEL: self._on_death_event}, self.stopping.is_set
         ).start()
         if self.config.get("head"):
-            from redray.control.loop import ControlLoop
-
             self.control = ControlLoop(self)
             self.control.start()
         self.reactor.call_later(IDLE_WORKER_SECONDS, self._reap_idle_workers)
@@ -267,6 +276,7 @@ class Raylet:
                 self.release_pin(oid)
         for oid in self.creating.pop(client_id, ()):
             self.store.abort(oid)
+            self._sealed(oid, False)
         self.pending = [r for r in self.pending if r.conn is not conn]
         for lease in [lease for lease in self.leases.values() if lease.holder is conn]:
             if lease.actor:
@@ -370,7 +380,7 @@ class Raylet:
         _, call_id, request = message
         resources = scheduling.normalize(request["resources"])
         env_vars = request.get("env_vars") or {}
-        groups = {scheduling.placement_group_of(r) for r in resources} - {None}
+        groups = {placement_group_of(r) for r in resources} - {None}
         if any(group in self.bundles.removed for group in groups):
             error = exceptions.TaskUnschedulableError(
                 "The placement group this task or actor should run in was removed."
@@ -551,7 +561,7 @@ class Raylet:
         self.leases[lease.lease_id] = lease
         worker.lease = lease
         grant = {"lease_id": lease.lease_id, "gpu_ids": gpu_ids, "resources": request.resources}
-        groups = {scheduling.placement_group_of(r) for r in request.resources} - {None}
+        groups = {placement_group_of(r) for r in request.resources} - {None}
         if groups:
             grant["pg_id"] = groups.pop()
             grant["capture"] = request.capture
@@ -655,7 +665,7 @@ class Raylet:
     def remove_bundles(self, pg_id: str) -> None:
         """Give the group's bundles back; what runs in it is stopped."""
         for lease in list(self.leases.values()):
-            if any(scheduling.placement_group_of(r) == pg_id for r in lease.resources):
+            if any(placement_group_of(r) == pg_id for r in lease.resources):
                 self._end_lease(lease)
                 self._kill_worker(lease.worker)
         self.bundles.remove(pg_id)
@@ -683,15 +693,33 @@ class Raylet:
         oid = message[1]
         self.creating.get(conn.info.get("worker_id"), set()).discard(oid)
         try:
-            self.store.seal(oid)  # False: freed while written (its owner is gone)
+            sealed = self.store.seal(oid)  # False: freed while written (its owner is gone)
         except (KeyError, ValueError) as exc:
             log.warning("seal of an object that is not being written: %s", exc)
+            sealed = False
+        self._sealed(oid, sealed)
+
+    def when_sealed(self, oid: bytes, callback: Callable[[bool], None]) -> None:
+        """callback(True) once the object is sealed here (at once if it is), False if it
+        never will be: a reader may ask for an object whose writer's seal is still on its
+        way (the writer told the owner first, on another connection)."""
+        if self.store.being_written(oid):
+            self._seal_waiters.setdefault(oid, []).append(callback)
+        else:
+            callback(self.store.contains(oid))
+
+    def _sealed(self, oid: bytes, sealed: bool) -> None:
+        for callback in self._seal_waiters.pop(oid, ()):
+            try:
+                callback(sealed)
+            except Exception:
+                log.exception("seal waiter failed")
 
     def _on_pin(self, conn: Connection, message: tuple) -> None:
         """Map an object for a local reader, pulling it from its node first if needed."""
         _, call_id, oid, node_id, owner = message
         if self.store.contains(oid) or node_id == self.node_id:
-            self._answer_pin(conn, call_id, oid, copied=False)
+            self.when_sealed(oid, lambda _: self._answer_pin(conn, call_id, oid, copied=False))
             return
 
         def pulled(error: BaseException | None) -> None:
@@ -923,8 +951,6 @@ def _alive(pid: int) -> bool:
 
 def main() -> None:
     """Run a raylet: read config from stdin, print node info as one JSON line when ready."""
-    from redray.node import worker_pool
-
     config = json.loads(sys.stdin.readline())
     # Our stdout carries one line (the node's description) to whoever started us; everything
     # else printed here or in workers goes to the log, so a pipe nobody reads never fills.
@@ -938,8 +964,6 @@ def main() -> None:
         worker_pool.die_with_parent()
     redis_server = None
     if config.get("start_redis"):
-        from redray.node.redis_server import RedisServer
-
         redis_server = RedisServer.start(
             host=config["node_ip_address"],
             port=config.get("redis_port", 0),

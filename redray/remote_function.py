@@ -88,7 +88,7 @@ class RemoteFunction:
             serialization.check_function_size(blob, name, "remote function")
             self._blob = blob
             self._key = hashlib.sha1(blob).hexdigest()
-        worker.export_function(self._key, lambda: self._blob)
+        worker.jobs.export_function(self._key, lambda: self._blob)
         return self._key
 
     def _submit(self, args: tuple, kwargs: dict, task_options: TaskOptions) -> Any:

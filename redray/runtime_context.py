@@ -8,17 +8,11 @@ older properties (`job_id`, `node_id`, `task_id`, `actor_id`) and `get()` return
 from __future__ import annotations
 
 import inspect
-import re
 from typing import Any
 
 from redray.core import context
 from redray.core.ids import ActorID, JobID, NodeID, TaskID
-
-# Resources of a placement group's bundle as the scheduler names them: CPU_group_<i>_<pg>
-# (bundle i) or CPU_group_<pg> (any bundle); "bundle_group_..." only marks the group.
-_INDEXED_BUNDLE_RESOURCE = re.compile(r"^(.+)_group_(\d+)_([0-9a-zA-Z]+)$")
-_WILDCARD_BUNDLE_RESOURCE = re.compile(r"^(.+)_group_([0-9a-zA-Z]+)$")
-_BUNDLE_MARKER = "bundle"
+from redray.resources import plain_name
 
 
 class RuntimeContext:
@@ -132,7 +126,10 @@ class RuntimeContext:
         actor = self._actor()
         if actor is None:
             raise RuntimeError("This method is only available in an actor.")
-        return actor.handle()
+        from redray.actor import ActorHandle  # (the core, imported only once it is running)
+
+        info = self._worker.gcs.actor(actor.actor_id.hex()) or {}
+        return ActorHandle(actor.actor_id, info)
 
     # -- resources --------------------------------------------------------------------------
     def _grant(self) -> dict[str, Any]:
@@ -144,12 +141,9 @@ class RuntimeContext:
         placement group's bundle resources under their plain names)."""
         resources = {}
         for name, amount in (self._grant().get("resources") or {}).items():
-            match = _INDEXED_BUNDLE_RESOURCE.match(name) or _WILDCARD_BUNDLE_RESOURCE.match(name)
-            if match is not None:
-                name = match.group(1)
-                if name == _BUNDLE_MARKER:
-                    continue
-            resources[name] = float(amount)
+            plain = plain_name(name)
+            if plain is not None:
+                resources[plain] = float(amount)
         return resources
 
     def get_accelerator_ids(self) -> dict[str, list[str]]:

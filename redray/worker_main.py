@@ -7,13 +7,13 @@ import os
 from typing import Any
 
 from redray.core import context
+from redray.core.actor_runtime import create_actor
+from redray.core.executor import Executor
+from redray.worker import CoreWorker
 
 
 def main(config: dict[str, Any]) -> None:
     """Start the core worker in worker mode and run pushed tasks until told to exit."""
-    from redray.core.executor import Executor
-    from redray.worker import CoreWorker
-
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     os.environ["REDRAY_WORKER"] = "1"
     worker = CoreWorker(
@@ -28,7 +28,10 @@ def main(config: dict[str, Any]) -> None:
         listen_host=config["listen_host"],
     )
     context.current = worker
-    executor = Executor(worker)
+    executor = Executor(
+        worker.peers, worker.ownership, worker.objects, worker.jobs, worker.submitter, worker.raylet
+    )
+    executor.create_actor = create_actor
     worker.executor = executor
     worker.raylet.send(("ready",))
     executor.run()

@@ -49,7 +49,7 @@ STORE = 500 * MiB  # small on purpose: a handful of 100 MiB objects make it spil
 def store_stats() -> dict:
     """The raylet's object store counters (used, capacity, pinned, spilled, ...)."""
     worker = context.current
-    return worker.call(worker.raylet, "store_stats", timeout=10)
+    return worker.peers.call(worker.raylet, "store_stats", timeout=10)
 
 
 def wait_store(predicate, timeout: float = 10.0, message: str = "") -> dict:
@@ -97,7 +97,7 @@ def uss() -> int:
 def sync_driver_refs() -> None:
     """Make this driver tell its raylet/owners about refs it dropped (as get/put do)."""
     gc.collect()
-    context.current.process_released()
+    context.current.ownership.process_released()
 
 
 @pytest.fixture
@@ -741,7 +741,7 @@ def test_shutdown_removes_spill_files_and_shared_memory():
         refs = [redray.put(np.full(60 * 2**20, i, dtype=np.uint8)) for i in range(5)]
         huge = redray.put(np.ones(250 * 2**20, dtype=np.uint8))  # larger than the store
         w = context.current
-        stats = w.call(w.raylet, "store_stats")
+        stats = w.peers.call(w.raylet, "store_stats")
         spill_dir = stats["spill_dir"]
         spill_files = len(os.listdir(spill_dir))
 
@@ -899,7 +899,7 @@ def _alloc_many(oids: list[bytes], size: int, owner: bytes) -> None:
             done.set()
 
     for oid in oids:
-        worker.call_async(worker.raylet, "alloc", (oid, size, owner), answered)
+        worker.peers.call_async(worker.raylet, "alloc", (oid, size, owner), answered)
     assert done.wait(60), "the raylet did not answer the allocations"
 
 

@@ -422,7 +422,7 @@ def test_raylet_drops_clients_without_the_token(ray_start, tmp_path, with_bad_pr
     attack(address, str(target), with_bad_proof, transport)
     assert not target.exists()
     # A client holding the token is served, and the node still runs tasks.
-    token = redray.core.context.current.token
+    token = redray.core.context.current.reactor.token
     reply = request(address, token, ("store_stats", 7))
     assert reply[0] == "reply" and reply[1] == 7 and "capacity" in reply[2]
     with pytest.raises(ConnectionError):
@@ -451,7 +451,7 @@ def test_worker_drops_clients_without_the_token(ray_start, gate, with_bad_proof,
     assert not os.path.exists(target)
     # The worker is alive and serves a client that holds the token.
     assert psutil.pid_exists(int(pid))
-    reply = request(address, redray.core.context.current.token, ("get_obj", 3, b"\0" * 16))
+    reply = request(address, redray.core.context.current.reactor.token, ("get_obj", 3, b"\0" * 16))
     assert reply == ("reply", 3, ("lost",))
     gate.open()
     assert redray.get(ref, timeout=30) == int(port)

@@ -4,6 +4,7 @@ it starts."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import psutil
@@ -61,3 +62,29 @@ def test_after_actors_the_task_pool_stays_near_the_cpu_count(ray_start):
     assert len(started) <= 2 + 1, started
     for actor in actors:
         redray.kill(actor)
+
+
+def test_a_reader_of_an_object_still_being_written_waits_for_its_seal(ray_start):
+    """A task's reply can reach its owner before the worker's seal reaches the raylet (two
+    connections): the owner's read must wait for the seal, not find the object lost."""
+    worker = context.current
+    peers, raylet = worker.peers, worker.raylet
+    oid = os.urandom(16)
+    where = peers.call(raylet, "alloc", oid, 4096, worker.worker_id, timeout=10)
+    assert not isinstance(where, BaseException)
+    replies: list = []
+    answered = threading.Event()
+
+    def on_reply(reply):
+        replies.append(reply)
+        answered.set()
+
+    peers.call_async(raylet, "pin", (oid, worker.node_id, worker.worker_id), on_reply)
+    assert not answered.wait(0.3)  # (an unsealed object: no answer yet)
+    raylet.send(("seal", oid))
+    assert answered.wait(10)
+    assert not isinstance(replies[0], BaseException), replies[0]
+    location, size, copied = replies[0]
+    assert size == 4096 and not copied
+    raylet.send(("unpin", oid))
+    raylet.send(("free", [oid]))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from redray.node import bundles, scheduling
+from redray import resources
+from redray.node import bundles
 from redray.node.scheduling import NodeView, decide, plan_bundles
 
 LOCAL = NodeView("a", ("127.0.0.1", 1), {"CPU": 2.0}, {"CPU": 2.0})
@@ -68,7 +69,7 @@ def test_bundles_prepare_commit_remove_restore_resources():
     assert not node.prepare("pg2", [(0, {"CPU": 2.0})])  # does not fit now
     assert node.commit("pg1")
     assert total["CPU_group_pg1"] == 3.0 and available["CPU_group_1_pg1"] == 2.0
-    assert total["bundle_group_0_pg1"] == bundles.MARKER_AMOUNT
+    assert total["bundle_group_0_pg1"] == resources.BUNDLE_MARKER_AMOUNT
     node.remove("pg1")
     assert total == {"CPU": 4.0} and available == {"CPU": 4.0}
     assert not node.prepare("pg1", group)  # a removed group never comes back
@@ -85,6 +86,6 @@ def test_a_node_remembers_a_bounded_number_of_removed_groups(monkeypatch):
 
 
 def test_placement_group_of_resource_names():
-    assert scheduling.placement_group_of("CPU_group_1_abcd") == "abcd"
-    assert scheduling.placement_group_of("CPU_group_abcd") == "abcd"
-    assert scheduling.placement_group_of("CPU") is None
+    assert resources.placement_group_of("CPU_group_1_abcd") == "abcd"
+    assert resources.placement_group_of("CPU_group_abcd") == "abcd"
+    assert resources.placement_group_of("CPU") is None

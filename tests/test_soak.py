@@ -26,7 +26,7 @@ from redray.core import context
 
 def store():
     worker = context.current
-    return worker.call(worker.raylet, "store_stats", timeout=10)
+    return worker.peers.call(worker.raylet, "store_stats", timeout=10)
 
 def cluster_processes():
     raylets = [p for p in psutil.Process().children() if "redray.raylet" in " ".join(p.cmdline())]
@@ -38,7 +38,7 @@ def cluster_processes():
 
 def figures():
     gc.collect()
-    context.current.process_released()
+    context.current.ownership.process_released()
     me = psutil.Process()
     rss = []
     for proc in cluster_processes():

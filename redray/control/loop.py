@@ -20,14 +20,15 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redray import gcs as gcs_schema
+from redray.control.placement import HostNode, PlacementGroupManager
+from redray.core.peers import CONNECTION_LOST
 from redray.gcs import Gcs
-
-if TYPE_CHECKING:
-    from redray.raylet import Raylet
-    from redray.transport.connection import Connection
+from redray.transport.connection import Connection
+from redray.watcher import Watcher
+from redray.worker import CoreWorker
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +57,18 @@ class _Actor:
 class ControlLoop:
     """Leader-elected cluster manager living in a head raylet's process."""
 
-    def __init__(self, raylet: Raylet):
+    def __init__(self, raylet: HostNode):
         self.raylet = raylet
         self.holder = raylet.node_id
         self.gcs = Gcs(raylet.config["gcs_url"], raylet.config["cluster"])
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.leader = False
-        self.client: Any = None
+        self.client: CoreWorker | None = None
         self.actors: dict[str, _Actor] = {}
         # Actors asked to finish their calls and exit: id -> (deadline, its connection then).
         self.terminating: dict[str, tuple[float, Any]] = {}
         self.stopping = threading.Event()
-        from redray.control.placement import PlacementGroupManager
-
-        self.pgs = PlacementGroupManager(self)
+        self.pgs = PlacementGroupManager(self.gcs, raylet, self.post, self.kill_actors_in_group)
 
     def start(self) -> None:
         threading.Thread(target=self._run, daemon=True, name="redray-control").start()
@@ -133,8 +132,6 @@ class ControlLoop:
             self.leader = False
 
     def _become_leader(self) -> None:
-        from redray.worker import CoreWorker
-
         log.info("this head now runs the control loop")
         self.leader = True
         if self.client is None:
@@ -149,10 +146,9 @@ class ControlLoop:
                 namespace="",
                 listen_host=self.raylet.host,
             )
-            self.client.handle("actor_exiting", self._on_actor_exiting)
+            self.client.peers.handle("actor_exiting", self._on_actor_exiting)
+            self.pgs.client = self.client
             threading.Thread(target=self._take_requests, daemon=True, name="requests").start()
-            from redray.watcher import Watcher
-
             Watcher(
                 self.gcs,
                 {
@@ -304,7 +300,7 @@ class ControlLoop:
         raylet = raylet or self.client.raylet
         actor.attempt += 1
         attempt = actor.attempt
-        self.client.call_async(
+        self.client.peers.call_async(
             raylet,
             "lease",
             (request,),
@@ -312,8 +308,6 @@ class ControlLoop:
         )
 
     def _on_lease(self, actor: _Actor, raylet: Connection, attempt: int, reply: Any) -> None:
-        from redray.worker import CONNECTION_LOST
-
         if reply is CONNECTION_LOST:
             self._schedule_later(actor)  # that raylet died: try again from ours
             return
@@ -328,7 +322,7 @@ class ControlLoop:
             _, lease_id, address, grant = reply
             actor.lease = (raylet, lease_id)
             actor.grant = grant
-            self.client.peer_async(
+            self.client.peers.peer_async(
                 tuple(address),
                 lambda conn: self.post(
                     self._on_worker, actor, address, conn, attempt, (raylet, lease_id)
@@ -336,7 +330,7 @@ class ControlLoop:
             )
         elif kind == "spillback":
             _, node_id, raylet_address = reply
-            self.client.submitter.connect_raylet(
+            self.client.peers.connect_raylet(
                 node_id,
                 raylet_address,
                 lambda conn: (
@@ -382,7 +376,7 @@ class ControlLoop:
         }
         if grant.get("pg_id"):
             placement.update(pg_id=grant["pg_id"], capture=grant.get("capture", False))
-        self.client.call_async(
+        self.client.peers.call_async(
             conn,
             "actor_create",
             (actor_bytes, actor.spec, restarts, placement),
@@ -390,8 +384,6 @@ class ControlLoop:
         )
 
     def _on_created(self, actor: _Actor, address: Any, conn: Connection, reply: Any) -> None:
-        from redray.worker import CONNECTION_LOST
-
         if actor.conn is not conn or reply is CONNECTION_LOST or actor.lease is None:
             return  # the connection's close handles it (lease None: killed meanwhile)
         if reply[0] == "error":
@@ -463,7 +455,7 @@ class ControlLoop:
         if not node_id or node_id == self.raylet.node_id:
             self.client.raylet.send(message)
         else:
-            self.client.submitter.send_to_raylet(node_id, message)
+            self.client.peers.send_to_raylet(node_id, message)
 
     def _return_lease(self, actor: _Actor, kill: bool) -> None:
         if actor.lease is not None:
@@ -491,10 +483,7 @@ class ControlLoop:
     def _node_of(self, raylet: Connection) -> str:
         if raylet is self.client.raylet:
             return self.raylet.node_id
-        for node_id, conn in self.client.submitter._raylets.items():
-            if conn is raylet:
-                return node_id
-        return ""
+        return self.client.peers.raylet_of(raylet) or ""
 
     def _adopt_actors(self) -> None:
         """On taking over: carry on with every actor that is not dead."""
@@ -521,7 +510,7 @@ class ControlLoop:
                 return
             self.post(self._watch_existing, actor, conn)
 
-        self.client.peer_async(address, connected)
+        self.client.peers.peer_async(address, connected)
 
     def _watch(self, actor: _Actor, conn: Connection) -> None:
         """Follow the actor's process through our connection to it: its close is a death."""

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from redray.gcs import NAMED_PGS
+from redray.gcs import NAMED_PGS, Gcs
 from redray.node import scheduling
-
-if TYPE_CHECKING:
-    from redray.control.loop import ControlLoop
-    from redray.transport.connection import Connection
+from redray.transport.connection import Connection
+from redray.transport.reactor import Reactor
+from redray.worker import CoreWorker
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,37 @@ class _Group:
     replies: dict[str, Any] = field(default_factory=dict)
 
 
+class HostNode(Protocol):
+    """The node whose process runs the control loop (a head's raylet), as the loop uses it."""
+
+    node_id: str
+    token: bytes
+    address: tuple[str, int]
+    host: str
+    config: dict[str, Any]
+    reactor: Reactor
+
+    def reserve_bundles(self, pg_id: str, bundles: list, commit: bool) -> bool: ...
+    def commit_bundles(self, pg_id: str) -> None: ...
+    def cancel_bundles(self, pg_id: str) -> None: ...
+    def remove_bundles(self, pg_id: str) -> None: ...
+
+
 class PlacementGroupManager:
     """The placement groups of the cluster (leader only; state mirrored in the GCS)."""
 
-    def __init__(self, control: ControlLoop):
-        self.control = control
+    def __init__(
+        self,
+        gcs: Gcs,
+        host: HostNode,
+        post: Callable[..., None],
+        kill_actors_in_group: Callable[[str], None],
+    ):
+        self.gcs = gcs
+        self.host = host
+        self.post = post  # run a function on the control loop's thread
+        self.kill_actors_in_group = kill_actors_in_group
+        self.client: CoreWorker | None = None  # the leader's core worker (set on leadership)
         self.groups: dict[str, _Group] = {}
         self._node_view: list[dict[str, Any]] = []
         self._nodes_read = float("-inf")
@@ -66,7 +92,7 @@ class PlacementGroupManager:
     def remove(self, pg_id: str) -> None:
         group = self.groups.pop(pg_id, None)
         if group is None:
-            info = self.control.gcs.placement_group(pg_id)
+            info = self.gcs.placement_group(pg_id)
             if info is None or info.get("state") == "REMOVED":
                 return
             group = _Group(pg_id, info)
@@ -77,9 +103,9 @@ class PlacementGroupManager:
                 self._send(node["node_id"], "pg_remove", pg_id)
         name = group.info.get("name")
         if name:  # free first: whoever sees it removed may at once reuse the name
-            self.control.gcs.release_name(NAMED_PGS, group.info.get("namespace", ""), name, pg_id)
+            self.gcs.release_name(NAMED_PGS, group.info.get("namespace", ""), name, pg_id)
         self._publish(group, state="REMOVED")
-        self.control.kill_actors_in_group(pg_id)
+        self.kill_actors_in_group(pg_id)
 
     def owner_died(self, worker_hex: str) -> None:
         for group in list(self.groups.values()):
@@ -110,7 +136,7 @@ class PlacementGroupManager:
 
     def adopt(self) -> None:
         """On taking over: pending groups are placed again by this leader."""
-        for pg_id, info in self.control.gcs.table_all("pgs").items():
+        for pg_id, info in self.gcs.table_all("pgs").items():
             if info.get("state") in ("PENDING", "CREATED") and pg_id not in self.groups:
                 self.groups[pg_id] = _Group(pg_id, info)
 
@@ -122,7 +148,7 @@ class PlacementGroupManager:
         which the next attempt reads a fresh one."""
         now = time.monotonic()
         if fresh or now - self._nodes_read > NODE_VIEW_SECONDS:
-            self._node_view = [n for n in self.control.gcs.nodes() if n["alive"]]
+            self._node_view = [n for n in self.gcs.nodes() if n["alive"]]
             for node in self._node_view:  # bundles ask for plain resources only
                 node["available"] = scheduling.without_groups(node.get("available", {}))
             self._nodes_read = now
@@ -156,7 +182,7 @@ class PlacementGroupManager:
         for node_id, bundles in by_node.items():
 
             def on_reply(reply: Any, node_id: str = node_id) -> None:
-                self.control.post(self._on_prepared, group, attempt, node_id, plan, by_node, reply)
+                self.post(self._on_prepared, group, attempt, node_id, plan, by_node, reply)
 
             self._reserve(node_id, addresses[node_id], group.pg_id, bundles, one_step, on_reply)
         return True
@@ -199,7 +225,7 @@ class PlacementGroupManager:
         """Write the state changes collected so far, in order, in one round trip."""
         if self._writes:
             writes, self._writes = self._writes, []
-            self.control.gcs.update_placement_groups(writes)
+            self.gcs.update_placement_groups(writes)
 
     def _reserve(
         self, node_id: str, address: Any, pg_id: str, bundles: list, commit: bool, on_reply: Any
@@ -208,11 +234,9 @@ class PlacementGroupManager:
 
         The control loop lives in the head's raylet process: its own node is asked
         directly on the raylet's reactor thread, other nodes over their connection."""
-        raylet = self.control.raylet
-        if node_id == raylet.node_id:
-            raylet.reactor.call_soon(
-                lambda: on_reply(raylet.reserve_bundles(pg_id, bundles, commit))
-            )
+        host = self.host
+        if node_id == host.node_id:
+            host.reactor.call_soon(lambda: on_reply(host.reserve_bundles(pg_id, bundles, commit)))
             return
 
         def send(conn: Connection | None) -> None:
@@ -220,19 +244,19 @@ class PlacementGroupManager:
                 on_reply(False)
             else:
                 message = (pg_id, bundles, commit)
-                self.control.client.call_async(conn, "pg_reserve", message, on_reply)
+                self.client.peers.call_async(conn, "pg_reserve", message, on_reply)
 
-        self.control.client.submitter.connect_raylet(node_id, address, send)
+        self.client.peers.connect_raylet(node_id, address, send)
 
     def _send(self, node_id: str, kind: str, pg_id: str) -> None:
         """Tell a node to commit, cancel or remove the group's bundles."""
-        raylet = self.control.raylet
-        if node_id == raylet.node_id:
+        host = self.host
+        if node_id == host.node_id:
             action = {
-                "pg_commit": raylet.commit_bundles,
-                "pg_cancel": raylet.cancel_bundles,
-                "pg_remove": raylet.remove_bundles,
+                "pg_commit": host.commit_bundles,
+                "pg_cancel": host.cancel_bundles,
+                "pg_remove": host.remove_bundles,
             }[kind]
-            raylet.reactor.call_soon(action, pg_id)
+            host.reactor.call_soon(action, pg_id)
         else:
-            self.control.client.submitter.send_to_raylet(node_id, (kind, pg_id))
+            self.client.peers.send_to_raylet(node_id, (kind, pg_id))

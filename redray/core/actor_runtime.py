@@ -25,45 +25,48 @@ import pickle
 import queue
 import selectors
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redray import exceptions
-from redray.actor import TERMINATE, ActorExit
 from redray.core.executor import (
+    Executor,
     TaskContext,
     _flush_streams,
     _task_context,
-    error_payload,
     interrupted_error,
     task_error,
 )
+from redray.core.serialization import error_payload
 from redray.transport.connection import Connection
 
-if TYPE_CHECKING:
-    from redray.core.executor import Executor
-
+TERMINATE = "__ray_terminate__"  # the method a handle calls to end its actor gracefully
 DEFAULT_GROUP = "_default"
 _TERMINATING = "the actor was terminated by __ray_terminate__"
+
+
+class ActorExit(BaseException):
+    """Raised by exit_actor() to leave the running method (BaseException: `except
+    Exception` in user code does not swallow it)."""
 
 
 def create_actor(executor: Executor, conn: Connection, message: tuple) -> None:
     """Run the constructor (on the main thread) and answer the control loop."""
     _, call_id, actor_id, spec_blob, restarts, placement = message
     spec = pickle.loads(spec_blob)
-    worker = executor.worker
+    jobs = executor.jobs
     name = spec["class_name"]
     job = spec["job"]
-    worker.jobs[job.job_id] = job
+    jobs.jobs[job.job_id] = job
     executor._apply_grant(placement)  # GPU ids: visible to the constructor already
     ctx = executor.task_context(actor_id[:14], f"{name}.__init__", job.job_id, placement, None)
     ctx.prefix = f"({name} pid={os.getpid()})"
     runtime = ActorRuntime(executor, actor_id, spec, conn, restarts, ctx)
     executor.actor = runtime
-    worker.job_id = job.job_id
-    worker.handle("actor_terminate", runtime.on_terminate)
+    jobs.job_id = job.job_id
+    executor.peers.handle("actor_terminate", runtime.on_terminate)
     token = _task_context.set(ctx)
     try:
-        cls = worker.load_function(spec["class_key"])
+        cls = jobs.load_function(spec["class_key"])
         ctx.function = cls
         args, kwargs = executor.materialize_args(spec["args"], spec["kwargs"])
         runtime.instance = cls(*args, **kwargs)
@@ -129,16 +132,9 @@ class ActorRuntime:
         self._active = 0  # calls running on group threads or event loops
         self._idle = threading.Condition()
 
-    def handle(self) -> Any:
-        from redray.actor import ActorHandle
-
-        worker = self.executor.worker
-        info = worker.gcs.actor(self.actor_id.hex()) or {}
-        return ActorHandle(self.actor_id, info)
-
     def start(self) -> None:
         if self.is_async:
-            reactor = self.executor.worker.reactor
+            reactor = self.executor.reactor
             ready = []
             for group, limit in self.groups.items():
                 default = group == DEFAULT_GROUP
@@ -370,7 +366,7 @@ class ActorRuntime:
         _flush_streams()
         if self.control is not None:
             self.control.send(("actor_exiting", self.actor_id, self._exit_reason))
-        for conn in list(self.executor.worker.reactor._connections.values()):
+        for conn in list(self.executor.reactor._connections.values()):
             conn.flush_blocking()
         os._exit(0)
 

@@ -22,15 +22,20 @@ import collections
 import logging
 import pickle
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from redray import exceptions
+from redray.core.jobs import Jobs
+from redray.core.object_io import ObjectIO
 from redray.core.object_ref import ObjectRef
+from redray.core.ownership import Ownership
+from redray.core.peers import Peers
+from redray.core.reference_table import Released
+from redray.core.serialization import unpickle_error
+from redray.core.task_submitter import TaskSubmitter
+from redray.gcs import Gcs
 from redray.transport.connection import Connection
-
-if TYPE_CHECKING:
-    from redray.actor import ActorHandle
-    from redray.worker import CoreWorker
 
 log = logging.getLogger(__name__)
 
@@ -80,58 +85,80 @@ class _ActorState:
 class ActorSubmitter:
     """Per-process registry of the actors this process calls, and their call queues."""
 
-    def __init__(self, worker: CoreWorker):
-        self.worker = worker
+    def __init__(
+        self,
+        tasks: TaskSubmitter,
+        peers: Peers,
+        ownership: Ownership,
+        objects: ObjectIO,
+        jobs: Jobs,
+        gcs: Gcs,
+        background: Callable[..., None],
+    ):
+        self._tasks = tasks
+        self._peers = peers
+        self._ownership = ownership
+        self._objects = objects
+        self._jobs = jobs
+        self._gcs = gcs
+        self._background = background
+        self._reactor = peers.reactor
+        self.follow_states: Callable[[], None] = lambda: None  # subscribe to state changes
         self._lock = threading.RLock()
         self._actors: dict[bytes, _ActorState] = {}  # actors not known to be dead
+        peers.on_closed(self.on_connection_lost)
+        ownership.on_owned_freed(self._handles_gone)
 
     # -- creation ---------------------------------------------------------------------------
     def wire_creation_args(self, args: tuple, kwargs: dict, name: str) -> tuple:
         """Constructor arguments as sent to the actor: refs resolved to payloads now."""
-        tasks = self.worker.submitter
+        tasks = self._tasks
         keep: list[ObjectRef] = []
         deps: list[ObjectRef] = []
         wire_args = tuple(tasks._wire_arg(a, keep, deps, name) for a in args)
         wire_kwargs = {k: tasks._wire_arg(v, keep, deps, name) for k, v in kwargs.items()}
         if deps:
-            self.worker.wait_ready(deps, len(deps), None)
+            self._objects.wait_ready(deps, len(deps), None)
         failure = tasks.fill_ref_args(wire_args, wire_kwargs)
         if failure is not None:
-            from redray.worker import unpickle_error
-
             raise unpickle_error(failure[1])  # an argument's task failed
         return wire_args, wire_kwargs, keep
 
-    def create(self, actor_id: bytes, info: dict, spec: bytes, keep: list) -> ActorHandle:
-        from redray.actor import ActorHandle
-
-        worker = self.worker
-        worker.new_owned(actor_id)
-        worker.set_value(actor_id, ("actor", keep))
-        handle = ActorHandle(actor_id, info)
+    def create(self, actor_id: bytes, info: dict, spec: bytes, keep: list) -> _ActorState:
+        """Record a new actor we own (its entry holds `keep`, the refs its arguments need)
+        and ask the control loop to place it; what its handles call it through. The caller
+        makes the first handle right after, so the entry lives while handles do."""
+        self._ownership.new_owned(actor_id)
+        self._objects.set_value(actor_id, ("actor", keep))
         state = self._state(actor_id)
         with self._lock:
             state.info = info
             state.state = "PENDING_CREATION"
             state.seq = 0
-        handle._caller_state = state
-        self._ensure_watching()
-        worker.gcs.create_actor(actor_id.hex(), info, spec)
-        return handle
+        self.follow_states()
+        self._gcs.create_actor(actor_id.hex(), info, spec)
+        return state
 
-    def out_of_scope(self, actor_id: bytes) -> None:
-        """Nothing here refers to an actor we created any more: no handle, no pending call
-        (called off the reactor thread). The control loop ends it once it has finished the
-        calls it accepted."""
-        self.worker.gcs.push_request(pickle.dumps(("actor_out_of_scope", actor_id.hex())))
+    def _handles_gone(self, owned: Released) -> None:
+        """Actors we created that nothing here refers to any more (no handle, no pending
+        call): the control loop ends each once it has finished the calls it accepted."""
+        if self._peers.shutting_down:
+            return  # (a driver's actors end with it)
+        for oid, obj in owned:
+            if obj.value is not None and obj.value[0] == "actor":
+                self._background(self._out_of_scope, oid)
+
+    def _out_of_scope(self, actor_id: bytes) -> None:
+        self._gcs.push_request(pickle.dumps(("actor_out_of_scope", actor_id.hex())))
 
     # -- calls ------------------------------------------------------------------------------
-    def submit(self, handle: ActorHandle, method: str, args: tuple, kwargs: dict, options: Any):
+    def submit(self, handle: Any, method: str, args: tuple, kwargs: dict, options: Any) -> list:
+        """Call `method` on the actor of `handle` (anything with `_actor_id` and a
+        `_caller_state` this submitter may cache there); the call's return refs."""
         state = handle._caller_state
         if state is None or state.registry is not self:
             state = handle._caller_state = self._state(handle._actor_id)
-        tasks = self.worker.submitter
-        task, refs, deps = tasks.prepare(method, args, kwargs, options, actor=state)
+        task, refs, deps = self._tasks.prepare(method, args, kwargs, options, actor=state)
         with self._lock:
             task.unresolved = len(deps) + 1  # not sendable before its arguments are resolved
             state.queue.append(task)
@@ -141,16 +168,16 @@ class ActorSubmitter:
         if state.state == "UNKNOWN" and not state.looking_up:
             self._lookup(state)
         for dep in deps:
-            self.worker.on_ready(dep, lambda t=task: self._argument_ready(t, True))
+            self._objects.on_ready(dep, lambda t=task: self._argument_ready(t, True))
         self._argument_ready(task, bool(deps))
         return refs
 
     def _pin(self, actor_id: bytes) -> bool:
         """Count a reference to the actor for the pending calls (lock held); False when
         this process holds no reference to it to add to (nothing to keep alive then)."""
-        worker = self.worker
-        with worker._lock:
-            obj = worker._objects.get(actor_id)
+        refs = self._ownership.refs
+        with refs.lock:
+            obj = refs.objects.get(actor_id)
             if obj is None:
                 return False
             obj.count += 1
@@ -168,7 +195,7 @@ class ActorSubmitter:
         return True, True
 
     def _unpin(self, state: _ActorState) -> None:
-        self.worker.remove_local_ref(state.actor_id)
+        self._ownership.remove_local_ref(state.actor_id)
 
     def _argument_ready(self, task: Any, resolve: bool) -> None:
         """One of a call's arguments (or its submission) is done; send it once all are."""
@@ -177,7 +204,7 @@ class ActorSubmitter:
             task.unresolved -= 1
             if task.unresolved or task.task_id not in state.pending:
                 return  # still waiting, or finished already (cancelled, actor dead, ...)
-        failure = self.worker.submitter.fill_ref_args(task.args, task.kwargs) if resolve else None
+        failure = self._tasks.fill_ref_args(task.args, task.kwargs) if resolve else None
         if failure is not None:
             with self._lock:
                 if task in state.queue:
@@ -211,7 +238,7 @@ class ActorSubmitter:
                         cancelled.append(task)
                         continue
                     state.inflight[task.task_id] = task
-                    self.worker.introduce(conn, task.job)
+                    self._jobs.introduce(conn, task.job)
                     conn.send(
                         (
                             "actor_task",
@@ -247,11 +274,11 @@ class ActorSubmitter:
                 state.conn = conn
             self._pump(state)
 
-        self.worker.peer_async(peer, connected)
+        self._peers.peer_async(peer, connected)
 
     def on_done(self, task: Any, results: list) -> None:
         state = task.actor
-        tasks = self.worker.submitter
+        tasks = self._tasks
         first = results[0] if results else None
         if first is not None and first[0] == "e" and tasks.should_retry_error(task, first):
             with self._lock:
@@ -275,7 +302,7 @@ class ActorSubmitter:
         with self._lock:
             pending, unpin = self._settle(state, task)
         if pending:
-            self.worker.submitter.finish(task, results)
+            self._tasks.finish(task, results)
         if unpin:
             self._unpin(state)
 
@@ -290,7 +317,7 @@ class ActorSubmitter:
                     settled.append(task)
                 unpin = unpin or last
         for task in settled:
-            self.worker.submitter.fail(task, error)
+            self._tasks.fail(task, error)
         if unpin:
             self._unpin(state)
 
@@ -321,7 +348,7 @@ class ActorSubmitter:
                     state.state = "RESTARTING?"  # until the control loop says what happened
                 state.dying.extend(self._lose_connection(state))
             # Their error should say why the actor died: wait (briefly) for its new state.
-            self.worker.reactor.call_later(DEATH_CAUSE_WAIT, self._fail_dying, state)
+            self._reactor.call_later(DEATH_CAUSE_WAIT, self._fail_dying, state)
             self._lookup(state)
 
     def _lose_connection(self, state: _ActorState) -> list:
@@ -368,24 +395,24 @@ class ActorSubmitter:
 
     def _lookup(self, state: _ActorState) -> None:
         """Learn an actor's current state: subscribe first, then read the table."""
-        self._ensure_watching()
         state.looking_up = True
 
         def read() -> None:  # on the background thread: it may wait for Redis
+            self.follow_states()
             try:
-                info = self.worker.gcs.actor(state.hex)
+                info = self._gcs.actor(state.hex)
             except Exception as exc:
-                if self.worker.shutting_down:
+                if self._peers.shutting_down:
                     return
                 log.warning("reading actor %s's state failed (%s); retrying", state.hex, exc)
-                self.worker.reactor.call_later(LOOKUP_RETRY_SECONDS, self.worker.background, read)
+                self._reactor.call_later(LOOKUP_RETRY_SECONDS, self._background, read)
                 return
             state.looking_up = False
             if info is None:
                 info = {"state": "DEAD", "death_cause": "The actor does not exist.", "seq": 1 << 60}
             self._apply(state, info, from_table=True)
 
-        self.worker.background(read)
+        self._background(read)
 
     def _apply(self, state: _ActorState, info: dict, from_table: bool = False) -> None:
         with self._lock:
@@ -425,9 +452,6 @@ class ActorSubmitter:
             f"The actor {state.info.get('class_name', '')} ({state.hex}) is dead: {cause}",
             state.hex,
         )
-
-    def _ensure_watching(self) -> None:
-        self.worker.watcher.ensure_running()
 
     def on_state(self, info: dict) -> None:
         """A published actor state change (from the process's watcher thread)."""

@@ -1,18 +1,21 @@
 """Process-wide state: the core worker of this process and per-thread serialization scopes.
 
-Kept apart from `worker.py` so that `ObjectRef` and the serializer can reach the running core
-worker without importing the runtime (and without import cycles).
+The bottom of the core: `ObjectRef`, actor handles and the serializer reach the running core
+worker through `current` without importing the runtime.
 """
 
 from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from redray import exceptions
 
 current: Any = None  # the CoreWorker of this process once init() or a worker has started it
+# How to start a cluster on first use, as Ray does (redray.api sets it to `init`).
+start_cluster: Callable[[], Any] | None = None
 
 PAUSE_GC_REFS = 1000  # values with this many refs are rebuilt with the cyclic GC paused
 
@@ -26,9 +29,9 @@ def worker() -> Any:
     can be run, stored or fetched any more."""
     running = current
     if running is None:
-        from redray import api
-
-        api.init()
+        if start_cluster is None:
+            raise exceptions.RaySystemError("redray is not initialized: call redray.init()")
+        start_cluster()
         return current
     if running.raylet_lost:
         raise exceptions.LocalRayletDiedError(

@@ -16,17 +16,20 @@ import sys
 import threading
 import traceback
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from redray import exceptions
 from redray.core import context
 from redray.core.ids import return_id
+from redray.core.jobs import Jobs
+from redray.core.object_io import ObjectIO
+from redray.core.ownership import Ownership
+from redray.core.peers import Peers
+from redray.core.serialization import error_payload, loads
+from redray.core.task_submitter import TaskSubmitter
 from redray.transport.connection import Connection
 from redray.transport.reactor import Waiter
-
-if TYPE_CHECKING:
-    from redray.core.actor_runtime import ActorRuntime
-    from redray.worker import CoreWorker
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # redray/
 MAX_CANCELLED = 10_000  # cancels of calls not started yet, remembered until they come up
@@ -79,12 +82,29 @@ os.register_at_fork(after_in_child=_forked)
 class Executor:
     """The task loop of a worker process."""
 
-    def __init__(self, worker: CoreWorker):
-        self.worker = worker
+    def __init__(
+        self,
+        peers: Peers,
+        ownership: Ownership,
+        objects: ObjectIO,
+        jobs: Jobs,
+        tasks: TaskSubmitter,
+        raylet: Connection,
+    ):
+        self.peers = peers
+        self.ownership = ownership
+        self.objects = objects
+        self.jobs = jobs
+        self.tasks = tasks
+        self.raylet = raylet
+        self.reactor = peers.reactor
+        # What runs an actor's creation message (set by worker_main: see actor_runtime.py).
+        self.create_actor: Callable[[Executor, Connection, tuple], None] | None = None
+        self.blocked_depth = 0  # nested waits of the running task (its CPU is lent meanwhile)
         self.inbox: collections.deque[tuple[Connection, tuple]] = collections.deque()
         self._idle: Waiter | None = None  # set while the main thread waits for work
         self.current: TaskContext | None = None  # the normal task on the main thread
-        self.actor: ActorRuntime | None = None
+        self.actor: Any = None  # the ActorRuntime, once this worker became an actor
         # Calls cancelled before they started (refused when they come up); bounded, since a
         # cancel may cross its call's end.
         self._cancelled: OrderedDict[bytes, None] = OrderedDict()
@@ -97,13 +117,16 @@ class Executor:
         self._paths_added: set[str] = set()  # jobs whose import paths are in sys.path
         self._calls: collections.Counter = collections.Counter()  # of functions with max_calls
         self._retired = False  # a function reached its max_calls: this process runs no more
-        worker.handle("task", self._on_task)
-        worker.handle("steal", self._on_steal)
-        worker.handle("actor_create", self._on_message)
-        worker.handle("actor_task", self._on_actor_task)
-        worker.handle("cancel", self._on_cancel)
-        worker.handle("actor_control", self._on_actor_control)
-        worker.handle("exit", lambda conn, message: os._exit(0))
+        peers.handle("task", self._on_task)
+        peers.handle("steal", self._on_steal)
+        peers.handle("actor_create", self._on_message)
+        peers.handle("actor_task", self._on_actor_task)
+        peers.handle("cancel", self._on_cancel)
+        peers.handle("actor_control", self._on_actor_control)
+        peers.handle("exit", lambda conn, message: os._exit(0))
+        peers.on_closed(self.on_connection_lost)
+        jobs.current_task = self.context
+        objects.blocking = self.lending_cpu
         signal.signal(signal.SIGINT, self._on_sigint)
         sys.stdout = TaskStream(self, 1, sys.stdout)
         sys.stderr = TaskStream(self, 2, sys.stderr)
@@ -112,9 +135,20 @@ class Executor:
         """True while a normal task runs here (its CPU can be lent while it blocks)."""
         return self.current is not None and self.actor is None
 
-    def current_task_id(self) -> bytes | None:
-        ctx = self.context()
-        return ctx.task_id if ctx is not None else None
+    def lending_cpu(self, wait: Callable[[], Any]) -> Any:
+        """Run wait() (a blocking get or wait), lending the running task's CPU back to the
+        raylet meanwhile, so tasks it waits for can run (no deadlock on a full node)."""
+        if not self.running_task():
+            return wait()
+        self.blocked_depth += 1
+        if self.blocked_depth == 1:
+            self.raylet.send(("blocked",))
+        try:
+            return wait()
+        finally:
+            self.blocked_depth -= 1
+            if self.blocked_depth == 0:
+                self.raylet.send(("unblocked",))
 
     def context(self) -> TaskContext | None:
         ctx = _task_context.get() or self.current
@@ -133,7 +167,7 @@ class Executor:
         """The next queued message; while there is none, the main thread runs the reactor
         loop, so a task arriving wakes it directly (see Reactor.block)."""
         inbox = self.inbox
-        reactor = self.worker.reactor
+        reactor = self.reactor
         # Poll before sleeping only where this thread runs what comes: not in an async or
         # threaded actor, whose calls run on other threads (which need the interpreter). An
         # async actor's event-loop thread runs the reactor loop itself when idle.
@@ -180,7 +214,7 @@ class Executor:
     def _on_cancel(self, conn: Connection, message: tuple) -> None:
         _, task_id, force, recursive = message
         if recursive:
-            self.worker.submitter.cancel_children(task_id, force)
+            self.tasks.cancel_children(task_id, force)
         if self.actor is not None and self.actor.cancel(task_id):
             return
         with self._waiting_lock:  # (a task leaves _waiting as it becomes `current`)
@@ -208,7 +242,7 @@ class Executor:
     def _on_sigint(self, signum: int, frame: Any) -> None:
         current = self.current
         if current is not None and self._interrupt == current.task_id:
-            self.worker.reactor.keyboard_interrupt()
+            self.reactor.keyboard_interrupt()
 
     _on_sigint.defers_in_reactor = True  # type: ignore[attr-defined]
 
@@ -227,9 +261,7 @@ class Executor:
                 elif kind == "actor_task":
                     self.actor.execute(conn, message)
                 elif kind == "actor_create":
-                    from redray.core.actor_runtime import create_actor
-
-                    create_actor(self, conn, message)
+                    self.create_actor(self, conn, message)
             except KeyboardInterrupt:
                 continue  # a cancellation that arrived just after its task ended
 
@@ -258,7 +290,7 @@ class Executor:
             return
         try:
             try:
-                fn = self.worker.load_function(fn_key, conn)
+                fn = self.jobs.load_function(fn_key, conn)
             except Exception as exc:
                 fn = None
                 payloads = [error_payload(task_error(name, exc))] * num_returns
@@ -282,7 +314,7 @@ class Executor:
             return
         self._retired = True
         conn.send(("retire", (grant or {}).get("lease_id")))
-        self.worker.raylet.send(("retiring",))
+        self.raylet.send(("retiring",))
 
     def refused_as_cancelled(self, conn: Connection, task_id: bytes, num_returns: int) -> bool:
         """A task or call cancelled before it started: reply TaskCancelledError (True)."""
@@ -296,7 +328,7 @@ class Executor:
 
     def task_context(self, task_id, name, job_id, grant, conn) -> TaskContext:
         """The context of a task of job_id, whose paths are made importable here first."""
-        job = self.worker.jobs.get(job_id)
+        job = self.jobs.jobs.get(job_id)
         if job is None:
             return TaskContext(task_id, name, job_id, grant, conn)
         if job_id not in self._paths_added:
@@ -330,21 +362,18 @@ class Executor:
         """Arguments as the function sees them; refs that arrive inside them are borrowed."""
         if not args and not kwargs:
             return [], {}
-        worker = self.worker
         with context.deserializing() as scope:
             call_args = [self._arg(a) for a in args]
             call_kwargs = {k: self._arg(v) for k, v in kwargs.items()}
         if scope.refs:
-            worker.register_borrows(scope.refs, via_task=True)
+            self.ownership.register_borrows(scope.refs, via_task=True)
         return call_args, call_kwargs
 
     def _arg(self, item: Any) -> Any:
         if type(item) is bytes:
-            from redray.core.serialization import loads
-
             return loads(item)
         oid, payload = item
-        return self.worker.materialize(oid, payload)
+        return self.objects.materialize(oid, payload)
 
     def return_payloads(self, result: Any, num_returns: int, ctx: TaskContext) -> list[tuple]:
         """Serialize a task's return values for its caller (who owns them). Refs inside
@@ -368,11 +397,11 @@ class Executor:
         payloads = []
         for index, value in enumerate(values):
             oid = return_id(ctx.task_id, index)
-            payload, refs = self.worker.serialize_value(
+            payload, refs = self.objects.serialize_value(
                 value, oid, "the return value", owner_id=caller
             )
             if refs:  # refs inside a return value: the caller borrows them before seeing them
-                self.worker.lend([(r._id, r._owner) for r in refs], caller)
+                self.ownership.lend([(r._id, r._owner) for r in refs], caller)
                 ctx.lent = refs if ctx.lent is None else ctx.lent + refs
             payloads.append(payload)
         return payloads
@@ -380,13 +409,13 @@ class Executor:
     def reply(self, conn: Connection, task_id: bytes, payloads: list, ctx: TaskContext) -> None:
         """Send a task's or call's results to its caller, with the borrows its arguments
         left here; then let go of the refs its return values lent."""
-        worker = self.worker
-        worker.route_to(conn).send(("done", task_id, payloads, worker.take_task_borrows()))
+        borrowed = self.ownership.take_task_borrows()
+        self.peers.route_to(conn).send(("done", task_id, payloads, borrowed))
         ctx.lent = None
 
     def refuse(self, conn: Connection, task_id: bytes, error: BaseException, num_returns: int):
         """Answer a task or call that will not run here with `error` for each return."""
-        self.worker.route_to(conn).send(("done", task_id, [error_payload(error)] * num_returns, []))
+        self.peers.route_to(conn).send(("done", task_id, [error_payload(error)] * num_returns, []))
 
     def _apply_grant(self, grant: Any) -> None:
         """Make the lease's resources visible to user code (GPU ids as CUDA_VISIBLE_DEVICES)."""
@@ -457,12 +486,6 @@ def _node_ip() -> str | None:
     return (context.current.node or {}).get("node_ip_address") if context.current else None
 
 
-def error_payload(error: BaseException) -> tuple:
-    from redray.worker import pickle_error
-
-    return ("e", pickle_error(error))
-
-
 class TaskStream:
     """sys.stdout/sys.stderr of a worker: lines printed by user code go to its driver."""
 
@@ -509,7 +532,7 @@ class TaskStream:
             self._original.write(text)
             self._original.flush()
             return
-        send_log(self._executor.worker, ctx, self._fd, text, self._original)
+        send_log(self._executor.peers, ctx, self._fd, text, self._original)
 
     def isatty(self) -> bool:
         return False
@@ -521,7 +544,7 @@ class TaskStream:
         return getattr(self._original, name)
 
 
-def send_log(worker: CoreWorker, ctx: TaskContext, fd: int, text: str, fallback: Any) -> None:
+def send_log(peers: Peers, ctx: TaskContext, fd: int, text: str, fallback: Any) -> None:
     """Send printed text to the job's driver: on the task's connection when that is the driver."""
     if not ctx.log_to_driver:
         fallback.write(text)
@@ -536,7 +559,7 @@ def send_log(worker: CoreWorker, ctx: TaskContext, fd: int, text: str, fallback:
         fallback.write(text)
         return
     try:
-        worker.peer(tuple(driver)).send(entry)
+        peers.peer(tuple(driver)).send(entry)
     except OSError:
         fallback.write(text)
 

@@ -74,7 +74,8 @@ class ObjectRef:
         worker = context.worker()
         # Settled by whichever thread learns the object is ready, often the one running the
         # reactor loop: settle_future never blocks it.
-        worker.on_ready(self, lambda: worker.settle_future(future, self))
+        objects = worker.objects
+        objects.on_ready(self, lambda: objects.settle_future(future, self))
         worker.reactor.ensure_running()
         return future
 

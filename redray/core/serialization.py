@@ -13,6 +13,7 @@ from typing import Any
 
 import cloudpickle
 
+from redray import exceptions
 from redray.core import context
 
 INLINE_LIMIT = 100 * 1024  # values up to this size travel inline, as Ray's default
@@ -131,3 +132,28 @@ def _with_filename(code: Any, filename: str) -> Any:
         _with_filename(c, filename) if hasattr(c, "co_filename") else c for c in code.co_consts
     )
     return code.replace(co_filename=filename, co_consts=consts)
+
+
+def pickle_error(exc: BaseException) -> bytes:
+    """An exception as sent in an error payload (a RaySystemError naming it if it cannot be
+    pickled)."""
+    try:
+        return cloudpickle.dumps(exc)
+    except Exception:
+        return cloudpickle.dumps(exceptions.RaySystemError(repr(exc)))
+
+
+def unpickle_error(data: bytes) -> BaseException:
+    """The exception an error payload carries, as the caller should see it raised."""
+    try:
+        err = loads(data)
+    except Exception as exc:
+        return exceptions.RaySystemError(f"could not deserialize the task's error: {exc}")
+    if isinstance(err, exceptions.RayTaskError):
+        return err.as_instanceof_cause()
+    return err
+
+
+def error_payload(exc: BaseException) -> tuple:
+    """The payload of an object whose task failed with exc."""
+    return ("e", pickle_error(exc))

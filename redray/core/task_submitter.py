@@ -15,18 +15,23 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redray import exceptions
 from redray.core import serialization
-from redray.core.ids import return_id, task_of
+from redray.core.ids import IdSource, return_id, task_of
+from redray.core.jobs import Jobs
+from redray.core.object_io import ObjectIO
 from redray.core.object_ref import Address, ObjectRef
+from redray.core.ownership import Ownership
+from redray.core.peers import CONNECTION_LOST, Peers
+from redray.core.reference_table import Released
+from redray.core.serialization import error_payload, unpickle_error
+from redray.resources import bundle_resources
 from redray.transport import protocol
 from redray.transport.connection import Connection
-
-if TYPE_CHECKING:
-    from redray.worker import CoreWorker
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +161,23 @@ class _Shape:
 class TaskSubmitter:
     """Owner-side bookkeeping of the normal tasks this process submitted."""
 
-    def __init__(self, worker: CoreWorker):
-        self.worker = worker
+    def __init__(
+        self,
+        peers: Peers,
+        ownership: Ownership,
+        objects: ObjectIO,
+        jobs: Jobs,
+        ids: IdSource,
+        background: Callable[..., None],
+    ):
+        self._peers = peers
+        self._ownership = ownership
+        self._objects = objects
+        self._jobs = jobs
+        self._ids = ids
+        self._background = background
+        self._reactor = peers.reactor
+        self.raylet: Connection | None = None  # this node's raylet (see `attach`)
         self._lock = threading.RLock()
         self._tasks: dict[bytes, _Task] = {}
         # Every table holds only what is alive: shapes with queued work, leases or requests;
@@ -165,15 +185,22 @@ class TaskSubmitter:
         self._shapes: dict[tuple, _Shape] = {}
         self._leases: dict[tuple[Connection, int], _Lease] = {}  # by (raylet, lease id)
         self._children: dict[bytes, list[bytes]] = {}
-        self._raylets: dict[str, Connection] = {}
         # Grants whose worker is being connected to: True once the raylet wants them back.
         self._connecting: dict[tuple[Connection, int], bool] = {}
         self._lineage: dict[bytes, _Task] = {}  # tasks whose stored returns may need rebuilding
-        worker.handle("done", self._on_done)
-        worker.handle("stolen", self._on_stolen)
-        worker.handle("lease_reclaim", self._on_reclaim)
-        worker.handle("retire", self._on_retire)
-        worker.handle("cancel_request", self._on_cancel_request)
+        peers.handle("done", self._on_done)
+        peers.handle("stolen", self._on_stolen)
+        peers.handle("lease_reclaim", self._on_reclaim)
+        peers.handle("retire", self._on_retire)
+        peers.handle("cancel_request", self._on_cancel_request)
+        peers.handle("reconstruct", self._on_reconstruct)
+        peers.on_closed(self.on_connection_lost)
+        ownership.on_owned_freed(self._forget_lineage)
+        objects.reconstruct = self.reconstruct
+
+    def attach(self, raylet: Connection) -> None:
+        """This node's raylet, where leases are asked for first."""
+        self.raylet = raylet
 
     # -- submission -------------------------------------------------------------------------
     def submit(self, fn_key: str, args: tuple, kwargs: dict, options: TaskOptions) -> list:
@@ -186,21 +213,22 @@ class TaskSubmitter:
         self, fn_key: str, args: tuple, kwargs: dict, options: TaskOptions, actor: Any = None
     ) -> tuple[_Task, list[ObjectRef], list[ObjectRef]]:
         """A task with its arguments wired and return refs made; (task, refs, dependencies)."""
-        worker = self.worker
-        worker.process_released()
-        task_id = worker.ids.task_id()
+        self._ownership.process_released()
+        task_id = self._ids.task_id()
         keep: list[ObjectRef] = []
         deps: list[ObjectRef] = []
         wire_args = tuple(self._wire_arg(a, keep, deps, options.name) for a in args)
         wire_kwargs = {k: self._wire_arg(v, keep, deps, options.name) for k, v in kwargs.items()}
         return_ids = [return_id(task_id, i) for i in range(options.num_returns)]
         for rid in return_ids:
-            worker.new_owned(rid)
-        refs = [ObjectRef(rid, worker.address) for rid in return_ids]
-        parent = worker.executor.current_task_id() if worker.executor is not None else None
+            self._ownership.new_owned(rid)
+        address = self._peers.address
+        refs = [ObjectRef(rid, address) for rid in return_ids]
+        running = self._jobs.current_task()
+        parent = running.task_id if running is not None else None
         if parent is not None and options.strategy is None and actor is None:
-            options = self._captured(options)
-        job = worker.current_job()
+            options = self._captured(options, running)
+        job = self._jobs.current()
         if job.runtime_env and options.runtime_env is None and actor is None:
             options = dataclasses.replace(options, runtime_env=job.runtime_env)
         task = _Task(task_id, fn_key, options, wire_args, wire_kwargs, keep, return_ids, parent)
@@ -212,14 +240,11 @@ class TaskSubmitter:
                 self._children.setdefault(parent, []).append(task_id)
         return task, refs, deps
 
-    def _captured(self, options: TaskOptions) -> TaskOptions:
+    def _captured(self, options: TaskOptions, running: Any) -> TaskOptions:
         """Children of a task in a placement group that captures them run in it too."""
-        ctx = self.worker.executor.context()
-        grant = (ctx.grant if ctx is not None else None) or {}
+        grant = running.grant or {}
         if not grant.get("capture"):
             return options
-        from redray.util.placement_group import bundle_resources
-
         pg_id = grant["pg_id"]
         strategy = {"type": "placement_group", "pg_id": pg_id, "bundle_index": -1, "capture": True}
         return dataclasses.replace(
@@ -231,7 +256,7 @@ class TaskSubmitter:
         with self._lock:
             task.unresolved = len(deps) + 1  # +1: released below, once every callback is set
         for dep in deps:
-            self.worker.on_ready(dep, lambda t=task: self._dependency_ready(t))
+            self._objects.on_ready(dep, lambda t=task: self._dependency_ready(t))
         self._dependency_ready(task)
 
     def _wire_arg(self, value: Any, keep: list, deps: list, name: str) -> Any:
@@ -247,7 +272,7 @@ class TaskSubmitter:
                 value, exc, f"the argument for task or actor {name}:"
             ) from exc
         if len(data) > serialization.INLINE_LIMIT:
-            ref = self.worker.put_object(value)
+            ref = self._objects.put(value)
             keep.append(ref)
             deps.append(ref)
             return [ref._id, None]
@@ -266,10 +291,7 @@ class TaskSubmitter:
         if task.cancelled:
             self._finish_cancelled(task)
             return
-        if task.actor is not None:
-            self.worker.actors.dependencies_ready(task)
-        else:
-            self._enqueue(task)
+        self._enqueue(task)
 
     def _resolve_args(self, task: _Task) -> tuple | None:
         return self.fill_ref_args(task.args, task.kwargs)
@@ -279,7 +301,7 @@ class TaskSubmitter:
         for items in (args, kwargs.values()):
             for item in items:
                 if type(item) is list:
-                    payload = self.worker.payload_of(item[0])
+                    payload = self._objects.payload_of(item[0])
                     if payload[0] == "e":
                         return payload
                     item[1] = payload
@@ -304,7 +326,7 @@ class TaskSubmitter:
             # raylet's round-robin over nodes instead of whichever lease comes back first.
             while queue and shape.requesting < MAX_LEASE_REQUESTS:
                 shape.requesting += 1
-                self._request_lease(shape, self.worker.raylet, bound=queue.popleft())
+                self._request_lease(shape, self.raylet, bound=queue.popleft())
         batches: dict[_Lease, list[bytes]] = {}
         while queue:
             best = None
@@ -327,11 +349,11 @@ class TaskSubmitter:
             lease.conn.send_bytes(frames[0] if len(frames) == 1 else b"".join(frames))
             if len(lease.inflight) > 1:
                 head = next(iter(lease.inflight))
-                self.worker.reactor.call_later(STEAL_AFTER_SECONDS, self._steal, lease, head)
+                self._reactor.call_later(STEAL_AFTER_SECONDS, self._steal, lease, head)
         wanted = min(len(queue), MAX_LEASE_REQUESTS)
         while shape.requesting < wanted:
             shape.requesting += 1
-            self._request_lease(shape, self.worker.raylet)
+            self._request_lease(shape, self.raylet)
         for lease in list(shape.leases):
             if lease.inflight:
                 continue
@@ -389,7 +411,7 @@ class TaskSubmitter:
             lease.grant,
             task.job.job_id,
         )
-        self.worker.introduce(lease.conn, task.job)
+        self._jobs.introduce(lease.conn, task.job)
         return protocol.encode(message)
 
     # -- leases -----------------------------------------------------------------------------
@@ -409,7 +431,7 @@ class TaskSubmitter:
             "name": options.name,
             "spilled": spilled,
         }
-        self.worker.call_async(
+        self._peers.call_async(
             raylet,
             "lease",
             (request,),
@@ -426,19 +448,17 @@ class TaskSubmitter:
                     shape.queue.appendleft(bound)
                 self._dispatch(shape)
 
-        self.worker.reactor.call_later(0.2, retry)
+        self._reactor.call_later(0.2, retry)
 
     def _on_lease_reply(
         self, shape: _Shape, raylet: Connection, reply: Any, bound: _Task | None = None
     ) -> None:
-        from redray.worker import CONNECTION_LOST
-
-        if reply is CONNECTION_LOST and raylet is not self.worker.raylet:
+        if reply is CONNECTION_LOST and raylet is not self.raylet:
             self._retry_soon(shape, bound)
             return
         if reply is CONNECTION_LOST:
             # The local raylet is gone (or this process shuts down): nothing queued can run.
-            shutting_down = self.worker.shutting_down
+            shutting_down = self._peers.shutting_down
             with self._lock:
                 if not shutting_down:
                     # (Once shut down the reply comes before `call_async` returns: the count
@@ -483,7 +503,7 @@ class TaskSubmitter:
                         conn.send_bytes(self._push(lease, bound))
                     self._dispatch(shape)
 
-            self.worker.peer_async(tuple(address), connected)
+            self._peers.peer_async(tuple(address), connected)
         elif kind == "spillback":
             _, node_id, raylet_address = reply
 
@@ -493,7 +513,7 @@ class TaskSubmitter:
                     return
                 self._request_lease(shape, conn, spilled=True, bound=bound)
 
-            self.connect_raylet(node_id, raylet_address, forward)
+            self._peers.connect_raylet(node_id, raylet_address, forward)
         elif kind == "error":
             with self._lock:
                 shape.requesting -= 1
@@ -508,7 +528,7 @@ class TaskSubmitter:
         lease.idle_since = time.monotonic()
         if not lease.timer:
             lease.timer = True
-            self.worker.reactor.call_later(LEASE_IDLE_SECONDS, self._idle_check, lease)
+            self._reactor.call_later(LEASE_IDLE_SECONDS, self._idle_check, lease)
 
     def _idle_check(self, lease: _Lease) -> None:
         lease.timer = False
@@ -518,7 +538,7 @@ class TaskSubmitter:
         left = since + LEASE_IDLE_SECONDS - time.monotonic()
         if left > 0:
             lease.timer = True
-            self.worker.reactor.call_later(left, self._idle_check, lease)
+            self._reactor.call_later(left, self._idle_check, lease)
             return
         self._return_if_idle(lease)
 
@@ -592,7 +612,7 @@ class TaskSubmitter:
         if borrowed:
             self._adopt_borrows(borrowed, conn.info.get("peer_id"))
         if task.actor is not None:
-            self.worker.actors.on_done(task, results)
+            task.actor.registry.on_done(task, results)
             return
         first = results[0] if results else None
         if first is not None and first[0] == "e" and self.should_retry_error(task, first):
@@ -609,14 +629,12 @@ class TaskSubmitter:
     def _adopt_borrows(self, borrowed: list, borrower: bytes | None) -> None:
         """The worker kept refs it got as arguments: it now borrows them from their owners."""
         if borrower is not None:
-            self.worker.lend(borrowed, borrower)
+            self._ownership.lend(borrowed, borrower)
 
     def should_retry_error(self, task: _Task, payload: tuple) -> bool:
         retry = task.options.retry_exceptions
         if not retry or task.retries_left == 0 or task.cancelled:
             return False
-        from redray.worker import unpickle_error
-
         error = unpickle_error(payload[1])
         if isinstance(error, exceptions.TaskCancelledError):
             return False
@@ -626,7 +644,8 @@ class TaskSubmitter:
         return isinstance(cause, retry)
 
     def finish(self, task: _Task, results: list) -> None:
-        worker = self.worker
+        """Record a task's results as its return objects' values (once)."""
+        ownership, objects = self._ownership, self._objects
         with self._lock:
             self._tasks.pop(task.task_id, None)
             if task.parent is not None:
@@ -640,16 +659,13 @@ class TaskSubmitter:
                         del self._children[task.parent]
         for rid, payload in zip(task.return_ids, results, strict=False):
             if payload[0] in ("v", "s") and payload[-1]:
-                nested = worker.pin_nested(payload[-1], registered=True)
-                if worker.set_value(rid, payload):
-                    with worker._lock:
-                        obj = worker._objects.get(rid)
-                        if obj is not None:
-                            obj.nested = nested
+                nested = ownership.pin_nested(payload[-1], registered=True)
+                if objects.set_value(rid, payload):
+                    objects.own_nested_ids(rid, nested)
                 else:
-                    worker.unpin(nested)
+                    ownership.unpin(nested)
             else:
-                worker.set_value(rid, payload)
+                objects.set_value(rid, payload)
         if task.actor is None and any(p[0] == "s" for p in results):
             # Values in a node's store can be lost with the node: keep what is needed to
             # make them again (the task and its arguments) while they are referenced.
@@ -660,19 +676,13 @@ class TaskSubmitter:
             task.args = task.kwargs = None
 
     def fail(self, task: _Task, error: BaseException) -> None:
-        from redray.worker import pickle_error
-
-        payload = ("e", pickle_error(error))
-        self.finish(task, [payload] * len(task.return_ids))
+        self.finish(task, [error_payload(error)] * len(task.return_ids))
 
     def _finish_cancelled(self, task: _Task) -> None:
         self.fail(task, exceptions.TaskCancelledError(task.task_id.hex()))
 
     def on_connection_lost(self, conn: Connection) -> None:
         """A leased worker died: retry what it was running, or fail it."""
-        raylet_of = next((n for n, c in self._raylets.items() if c is conn), None)
-        if raylet_of is not None:
-            del self._raylets[raylet_of]
         leases = conn.info.get("leases")
         if not leases:
             return
@@ -716,7 +726,7 @@ class TaskSubmitter:
         with self._lock:
             task = self._tasks.get(task_id)
             if task is None or task.cancelled:
-                if task is None and owner is not None and owner[2] != self.worker.worker_id:
+                if task is None and owner is not None and owner[2] != self._peers.address[2]:
                     self._ask_owner_to_cancel(owner, task_id, force, recursive)
                 return
             if task.actor is not None and force:
@@ -724,7 +734,7 @@ class TaskSubmitter:
             task.cancelled = True
             task.force = force
             if task.actor is not None:
-                self.worker.actors.cancel(task, force)
+                task.actor.registry.cancel(task, force)
                 return
             queued = task.shape is not None and task in task.shape.queue
             if queued:
@@ -742,7 +752,7 @@ class TaskSubmitter:
             if conn is not None:  # (an owner that is gone took its tasks with it)
                 conn.send(("cancel_request", task_id, force, recursive))
 
-        self.worker.peer_async(owner, send)
+        self._peers.peer_async(owner, send)
 
     def _on_cancel_request(self, conn: Connection, message: tuple) -> None:
         """Another process cancels a task of ours whose ref it holds."""
@@ -759,13 +769,15 @@ class TaskSubmitter:
             self.cancel(child, force, True)
 
     # -- misc -------------------------------------------------------------------------------
-    def forget_object(self, object_id: bytes) -> None:
-        """An owned object was freed: drop its task's lineage once all its returns are."""
-        task = self._lineage.get(task_of(object_id))
-        if task is None:
+    def _forget_lineage(self, owned: Released) -> None:
+        """Owned objects were freed: drop a task's lineage once all its returns are."""
+        if not self._lineage:
             return
-        objects = self.worker._objects
-        if not any(rid in objects for rid in task.return_ids):
+        objects = self._objects.refs.objects
+        for oid, _ in owned:
+            task = self._lineage.get(task_of(oid))
+            if task is None or any(rid in objects for rid in task.return_ids):
+                continue
             with self._lock:
                 self._lineage.pop(task.task_id, None)
             task.keep = None
@@ -783,39 +795,28 @@ class TaskSubmitter:
             task.retries_left = task.options.max_retries
             task.cancelled = False
         log.warning("re-running %s to rebuild a lost object", task.options.name)
-        self.worker.forget_values(task.return_ids)
+        self._objects.forget_values(task.return_ids)
         if self._resolve_args(task) is not None:
             return False
         self._enqueue(task)
         return True
 
-    def connect_raylet(self, node_id: str, address: Any, then: Any) -> None:
-        """then(connection to node_id's raylet, or None if unreachable); made once, reused."""
-        conn = self._raylets.get(node_id)
-        if conn is not None and not conn.closed:
-            then(conn)
-            return
+    def _on_reconstruct(self, conn: Connection, message: tuple) -> None:
+        """A borrower found an object of ours lost: make it again, answer with its payload."""
+        _, call_id, oid = message
+        objects = self._objects
 
-        def connect() -> None:
-            try:
-                conn = self.worker.reactor.connect(
-                    tuple(address), self.worker._on_message, self.worker._on_conn_closed
-                )
-                conn.send(("hello_client", self.worker.address))
-                self._raylets[node_id] = conn
-            except OSError:
-                conn = None
-            self.worker.reactor.call_soon(then, conn)
+        def answer() -> None:
+            conn.send(("reply", call_id, objects.payload_of(oid)))
 
-        threading.Thread(target=connect, daemon=True).start()
+        def start() -> None:
+            if not self.reconstruct(oid):
+                error = exceptions.ObjectLostError(oid.hex(), self._peers.address)
+                conn.send(("reply", call_id, error_payload(error)))
+                return
+            objects.on_payload(oid, answer)
 
-    def send_to_raylet(self, node_id: str, message: tuple) -> None:
-        info = self.worker.gcs.node(node_id)
-        if info is None or info.get("state") != "ALIVE":
-            return
-        self.connect_raylet(
-            node_id, info["raylet_address"], lambda c: c.send(message) if c else None
-        )
+        self._background(start)
 
     def shutdown(self) -> None:
         with self._lock:

@@ -17,7 +17,8 @@ the caller dropped: it is dropped as soon as that list is no longer referenced e
 was changed in place (checked on every API call and every RELEASE_SECONDS), when the thread
 waits on another list, and after IDLE_SECONDS without use.
 
-`Waiting` is a part of `CoreWorker` (worker.py), kept here to be read on its own.
+`Waiting` works on the process's reference table (its entries and lock); the object I/O
+part (object_io.py) makes it and tells it when objects become ready or pending again.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from itertools import compress, count, islice
+from typing import Any
 
 from redray.core.object_ref import ObjectRef
-from redray.core.ownership import RELEASE_SECONDS
-from redray.transport.reactor import Waiter
+from redray.core.ownership import RELEASE_SECONDS, Ownership
+from redray.core.reference_table import ReferenceTable
+from redray.transport.reactor import Reactor, Waiter
 
 IDLE_SECONDS = 1.0  # a watch not used for this long is dropped
 
@@ -72,7 +76,28 @@ class ListWatch:
 
 
 class Waiting:
-    """`wait` over lists of refs (mixed into CoreWorker, which owns `_watches`)."""
+    """`wait` over lists of refs, with one watch per thread (guarded by the table's lock)."""
+
+    def __init__(
+        self,
+        refs: ReferenceTable,
+        ownership: Ownership,
+        reactor: Reactor,
+        start_fetches: Callable[[list[ObjectRef]], None],
+        block: Callable[[Callable[[], Any]], Any],
+    ):
+        self._lock = refs.lock
+        self._objects = refs.objects
+        self._ownership = ownership
+        self.reactor = reactor
+        self._start_fetches = start_fetches  # ask owners for the borrowed objects among refs
+        self._block = block  # wait, lending the CPU back while a task blocks
+        self._watches: dict[int, ListWatch] = {}  # per thread: the list `wait` returned to it
+        self._watch_timer = False
+
+    @property
+    def watching(self) -> bool:
+        return bool(self._watches)
 
     def wait_refs(
         self, refs: list[ObjectRef], num_returns: int, timeout: float | None
@@ -82,7 +107,7 @@ class Waiting:
         try:
             # Drops made so far count now, as on every API call; a watch of this thread's
             # previous list went in _watch_of, other threads' are checked by the timer.
-            self.apply_released()
+            self._ownership.apply_released()
             if num_returns <= 0:
                 raise ValueError(f"Invalid number of objects to return {num_returns}.")
             if num_returns > len(refs):
@@ -177,7 +202,7 @@ class Waiting:
                     del self._watches[threading.get_ident()]
         return ready, not_ready
 
-    def note_ready_in_watches(self, object_id: bytes) -> None:
+    def note_ready(self, object_id: bytes) -> None:
         """An object's payload became known here (lock held): tell the watches listing it."""
         for watch in self._watches.values():
             if object_id in watch.members:
@@ -187,13 +212,15 @@ class Waiting:
                     watch.wake.set()
                     watch.wake = None
 
-    def note_pending_in_watches(self, object_ids: list[bytes]) -> None:
+    def note_pending(self, object_ids: list[bytes]) -> None:
         """Objects are being made anew (lock held): no longer ready for any watch."""
         for watch in self._watches.values():
             watch.ready.difference_update(object_ids)
 
     def check_watches(self) -> None:
         """Drop the watches that might keep alive refs their thread no longer holds."""
+        if not self._watches:
+            return
         now = time.monotonic()
         # Compared outside the lock: a list changed in place may hold objects whose __eq__
         # is the caller's code. A watch in use (busy) is left alone.
@@ -208,7 +235,7 @@ class Waiting:
 
     def _watch_tick(self) -> None:
         """Every RELEASE_SECONDS while there are watches: drop stale ones, apply releases."""
-        self.process_released()  # checks the watches first
+        self._ownership.process_released()  # checks the watches first
         with self._lock:
             again = self._watch_timer = bool(self._watches)
         if again:

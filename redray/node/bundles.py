@@ -10,11 +10,10 @@ Removal takes them away and gives the bundles back.
 from __future__ import annotations
 
 from redray.node import scheduling
+from redray.resources import bundle_offers
 
 Bundle = tuple[int, dict[str, float]]  # (bundle index, resources)
 
-MARKER = "bundle"
-MARKER_AMOUNT = 1000.0
 # Removed groups are remembered so that a prepare overtaken by the removal is refused; the
 # oldest are forgotten past this many (a prepare is never that late).
 REMEMBERED_REMOVALS = 10_000
@@ -78,9 +77,8 @@ def group_resources(pg_id: str, bundles: list[Bundle]) -> dict[str, float]:
     """The resources a committed group adds to its node."""
     created: dict[str, float] = {}
     for index, bundle in bundles:
-        for name, amount in [*bundle.items(), (MARKER, MARKER_AMOUNT)]:
-            for key in (f"{name}_group_{index}_{pg_id}", f"{name}_group_{pg_id}"):
-                created[key] = created.get(key, 0.0) + amount
+        for key, amount in bundle_offers(pg_id, index, bundle).items():
+            created[key] = created.get(key, 0.0) + amount
     return created
 
 

@@ -18,14 +18,14 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redray import exceptions
 from redray.objstore import files
+from redray.objstore.arena import SharedArena
+from redray.objstore.store import ObjectStore
 from redray.transport import protocol
-
-if TYPE_CHECKING:
-    from redray.raylet import Raylet
+from redray.transport.reactor import Reactor
 
 log = logging.getLogger("redray.node.object_manager")
 
@@ -37,12 +37,25 @@ REACTOR_TIMEOUT = 60.0
 class ObjectManager:
     """Serves local objects to other nodes and pulls remote ones into the local store."""
 
-    def __init__(self, raylet: Raylet):
-        self.raylet = raylet
-        self.token = raylet.token
+    def __init__(
+        self,
+        token: bytes,
+        host: str,
+        reactor: Reactor,
+        store: ObjectStore,
+        arena: SharedArena,
+        release_pin: Callable[[bytes], None],
+        when_sealed: Callable[[bytes, Callable[[bool], None]], None],
+    ):
+        self.token = token
+        self._reactor = reactor  # the store's owning thread runs its loop
+        self._store = store
+        self._arena = arena
+        self._release_pin = release_pin  # undo a pin taken for a transfer (reactor thread)
+        self._when_sealed = when_sealed  # (reactor thread) wait for an object being written
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((raylet.host, 0))
+        self._listener.bind((host, 0))
         self._listener.listen(128)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._pulls: dict[bytes, list[Callable[[BaseException | None], None]]] = {}
@@ -67,7 +80,7 @@ class ObjectManager:
                 box.append((False, exc))
             done.set()
 
-        self.raylet.reactor.call_soon(run)
+        self._reactor.call_soon(run)
         if not done.wait(REACTOR_TIMEOUT):
             raise TimeoutError("the raylet did not answer")
         ok, value = box[0]
@@ -85,7 +98,7 @@ class ObjectManager:
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
 
     def _serve(self, sock: socket.socket) -> None:
-        store = self.raylet.store
+        store = self._store
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             protocol.server_handshake(sock, self.token)
@@ -94,19 +107,22 @@ class ObjectManager:
             if not (isinstance(request, tuple) and request[0] == "fetch"):
                 return
             oid = request[1]
+            sealed = threading.Event()
+            self._reactor.call_soon(self._when_sealed, oid, lambda _: sealed.set())
+            sealed.wait(TRANSFER_TIMEOUT)
             location = self._on_reactor(lambda: store.get(oid))
             if location is None:
                 protocol.send_frame(sock, ("missing",))
                 return
             where, size = location
             try:
-                view = files.region(self.raylet.arena, where, size, writable=False)
+                view = files.region(self._arena, where, size, writable=False)
                 protocol.send_frame(sock, ("ok", size))
                 for start in range(0, size, CHUNK):
                     sock.sendall(view[start : min(start + CHUNK, size)])
                 del view
             finally:
-                self.raylet.reactor.call_soon(self.raylet.release_pin, oid)
+                self._reactor.call_soon(self._release_pin, oid)
         except Exception as exc:  # a peer that vanished, stalled, or spoke nonsense
             log.debug("object transfer to a peer ended: %r", exc)
         finally:
@@ -148,11 +164,11 @@ class ObjectManager:
         except Exception as exc:
             log.debug("pull of %s from %s failed: %r", oid.hex(), address, exc)
         finally:
-            self.raylet.reactor.call_soon(self._finish, oid, error)
+            self._reactor.call_soon(self._finish, oid, error)
 
     def _transfer(self, oid: bytes, address: tuple[str, int], owner: bytes) -> BaseException | None:
         """Copy the object in; returns the error the waiting readers get (None: it is here)."""
-        store = self.raylet.store
+        store = self._store
         created: list[Any] = []  # appended on the reactor thread once the region exists
         sealed = False
 
@@ -169,9 +185,7 @@ class ObjectManager:
                 if not (isinstance(header, tuple) and header and header[0] == "ok"):
                     return exceptions.ObjectLostError(oid.hex())
                 size = int(header[1])
-                view = files.region(
-                    self.raylet.arena, self._on_reactor(create), size, writable=True
-                )
+                view = files.region(self._arena, self._on_reactor(create), size, writable=True)
                 received = 0
                 while received < size:
                     n = sock.recv_into(view[received : min(received + CHUNK, size)])
@@ -186,14 +200,14 @@ class ObjectManager:
             return exc
         finally:
             if not sealed:  # queued after create: it sees whether a region was made
-                self.raylet.reactor.call_soon(self._abort_created, oid, created)
+                self._reactor.call_soon(self._abort_created, oid, created)
 
     def _abort_created(self, oid: bytes, created: list[Any]) -> None:
         """Drop the unsealed region of a pull that did not seal it (reactor thread)."""
         if not created:
             return
         try:
-            self.raylet.store.abort(oid)
+            self._store.abort(oid)
         except ValueError:
             pass  # sealed after all: the object is complete
 

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from redray.node import worker_pool
+
 
 def find_redis_server() -> str:
     """Path of a redis-server binary: on PATH first, then the embedded one."""
@@ -64,8 +66,6 @@ class RedisServer:
         die_with_parent: bool = True,
     ) -> RedisServer:
         """Start redis-server on host:port (0: a free port); returns at once."""
-        from redray.node.worker_pool import die_with_parent as _pdeathsig
-
         port = port or free_port(host)
         args = [
             find_redis_server(),
@@ -93,7 +93,7 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_pdeathsig if die_with_parent else None,
+            preexec_fn=worker_pool.die_with_parent if die_with_parent else None,
         )
         return cls(process, host, port, password)
 

@@ -182,10 +182,3 @@ def without_groups(resources: dict[str, float]) -> dict[str, float]:
     """The resources that belong to no placement group (a node's view holds every committed
     group's resources too, and planning bundles needs only the plain ones)."""
     return {name: amount for name, amount in resources.items() if "_group_" not in name}
-
-
-def placement_group_of(resource: str) -> str | None:
-    """The placement group id a resource name belongs to (`CPU_group_1_<id>`), if any."""
-    if "_group_" not in resource:
-        return None
-    return resource.rsplit("_group_", 1)[1].split("_")[-1]

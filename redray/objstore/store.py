@@ -155,6 +155,11 @@ class ObjectStore:
         self._forget(entry)
         self._free(entry)
 
+    def being_written(self, object_id: bytes) -> bool:
+        """True while the object is created and not sealed (nor deleted) yet."""
+        entry = self._objects.get(object_id)
+        return entry is not None and not entry.sealed
+
     def contains(self, object_id: bytes) -> bool:
         """True if the object is sealed and present, in memory or on disk."""
         entry = self._objects.get(object_id)

@@ -10,18 +10,25 @@ resources (Ray's names: `CPU_group_<i>_<id>`, `CPU_group_<id>`).
 from __future__ import annotations
 
 import numbers
-import os
 import pickle
-import threading
 from typing import Any
 
 from redray.core import context
-
-NAMED_PGS = "named_pgs"  # the GCS tables (see redray.gcs), named here to keep imports light
-PLACEMENT_GROUPS = "pgs"
+from redray.gcs import NAMED_PGS, PLACEMENT_GROUPS
+from redray.resources import bundle_resources
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-BUNDLE_MARKER = "bundle"  # every bundle also offers bundle_group_<i>_<id> (redray.node.bundles)
+
+__all__ = [
+    "PlacementGroup",
+    "PlacementGroupID",
+    "bundle_resources",
+    "get_current_placement_group",
+    "get_placement_group",
+    "placement_group",
+    "placement_group_table",
+    "remove_placement_group",
+]
 
 
 class PlacementGroupID:
@@ -70,11 +77,12 @@ class PlacementGroup:
 
     def ready(self) -> Any:
         """An ObjectRef that becomes ready (with this group) once the group is placed."""
-        return context.worker().placement_groups.ready_ref(self)
+        placed = pickle.dumps(self, protocol=5)
+        return context.worker().placement_groups.ready_ref(self.id.hex(), placed)
 
     def wait(self, timeout_seconds: float | int = 30) -> bool:
         """Block until the group is placed or timeout_seconds pass; True when placed."""
-        return context.worker().placement_groups.wait(self, timeout_seconds)
+        return context.worker().placement_groups.wait(self.id.hex(), timeout_seconds)
 
     def __reduce__(self):
         return (PlacementGroup, (self.id, self._bundles))
@@ -141,14 +149,15 @@ def placement_group(
         )
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, got {type(name).__name__}")
-    return context.worker().placement_groups.create(specs, strategy, name, lifetime)
+    pg_id = context.worker().placement_groups.create(specs, strategy, name, lifetime)
+    return PlacementGroup(PlacementGroupID(pg_id), specs)
 
 
 def remove_placement_group(placement_group: PlacementGroup) -> None:
     """Release the group's resources; tasks and actors running in it are stopped."""
     if not isinstance(placement_group, PlacementGroup):
         raise TypeError(f"Expected a PlacementGroup, got {type(placement_group).__name__}")
-    context.worker().placement_groups.remove(placement_group)
+    context.worker().placement_groups.remove(placement_group.id.hex())
 
 
 def get_placement_group(placement_group_name: str) -> PlacementGroup:
@@ -185,136 +194,8 @@ def placement_group_table(placement_group: PlacementGroup | None = None) -> dict
 
 def get_current_placement_group() -> PlacementGroup | None:
     """The placement group the calling task or actor runs in, if any."""
-    worker = context.worker()
-    executor = worker.executor
-    ctx = executor.context() if executor is not None else None
+    ctx = context.worker().jobs.current_task()
     pg_hex = ((ctx.grant if ctx is not None else None) or {}).get("pg_id")
     if not pg_hex:
         return None
     return PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex)))
-
-
-def bundle_resources(resources: dict[str, float], pg_hex: str, index: int) -> dict[str, float]:
-    """A task's request rewritten to draw from a placement group's bundle(s)."""
-    suffix = f"{index}_{pg_hex}" if index >= 0 else pg_hex
-    rewritten = {f"{name}_group_{suffix}": amount for name, amount in resources.items()}
-    if not rewritten:
-        rewritten[f"{BUNDLE_MARKER}_group_{suffix}"] = 0.001
-    return rewritten
-
-
-class PlacementGroups:
-    """Per-process view of placement groups created or waited on here."""
-
-    def __init__(self, worker: Any):
-        self.worker = worker
-        self._lock = threading.Lock()
-        self._states: dict[str, str] = {}
-        self._waiters: dict[str, list[Any]] = {}
-        self._removals: list[bytes] = []  # requests not sent yet
-
-    def remove(self, pg: PlacementGroup) -> None:
-        """Ask the control loop to remove the group, without waiting (as Ray's). Removals
-        asked for in a burst leave together, in order, in one round trip."""
-        request = pickle.dumps(("remove_pg", pg.id.hex()))
-        with self._lock:
-            self._removals.append(request)
-            first = len(self._removals) == 1
-        if first:
-            self.worker.background(self._send_removals)
-
-    def _send_removals(self) -> None:
-        with self._lock:
-            requests, self._removals = self._removals, []
-        if requests:
-            self.worker.gcs.push_request(*requests)
-
-    def create(
-        self, bundles: list[dict], strategy: str, name: str, lifetime: str | None
-    ) -> PlacementGroup:
-        worker = self.worker
-        pg_id = os.urandom(14)
-        pg_hex = pg_id.hex()
-        if name:
-            claimed = worker.gcs.claim_name(NAMED_PGS, worker.namespace, name, pg_hex)
-            if claimed != pg_hex:
-                raise ValueError(f"A placement group named {name!r} already exists.")
-        info = {
-            "pg_id": pg_hex,
-            "name": name,
-            "namespace": worker.namespace,
-            "bundles": bundles,
-            "strategy": strategy,
-            "state": "PENDING",
-            "detached": lifetime == "detached",
-            "owner": worker.worker_id.hex(),
-            "job_id": worker.job_id,
-            "seq": 0,
-        }
-        worker.watcher.ensure_running()
-        with self._lock:
-            self._states[pg_hex] = "PENDING"
-        worker.gcs.create_placement_group(pg_hex, info)
-        return PlacementGroup(PlacementGroupID(pg_id), bundles)
-
-    def on_state(self, info: dict) -> None:
-        pg_hex = info["pg_id"]
-        with self._lock:
-            if pg_hex not in self._states and pg_hex not in self._waiters:
-                return
-            if info["state"] == "REMOVED":
-                self._states.pop(pg_hex, None)  # final: nothing more to track
-            else:
-                self._states[pg_hex] = info["state"]
-            waiters = self._waiters.pop(pg_hex, []) if info["state"] != "PENDING" else []
-        for waiter in waiters:
-            waiter(info["state"])
-
-    def _when_settled(self, pg_hex: str, callback: Any) -> None:
-        """callback(state) once the group is placed or removed."""
-        self.worker.watcher.ensure_running()
-        with self._lock:
-            state = self._states.get(pg_hex)
-            if state is None or state == "PENDING":
-                self._waiters.setdefault(pg_hex, []).append(callback)
-        if state is not None and state != "PENDING":
-            callback(state)
-        elif state is None:
-            # Not created here, so its state changes may predate our subscription.
-            info = self.worker.gcs.placement_group(pg_hex)
-            if info is not None and info.get("state") != "PENDING":
-                self.on_state(info)
-
-    def wait(self, pg: PlacementGroup, timeout: float) -> bool:
-        done = threading.Event()
-        result: list[str] = []
-
-        def settled(state: str) -> None:
-            result.append(state)
-            done.set()
-
-        self._when_settled(pg.id.hex(), settled)
-        done.wait(timeout)
-        return bool(result) and result[0] == "CREATED"
-
-    def ready_ref(self, pg: PlacementGroup) -> Any:
-        from redray import exceptions
-        from redray.core.object_ref import ObjectRef
-        from redray.worker import pickle_error
-
-        worker = self.worker
-        oid = worker.ids.put_id()
-        worker.new_owned(oid)
-        ref = ObjectRef(oid, worker.address)
-
-        def settled(state: str) -> None:
-            if state == "CREATED":
-                worker.set_value(oid, ("v", pickle.dumps(pg, protocol=5), []))
-            else:
-                error = exceptions.PlacementGroupSchedulingError(
-                    f"The placement group {pg.id.hex()} was removed before it was placed."
-                )
-                worker.set_value(oid, ("e", pickle_error(error)))
-
-        self._when_settled(pg.id.hex(), settled)
-        return ref
