@@ -15,16 +15,25 @@ import pickle
 import socket
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from redray.transport import protocol
-
-if TYPE_CHECKING:
-    from redray.transport.reactor import Reactor
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[["Connection", Any], None]
+
+
+class Loop(Protocol):
+    """What a connection needs of the I/O loop it is registered with (a `Reactor`)."""
+
+    token: bytes  # the cluster token a listener's peers must prove they hold
+    scratch: memoryview  # where reads land first (one buffer for every connection)
+
+    def call_soon(self, fn: Callable, *args: Any) -> None: ...
+    def in_reactor(self) -> bool: ...
+    def forget(self, conn: Connection) -> None: ...
+    def watch_write(self, conn: Connection) -> None: ...
 
 
 class Connection:
@@ -32,7 +41,7 @@ class Connection:
 
     def __init__(
         self,
-        reactor: Reactor,
+        reactor: Loop,
         sock: socket.socket,
         handler: Handler,
         on_close: Callable[[Connection], None] | None = None,
@@ -76,7 +85,7 @@ class Connection:
                 return False
             if sent < len(data):
                 self._out += memoryview(data)[sent:]
-                self.reactor.call_soon(self.reactor._watch_write, self)
+                self.reactor.call_soon(self.reactor.watch_write, self)
             return True
 
     def flush_blocking(self, timeout: float = 2.0) -> None:
@@ -105,7 +114,7 @@ class Connection:
             if self.closed:
                 return
             self.closed = True
-        self.reactor._forget(self)
+        self.reactor.forget(self)
         try:
             self.sock.close()
         except OSError:
@@ -134,7 +143,7 @@ class Connection:
             return True
 
     def _on_readable(self) -> None:
-        scratch = self.reactor._scratch
+        scratch = self.reactor.scratch
         try:
             received = self.sock.recv_into(scratch)
         except (BlockingIOError, InterruptedError):

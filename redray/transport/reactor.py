@@ -118,7 +118,7 @@ class Reactor:
         self.interrupted = False  # a deferred SIGINT waits to be raised
         self._spin = SpinPolicy()
         # Reads land here first: a fresh buffer per recv would cost an mmap/munmap pair.
-        self._scratch = memoryview(bytearray(_RECV_SIZE))
+        self.scratch = memoryview(bytearray(_RECV_SIZE))
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -474,7 +474,7 @@ class Reactor:
         self._connections[conn.fileno] = conn
         self._selector.register(conn.fileno, _READ, conn)
 
-    def _watch_write(self, conn: Connection) -> None:
+    def watch_write(self, conn: Connection) -> None:
         if conn.closed or conn.fileno not in self._connections:
             return
         if conn._flush():
@@ -526,7 +526,7 @@ class Reactor:
                 except Exception:
                     log.exception("reactor timer %r failed", fn)
 
-    def _forget(self, conn: Connection) -> None:
+    def forget(self, conn: Connection) -> None:
         if self._connections.get(conn.fileno) is conn:
             del self._connections[conn.fileno]
             try:
