@@ -216,3 +216,27 @@ def test_stop_closes_every_descriptor(echo):
         reactor.connect(echo.address, lambda conn, message: None)
     # (the echo server's ends of those connections close once it reads their EOF)
     wait_for(lambda: set(os.listdir("/proc/self/fd")) - before == set(), timeout=5)
+
+
+@pytest.mark.timeout(30)
+def test_a_loop_lent_as_its_borrower_is_woken_is_handed_back():
+    """The I/O thread may lend the loop to a blocked thread just as that thread's waiter is
+    set (the interleaving below, step by step): the thread must still take the loop and
+    leave it free, or nobody runs it and its next call finds itself marked as running it."""
+    reactor = Reactor(TOKEN, name="test-lend-race")
+    try:
+        waiter = reactor.waiter()
+        assert not reactor._take_or_ask(waiter)  # the loop is the I/O thread's: ask for it
+        wait_for(lambda: waiter.leading, timeout=5)  # ...and it is lent
+        waiter.set()  # the reply arrives before the blocked thread went to sleep
+        assert reactor._sleep(waiter, None)  # it must lead, to hand the loop back
+        reactor._leave(waiter)
+        # The loop runs again, and the same thread can block once more.
+        served = threading.Event()
+        reactor.call_soon(served.set)
+        assert served.wait(5)
+        again = reactor.waiter()
+        reactor.call_soon(again.set)
+        assert reactor.block(again, timeout=5)
+    finally:
+        reactor.stop()
