@@ -258,8 +258,8 @@ end
 """
 
 # Renew the lease if we hold it (same epoch); take it if free (next epoch). Returns the epoch,
-# 0 when someone else holds it. The counter, if Redis lost it, restarts from the time in ms
-# (ARGV[3]) so an epoch is never handed out twice.
+# 0 when someone else holds it. The counter, if Redis lost it, restarts from the time in
+# microseconds (ARGV[3]) so an epoch is never handed out twice.
 _LEADER_SCRIPT = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
@@ -657,38 +657,47 @@ class Subscription:
         self._token = os.urandom(8).hex()
 
     def get_message(self, timeout: float) -> dict[str, Any] | None:
-        """The next message, or None if none came within timeout seconds.
+        """The next message, or None if none came within timeout seconds (0: only what has
+        arrived already).
 
         Raises redis.TimeoutError when Redis left a ping unanswered for silence_seconds, and
         redis.ConnectionError when the connection is lost beyond the client's retries; the
         subscription is closed then: make a new one and re-read what you mirror."""
-        import redis
-
+        deadline = time.monotonic() + timeout
         try:
-            now = time.monotonic()
-            if self._ping_sent is None and now - self._last_heard >= self._ping_seconds:
-                self._pubsub.ping(self._token)
-                self._ping_sent = now
-            if self._ping_sent is not None:
-                left = self._ping_sent + self._silence_seconds - now
-                if left <= 0:
-                    raise redis.TimeoutError(
-                        f"Redis left a pub/sub ping unanswered for {self._silence_seconds} s"
-                    )
-                timeout = min(timeout, left)
-            message = self._pubsub.get_message(timeout=timeout)
+            while True:
+                wait = min(deadline, self._next_check()) - time.monotonic()
+                message = self._pubsub.get_message(timeout=max(0.0, wait))
+                if message is not None:
+                    self._last_heard = time.monotonic()
+                    if message["type"] != "pong":
+                        return message
+                    data = message["data"]
+                    if (data.decode() if isinstance(data, bytes) else data) == self._token:
+                        self._ping_sent = None
+                if time.monotonic() >= deadline:
+                    return None
         except BaseException:
             self.close()
             raise
-        if message is None:
-            return None
-        self._last_heard = time.monotonic()
-        if message["type"] == "pong":
-            data = message["data"]
-            if (data.decode() if isinstance(data, bytes) else data) == self._token:
-                self._ping_sent = None
-            return None
-        return message
+
+    def _next_check(self) -> float:
+        """Ping Redis if it has been quiet, fail if a ping went unanswered; when to look
+        again."""
+        import redis
+
+        now = time.monotonic()
+        if self._ping_sent is None:
+            if now - self._last_heard < self._ping_seconds:
+                return self._last_heard + self._ping_seconds
+            self._pubsub.ping(self._token)
+            self._ping_sent = now
+        answer_due = self._ping_sent + self._silence_seconds
+        if now >= answer_due:
+            raise redis.TimeoutError(
+                f"Redis left a pub/sub ping unanswered for {self._silence_seconds} s"
+            )
+        return answer_due
 
     def close(self) -> None:
         try:
@@ -1180,7 +1189,7 @@ class Gcs:
         epoch = self._eval(
             _LEADER_SCRIPT,
             self._fence_keys(),
-            [holder, max(1, int(ttl * 1000)), int(time.time() * 1000)],
+            [holder, max(1, int(ttl * 1000)), int(time.time() * 1_000_000)],
         )
         return int(epoch)
 
