@@ -186,7 +186,7 @@ class ActorClass:
                     "different name or get the existing actor using "
                     f"redray.get_actor('{name}', namespace='{namespace}')"
                 )
-        state = submitter.create(actor_id, info, spec, keep)
+        state = submitter.create(actor_id, info, spec, keep, key)
         handle = ActorHandle(actor_id, info)
         handle._caller_state = state
         return handle
@@ -373,7 +373,9 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
             f"ray.kill() only supported for actors. For tasks, try ray.cancel(). Got: {type(actor)}."
         )
     worker = context.worker()
-    worker.gcs.push_request(pickle.dumps(("kill_actor", actor._actor_id.hex(), no_restart)))
+    if not isinstance(no_restart, bool):
+        raise TypeError(f"no_restart must be a bool, got {type(no_restart).__name__}")
+    worker.gcs.push_request("kill_actor", actor_id=actor._actor_id.hex(), no_restart=no_restart)
 
 
 def exit_actor() -> None:

@@ -50,7 +50,6 @@ import enum
 import hashlib
 import json
 import os
-import pickle
 import threading
 import time
 from collections.abc import Iterable
@@ -146,10 +145,12 @@ class NotLeaderError(Exception):
     fence's epoch (it expired, another head took it, or it was taken again since). Nothing
     was written."""
 
-    def __init__(self, fence: Fence):
+    def __init__(self, fence: Fence | None = None):
         super().__init__(
             f"{fence.holder!r} does not hold the control loop's lease at epoch {fence.epoch}: "
             "the write was refused"
+            if fence is not None
+            else "this head does not lead the control loop: the write was refused"
         )
         self.fence = fence
 
@@ -461,18 +462,6 @@ return removed
 """
 )
 
-# Take up to ARGV[1] items from the head of a list, atomically (the unfenced pop_requests).
-_TAKE_SCRIPT = """
-if tonumber(ARGV[1]) < 1 then
-  return {}
-end
-local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-if #items > 0 then
-  redis.call('LTRIM', KEYS[1], #items, -1)
-end
-return items
-"""
-
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
@@ -547,17 +536,6 @@ def decode_request(raw: bytes) -> Request | BadRequest:
     except (ValueError, TypeError, RecursionError) as exc:
         return BadRequest(raw, f"{type(exc).__name__}: {exc}")
     return Request(entry["kind"], entry["fields"], raw)
-
-
-def _legacy_request(pickled: bytes) -> bytes:
-    """A request in the older pickled-tuple form, from this process, as queued JSON."""
-    request = pickle.loads(pickled)
-    if not isinstance(request, tuple) or not request or request[0] not in REQUEST_SCHEMA:
-        raise ValueError(f"not a control request: {request!r}")
-    names = list(REQUEST_SCHEMA[request[0]])
-    if len(request) - 1 != len(names):
-        raise TypeError(f"control request {request[0]!r} takes fields {names}")
-    return encode_request(request[0], dict(zip(names, request[1:], strict=True)))
 
 
 @dataclass(frozen=True)
@@ -1202,22 +1180,11 @@ class Gcs:
         self._eval(_RELEASE_LEADER_SCRIPT, [self.key(LEADER)], [holder])
 
     # -- requests to the control loop -------------------------------------------------------
-    def push_request(self, kind: str | bytes, /, *legacy: bytes, **fields: Any) -> None:
+    def push_request(self, kind: str, /, **fields: Any) -> None:
         """Queue one request for the control loop: ``push_request("kill_actor",
         actor_id=..., no_restart=True)``. Raises ValueError for an unknown kind (or an empty
-        id) and TypeError for missing, unexpected or mistyped fields, queueing nothing.
-
-        Deprecated form, for callers not moved yet: ``push_request(*pickled_tuples)``, each
-        ``pickle.dumps((kind, *field values in schema order))``; queued as the same JSON."""
-        if isinstance(kind, bytes):
-            if fields:
-                raise TypeError("pickled requests take no fields")
-            entries = [_legacy_request(raw) for raw in (kind, *legacy)]
-        else:
-            if legacy:
-                raise TypeError("push_request takes the fields as keywords")
-            entries = [encode_request(kind, fields)]
-        self.redis.rpush(self.key(REQUESTS), *entries)
+        id) and TypeError for missing, unexpected or mistyped fields, queueing nothing."""
+        self.redis.rpush(self.key(REQUESTS), encode_request(kind, fields))
 
     def push_requests(self, requests: Iterable[tuple[str, dict[str, Any]]]) -> None:
         """Queue (kind, fields) requests in order, in one round trip; raises as push_request
@@ -1264,25 +1231,6 @@ class Gcs:
             return 0
         keys = [*self._fence_keys(), self.key(REQUESTS_TAKEN)]
         return int(self._eval(_ACK_REQUESTS_SCRIPT, keys, [*self._fence_args(fence), *raws], fence))
-
-    def pop_requests(self, timeout: float, limit: int = 256) -> list[bytes]:
-        """Deprecated (unfenced, and a request taken is lost if the caller dies): the queued
-        requests as pickled (kind, *field values) tuples, waiting up to timeout seconds (at
-        most ``blocking_max``) for the first. Invalid entries are dropped. Use take_requests."""
-        key = self.key(REQUESTS)
-        wait = max(0.0, min(timeout, self.blocking_max))
-        first, more = self._round_trip(
-            ("BLPOP", key, wait) if wait > 0 else ("LPOP", key),
-            ("EVAL", _TAKE_SCRIPT, 1, key, max(0, limit - 1)),
-        )
-        if isinstance(first, list):
-            first = first[1]
-        result = []
-        for raw in ([first] if first is not None else []) + list(more):
-            request = decode_request(raw)
-            if isinstance(request, Request):
-                result.append(pickle.dumps((request.kind, *request.args)))
-        return result
 
     # -- actors -----------------------------------------------------------------------------
     def create_actor(

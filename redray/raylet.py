@@ -126,6 +126,7 @@ class Raylet:
         self.arena = SharedArena.create(capacity)
         self.store = ObjectStore(self.arena, capacity, config["spill_dir"])
         self.creating: dict[bytes, set[bytes]] = {}
+        self.leader_epoch = 0  # the newest control-loop epoch seen (see _stale_leader)
         # Readers of objects still being written: told (True) once sealed, (False) if not.
         self._seal_waiters: dict[bytes, list[Callable[[bool], None]]] = {}
 
@@ -371,13 +372,28 @@ class Raylet:
         self.reactor.call_later(IDLE_WORKER_SECONDS / 2, self._reap_idle_workers)
 
     def _on_kill_worker(self, conn: Connection, message: tuple) -> None:
+        """The control loop ends an actor's process (ignored from a leader whose tenure
+        ended: its successor decides now)."""
+        if self._stale_leader(message[2]):
+            return
         worker = self.workers.get(message[1])
         if worker is not None:
             self._kill_worker(worker)
 
+    def _stale_leader(self, epoch: int) -> bool:
+        """Whether a control-loop epoch is older than one seen here (then its requests are
+        refused); newer ones are remembered."""
+        if epoch < self.leader_epoch:
+            return True
+        self.leader_epoch = epoch
+        return False
+
     # -- leases -----------------------------------------------------------------------------
     def _on_lease(self, conn: Connection, message: tuple) -> None:
         _, call_id, request = message
+        if request.get("actor") and self._stale_leader(request.get("epoch", 0)):
+            conn.send(("reply", call_id, ("stale",)))
+            return
         resources = scheduling.normalize(request["resources"])
         env_vars = request.get("env_vars") or {}
         groups = {placement_group_of(r) for r in resources} - {None}
@@ -892,7 +908,7 @@ class Raylet:
                 self.gcs.heartbeat(
                     self.node_id, snapshot["available"], ttl, snapshot["load"], snapshot["total"]
                 )
-                nodes = self.gcs.nodes()
+                nodes = self.gcs.live_nodes()
                 view = [
                     scheduling.NodeView(
                         n["node_id"],

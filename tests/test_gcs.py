@@ -737,45 +737,6 @@ def test_acking_removes_one_copy_of_identical_requests(gcs):
     assert len(gcs.unacked_requests()) == 1
 
 
-def test_pickled_requests_of_older_callers_are_queued_as_json(gcs):
-    fence = leader(gcs)
-    gcs.push_request(pickle.dumps(("kill_actor", "a1", True)))
-    gcs.push_request(pickle.dumps(("remove_pg", "p1")), pickle.dumps(("actor_out_of_scope", "a2")))
-    raw = gcs.redis.lrange(gcs.key(gcs_schema.REQUESTS), 0, -1)
-    assert all(json.loads(r)["kind"] for r in raw)
-    taken = gcs.take_requests(fence, timeout=1)
-    assert [(r.kind, r.args) for r in taken] == [
-        ("kill_actor", ("a1", True)),
-        ("remove_pg", ("p1",)),
-        ("actor_out_of_scope", ("a2",)),
-    ]
-    with pytest.raises(TypeError):
-        gcs.push_request(pickle.dumps(("kill_actor", "a1")))
-
-
-def test_pop_requests_of_older_control_loops_still_work(gcs):
-    assert gcs.pop_requests(timeout=0.01) == []
-    gcs.push_request("kill_actor", actor_id="a1", no_restart=False)
-    gcs.push_request("create_pg", pg_id="p1", info={"x": 1})
-    gcs.redis.rpush(gcs.key(gcs_schema.REQUESTS), b"garbage")
-    gcs.push_request("remove_pg", pg_id="p1")
-    assert [pickle.loads(r) for r in gcs.pop_requests(timeout=1, limit=2)] == [
-        ("kill_actor", "a1", False),
-        ("create_pg", "p1", {"x": 1}),
-    ]
-    assert [pickle.loads(r) for r in gcs.pop_requests(timeout=1)] == [("remove_pg", "p1")]
-
-
-# -- actors --------------------------------------------------------------------------------------
-def test_create_actor_writes_entry_spec_and_request_at_once(gcs):
-    fence = leader(gcs)
-    gcs.create_actor("a1", {"state": "PENDING_CREATION"}, b"\x80spec")
-    assert gcs.actor("a1") == {"state": "PENDING_CREATION"}
-    assert gcs.actor_spec("a1") == b"\x80spec"
-    [request] = gcs.take_requests(fence, timeout=1)
-    assert (request.kind, request.args) == ("create_actor", ("a1",))
-
-
 def test_a_dead_actor_loses_its_spec_and_is_announced(gcs, server):
     fence = leader(gcs)
     pubsub = other_client(server).subscribe(["ch:actor:a1"])

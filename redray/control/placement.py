@@ -19,13 +19,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from redray.gcs import NAMED_PGS, Gcs
+from redray.control.tenure import Tenure
+from redray.gcs import NAMED_PGS
 from redray.node import scheduling
 from redray.transport.connection import Connection
-from redray.transport.reactor import Reactor
-from redray.worker import CoreWorker
 
 log = logging.getLogger(__name__)
 
@@ -43,37 +42,15 @@ class _Group:
     replies: dict[str, Any] = field(default_factory=dict)
 
 
-class HostNode(Protocol):
-    """The node whose process runs the control loop (a head's raylet), as the loop uses it."""
-
-    node_id: str
-    token: bytes
-    address: tuple[str, int]
-    host: str
-    config: dict[str, Any]
-    reactor: Reactor
-
-    def reserve_bundles(self, pg_id: str, bundles: list, commit: bool) -> bool: ...
-    def commit_bundles(self, pg_id: str) -> None: ...
-    def cancel_bundles(self, pg_id: str) -> None: ...
-    def remove_bundles(self, pg_id: str) -> None: ...
-
-
 class PlacementGroupManager:
     """The placement groups of the cluster (leader only; state mirrored in the GCS)."""
 
-    def __init__(
-        self,
-        gcs: Gcs,
-        host: HostNode,
-        post: Callable[..., None],
-        kill_actors_in_group: Callable[[str], None],
-    ):
-        self.gcs = gcs
-        self.host = host
-        self.post = post  # run a function on the control loop's thread
+    def __init__(self, tenure: Tenure, kill_actors_in_group: Callable[[str], None]):
+        self.tenure = tenure
+        self.gcs = tenure.gcs
+        self.host = tenure.host
+        self.post = tenure.post  # run a function on the control loop's thread
         self.kill_actors_in_group = kill_actors_in_group
-        self.client: CoreWorker | None = None  # the leader's core worker (set on leadership)
         self.groups: dict[str, _Group] = {}
         self._node_view: list[dict[str, Any]] = []
         self._nodes_read = float("-inf")
@@ -134,6 +111,16 @@ class PlacementGroupManager:
         plan = scheduling.plan_bundles(group.info["bundles"], group.info["strategy"], totals)
         return plan is not None
 
+    @property
+    def client(self) -> Any:
+        return self.tenure.client
+
+    def drop(self) -> None:
+        """The tenure ended: forget every group (a successor adopts them from the table);
+        replies of rounds in flight find their group gone and undo what they reserved."""
+        self.groups = {}
+        self._writes = []
+
     def adopt(self) -> None:
         """On taking over: pending groups are placed again by this leader."""
         for pg_id, info in self.gcs.table_all("pgs").items():
@@ -189,7 +176,8 @@ class PlacementGroupManager:
 
     def _on_prepared(self, group, attempt, node_id, plan, by_node, reply) -> None:
         one_step = len(by_node) == 1
-        if attempt != group.attempt:  # the group was removed meanwhile
+        if attempt != group.attempt or self.groups.get(group.pg_id) is not group:
+            # The group was removed meanwhile, or the tenure that placed it ended.
             if reply is True:
                 self._send(node_id, "pg_remove" if one_step else "pg_cancel", group.pg_id)
             return
@@ -225,7 +213,7 @@ class PlacementGroupManager:
         """Write the state changes collected so far, in order, in one round trip."""
         if self._writes:
             writes, self._writes = self._writes, []
-            self.gcs.update_placement_groups(writes)
+            self.gcs.update_placement_groups(writes, fence=self.tenure.require())
 
     def _reserve(
         self, node_id: str, address: Any, pg_id: str, bundles: list, commit: bool, on_reply: Any

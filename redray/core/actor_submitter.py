@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -124,7 +123,9 @@ class ActorSubmitter:
             raise unpickle_error(failure[1])  # an argument's task failed
         return wire_args, wire_kwargs, keep
 
-    def create(self, actor_id: bytes, info: dict, spec: bytes, keep: list) -> _ActorState:
+    def create(
+        self, actor_id: bytes, info: dict, spec: bytes, keep: list, class_key: str
+    ) -> _ActorState:
         """Record a new actor we own (its entry holds `keep`, the refs its arguments need)
         and ask the control loop to place it; what its handles call it through. The caller
         makes the first handle right after, so the entry lives while handles do."""
@@ -136,7 +137,7 @@ class ActorSubmitter:
             state.state = "PENDING_CREATION"
             state.seq = 0
         self.follow_states()
-        self._gcs.create_actor(actor_id.hex(), info, spec)
+        self._gcs.create_actor(actor_id.hex(), info, spec, function_keys=[class_key])
         return state
 
     def _handles_gone(self, owned: Released) -> None:
@@ -149,7 +150,7 @@ class ActorSubmitter:
                 self._background(self._out_of_scope, oid)
 
     def _out_of_scope(self, actor_id: bytes) -> None:
-        self._gcs.push_request(pickle.dumps(("actor_out_of_scope", actor_id.hex())))
+        self._gcs.push_request("actor_out_of_scope", actor_id=actor_id.hex())
 
     # -- calls ------------------------------------------------------------------------------
     def submit(self, handle: Any, method: str, args: tuple, kwargs: dict, options: Any) -> list:

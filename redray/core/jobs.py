@@ -97,7 +97,7 @@ class Jobs:
         """Record a function or class in the GCS (once); we also serve it to our workers."""
         if key not in self._exported:
             blob = blob_factory()
-            self._gcs.export_function(key, blob)
+            self._gcs.export_function(key, blob, job_id=self.current().job_id)
             self._exported[key] = blob
 
     def load_function(self, key: str, owner: Connection | None = None) -> Any:

@@ -8,7 +8,6 @@ for the bundle's resources (see redray.resources).
 from __future__ import annotations
 
 import os
-import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -83,7 +82,7 @@ class PlacementGroups:
         with self._lock:
             removals, self._removals = self._removals, []
         if removals:
-            self._gcs.push_request(*[remove_request(pg_hex) for pg_hex in removals])
+            self._gcs.push_requests(("remove_pg", {"pg_id": pg_hex}) for pg_hex in removals)
 
     def on_state(self, info: dict) -> None:
         """A published state change of a group (from the watcher thread)."""
@@ -145,8 +144,3 @@ class PlacementGroups:
 
         self._when_settled(pg_hex, settled)
         return ref
-
-
-def remove_request(pg_hex: str) -> bytes:
-    """The control-loop request that removes a group."""
-    return pickle.dumps(("remove_pg", pg_hex))
