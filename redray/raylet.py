@@ -941,6 +941,8 @@ class Raylet:
                     snapshot["load"],
                     snapshot["total"],
                 )
+                lost_since, delay = None, HEARTBEAT_SECONDS
+                health.back()  # (says so once if Redis was away, whoever noticed it then)
                 if status is not HeartbeatStatus.OK and not self._entry_lost(status, snapshot):
                     return
                 nodes = self.gcs.live_nodes()
@@ -966,10 +968,6 @@ class Raylet:
                     return
                 delay = min(delay * 2, HEARTBEAT_BACKOFF_MAX_SECONDS)
                 continue
-            if lost_since is not None:
-                lost_since = None
-                delay = HEARTBEAT_SECONDS
-                health.back()
             last_error = ""
             self._take_view(nodes)
 

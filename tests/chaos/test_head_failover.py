@@ -5,14 +5,15 @@ Nodes are 127.0.0.1 (the head), .2 and .3 on one machine, each a raylet started 
 Redis; the head started first holds the control loop's lease (the CLI says the second is a
 standby), renewed every half second with a 3 s lease.
 
+test_head_sigkill_leaves_redis_and_nodes_running_and_a_new_head_takes_over: the Redis that
+`redray start --head` runs is its own process (not a child of the raylet), so it survives the
+head, and a head started later on that Redis takes over.
+
 Behaviour these tests define that is expected to land (they fail until it does):
 - test_leader_frozen_past_its_lease_does_not_restart_an_actor_twice: a leader that lost
   its lease (here: SIGSTOPped, then SIGCONTed) must not act on what it saw before; its
   writes are fenced by the lease holder and epoch, so an actor is restarted once, by the
   current leader only.
-- test_head_sigkill_leaves_redis_and_nodes_running_and_a_new_head_takes_over: the Redis
-  that `redray start --head` runs is its own process (not a child of the raylet), so it
-  survives the head, and a head started later on that Redis takes over.
 """
 
 from __future__ import annotations

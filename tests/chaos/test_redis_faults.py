@@ -3,10 +3,9 @@ over by Sentinel. Tasks and calls to existing actors never touch Redis; what doe
 actors, named-actor lookups, heartbeats) waits for it and carries on, and no node is
 declared dead for an outage shorter than the node timeout.
 
-Behaviour these tests define that is expected to land (they fail until it does):
 - test_redis_sigkill_and_restart_on_same_port_loses_nothing: the Redis that
   `redray start --head` runs is its own process with AOF persistence in the session dir,
-  so restarted with the same arguments it comes back with the cluster's tables; every
+  so restarted with the same settings it comes back with the cluster's tables; every
   Redis client reconnects (with backoff) and re-reads what it mirrors.
 - test_sentinel_failover_of_the_primary_loses_nothing: `redis+sentinel://` URLs
   (`redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE`) are accepted
