@@ -714,7 +714,8 @@ def stop(force: bool, grace_period: float) -> None:
         click.echo("No redray node was running on this machine.")
         return
     how = "Killed" if force else "Stopped"
-    click.echo(f"{how} {len(pids)} redray node(s): pid {', '.join(map(str, pids))}.")
+    if pids:
+        click.echo(f"{how} {len(pids)} redray node(s): pid {', '.join(map(str, pids))}.")
     if servers:
         click.echo(f"{how} the cluster's Redis: pid {', '.join(str(p.pid) for p in servers)}.")
     if alive:

@@ -39,9 +39,10 @@ def short_retry(attempts: int, base: float, cap: float) -> Retry:
 
 class RideOutRetry(Retry):
     """Retry a call that failed on a lost connection or a timeout until it succeeds, or until
-    ``limit()`` seconds (read at each failure: 0 gives up at once) have passed since its first
-    failure; then raise GcsUnavailableError. Tells the process's health once the short
-    retries a blip would need are spent (Redis is really gone) and when a call goes through again."""
+    ``limit()`` seconds (read at each failure) have passed since its first failure, and at
+    least the retries a blip needs were made (so 0 behaves as the short retries); then raise
+    GcsUnavailableError. Tells the process's health once those retries are spent (Redis is
+    really gone) and when a call goes through again."""
 
     def __init__(self, limit: Callable[[], float], blip_attempts: int, base: float):
         super().__init__(
@@ -86,13 +87,16 @@ class RideOutRetry(Retry):
                     health.lost(error)
                 limit = self._limit()
                 waited = now - first_failure
-                if waited >= limit:
+                if waited >= limit and failures > self._blip_attempts:
                     raise GcsUnavailableError(
                         f"Redis (the cluster's control store) did not answer for {waited:.1f} s "
                         f"({type(error).__name__}: {error}); gave up waiting after "
                         f"{limit:g} s ({OUTAGE_ENV})."
                     ) from error
-                time.sleep(min(self._backoff.compute(failures), limit - waited))
+                pause = self._backoff.compute(failures)
+                if failures > self._blip_attempts:
+                    pause = min(pause, limit - waited)
+                time.sleep(pause)
             else:
                 if health.down:
                     health.back()

@@ -236,6 +236,7 @@ class CoreWorker:
         """Leave the cluster: return leases, stop every thread of the core worker, close its
         sockets, Redis connections and shared memory; threads still waiting for something
         get ReactorStoppedError (a RaySystemError)."""
+        self.gcs.ride_out = 0.0  # leaving: what still needs Redis does not wait for it
         self.drain_background()
         self.peers.shutting_down = True
         try:

@@ -238,12 +238,12 @@ def test_a_riding_client_gives_up_after_its_limit_with_a_typed_error(own_server,
     assert isinstance(caught.value, RaySystemError)
     assert not isinstance(caught.value, redis.RedisError)
     assert "REDRAY_REDIS_OUTAGE_SECONDS" in str(caught.value)
-    # Lowered to 0 (a process leaving): the next call gives up at its first failure.
+    # Lowered to 0 (a process leaving): the next call gives up after the short retries.
     gcs.ride_out = 0.0
     started = time.monotonic()
     with pytest.raises(GcsUnavailableError):
         gcs.kv_get(b"k")
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 1.5
     # A subscription never rides an outage out: its thread must learn of it at once.
     started = time.monotonic()
     with pytest.raises(redis.ConnectionError):

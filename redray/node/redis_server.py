@@ -117,18 +117,19 @@ class RedisServer:
         die_with_parent: bool = True,
         persistent: bool = False,
         log_file: str | None = None,
+        binary: str | None = None,
     ) -> RedisServer:
         """Start redis-server on host:port (0: a free port); returns at once.
 
         die_with_parent: a child that dies with the calling thread's process; otherwise it
         runs in a session of its own and outlives us. persistent: AOF in `directory` (made,
-        mode 0700, if missing)."""
+        mode 0700, if missing). binary: the redis-server to run (default: find_redis_server)."""
         port = port or free_port(host)
         if directory:
             os.makedirs(directory, mode=0o700, exist_ok=True)
         config = config_text(host, port, password, directory, persistent, log_file)
         process = subprocess.Popen(
-            [find_redis_server(), "-"],
+            [binary or find_redis_server(), "-"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
