@@ -29,7 +29,7 @@ from redray.core.peers import CONNECTION_LOST, SHUTDOWN_REASON, Address, Peers
 from redray.core.reference_table import ObjectEntry, ReferenceTable, Released
 from redray.core.serialization import error_payload, unpickle_error
 from redray.core.waiting import Waiting
-from redray.objstore import files, layout
+from redray.objstore import files
 from redray.objstore.arena import SharedArena
 from redray.transport.connection import Connection
 from redray.transport.offloop import OffLoop
@@ -432,6 +432,8 @@ class ObjectIO:
         return self._arena
 
     def write_to_store(self, oid: bytes, inband: bytes, buffers: list, owner_id: bytes) -> int:
+        from redray.objstore import layout  # (numpy: only processes that use the store pay)
+
         serialized = layout.Serialized(inband, buffers)
         size = serialized.total_size
         reply = self._peers.call(self.raylet, "alloc", oid, size, owner_id)
@@ -446,6 +448,8 @@ class ObjectIO:
 
     def read_from_store(self, oid: bytes, payload: Payload, _attempt: int = 0) -> Any:
         """Map a store object's region and deserialize it zero-copy; unpinned once unused."""
+        from redray.objstore import layout  # (numpy: only processes that use the store pay)
+
         obj = self._objects.get(oid)
         owner = obj.owner if obj is not None else None
         owner_id = owner[2] if owner is not None else self._worker_id
