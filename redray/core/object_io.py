@@ -107,8 +107,12 @@ class ObjectIO:
         return self.blocking(wait)
 
     # -- values -----------------------------------------------------------------------------
-    def set_value(self, object_id: bytes, payload: Payload) -> bool:
-        """Record an object's payload and wake whoever waits; False if nobody refers to it."""
+    def set_value(
+        self, object_id: bytes, payload: Payload, nested: list[bytes] | None = None
+    ) -> bool:
+        """Record an object's payload and wake whoever waits; False if nobody refers to it.
+        `nested`: the (pinned) refs the value contains, released when the object is: set in
+        the same step, so whoever gets the value and drops it at once releases them too."""
         waiting = self.waiting
         with self._lock:
             obj = self._objects.get(object_id)
@@ -116,6 +120,8 @@ class ObjectIO:
                 callbacks = None
             else:
                 obj.value = payload
+                if nested:
+                    obj.nested = nested
                 obj.fetching = False
                 callbacks, obj.callbacks = obj.callbacks, None
                 if waiting.watching:
@@ -385,10 +391,6 @@ class ObjectIO:
             return
         ids = [r._id for r in nested]
         self._ownership.pin(ids)
-        self.own_nested_ids(oid, ids)
-
-    def own_nested_ids(self, oid: bytes, ids: list[bytes]) -> None:
-        """The refs (already pinned) an owned value contains go when the value does."""
         with self._lock:
             obj = self._objects.get(oid)
             if obj is not None:
