@@ -404,6 +404,7 @@ class ObjectStore:
         """Make the spill dir (mode 0700) if missing; one already there must be a directory
         of ours, not a symbolic link (objects' bytes are written into it)."""
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.spill_dir)), exist_ok=True)
             os.mkdir(self.spill_dir, 0o700)
             self._created_spill_dir = True
         except FileExistsError:

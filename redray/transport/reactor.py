@@ -205,7 +205,11 @@ class Reactor:
         reactor stops. Registered meanwhile, so that `stop` can wake us."""
         with self._role:
             if self._stopping or waiter.done:
-                return False
+                if self._borrower is waiter:
+                    self._borrower = None
+                # The loop may have been lent to us since we asked: then we must lead (and
+                # so leave it), or nobody would run it ever again.
+                return waiter.leading
             self._sleepers.add(waiter)
         waiter._lock.acquire(timeout=-1 if left is None else left)
         with self._role:
