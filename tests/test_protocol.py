@@ -254,7 +254,7 @@ def test_a_frame_longer_than_max_frame_closes_the_connection(listener):
     sock.sendall(protocol.HEADER.pack(protocol.MAX_FRAME + 1) + b"\0" * 4096)
     wait_closed_by_peer(sock)
     sock.close()
-    assert listener.closed.is_set() and listener.messages == []
+    assert listener.closed.wait(5) and listener.messages == []
     good = protocol.connect(listener.address, TOKEN)
     good.sendall(protocol.encode(("still", "here")))
     assert read_frame(good) == ("echo", ("still", "here"))
