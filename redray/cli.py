@@ -3,7 +3,7 @@
     redray start --head [--port 6379] [--num-cpus N] ...   # Redis + GCS + head raylet
     redray node --redis redis://:PASSWORD@HOST:PORT ...    # join another machine
     redray status [--address URL]                          # nodes and resources
-    redray stop [--force]                                  # stop what this machine started
+    redray stop [--force] [--temp-dir DIR]                 # stop what this machine started
 
 Redis URLs: redis://, rediss:// (TLS), unix://, and
 redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE for a Redis run under Sentinel.
@@ -11,7 +11,9 @@ Nodes started here outlive the command (their raylets run in their own sessions)
 does the Redis `redray start --head` runs (its own process, with AOF persistence). What
 `redray start` / `redray node` started is recorded in the current-cluster file
 (`redray.node.launch.CURRENT_CLUSTER`, mode 0600, it holds the Redis password), which is how
-`redray.init(address="auto")` finds the cluster and how `redray stop` finds the nodes.
+`redray.init(address="auto")` finds the cluster and how `redray stop` finds the nodes. Temp
+roots (`ROOT_DIR` and any --temp-dir) another user could write are refused (see
+redray/node/launch.py).
 Also runnable as `python -m redray.cli`.
 """
 
@@ -174,18 +176,32 @@ def _log_tail(session_dir: str) -> str:
     return "\n".join("    " + line for line in lines)
 
 
-def _session_dir(temp_dir: str | None) -> str:
+@contextlib.contextmanager
+def _temp_root_errors() -> Iterator[None]:
+    """An unsafe temp root as a click error (its message says what is wrong and what to do)."""
     try:
-        return node.new_session_dir(temp_dir)
-    except OSError as exc:
-        raise click.BadParameter(
-            f"cannot make a session directory in {temp_dir!r}: {exc.strerror}",
-            param_hint="--temp-dir",
-        ) from None
+        yield
+    except node.UnsafeTempDirError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _session_dir(temp_dir: str | None) -> str:
+    with _temp_root_errors():
+        try:
+            return node.new_session_dir(temp_dir)
+        except node.UnsafeTempDirError:
+            raise
+        except OSError as exc:
+            raise click.BadParameter(
+                f"cannot make a session directory in {temp_dir!r}: {exc.strerror}",
+                param_hint="--temp-dir",
+            ) from None
 
 
 def _start(temp_dir: str | None = None, **kwargs: Any) -> node.StartedNode:
     """`node.start_node` for a daemonized node, its failures as click errors with the log."""
+    with _temp_root_errors():
+        node.trusted_root()  # where the node is recorded: checked before it starts
     session_dir = _session_dir(temp_dir)
     try:
         return node.start_node(private=False, session_dir=session_dir, **kwargs)
@@ -199,23 +215,21 @@ def _start(temp_dir: str | None = None, **kwargs: Any) -> node.StartedNode:
 @contextlib.contextmanager
 def _cluster_file_lock() -> Iterator[None]:
     """Serialize read-modify-write of the current-cluster file between commands."""
-    os.makedirs(node.ROOT_DIR, mode=0o700, exist_ok=True)
-    fd = os.open(node.CURRENT_CLUSTER + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    with _temp_root_errors():
+        node.trusted_root()
+        # (it outlives the commands, so it cannot be created exclusively; the root is ours)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(node.CURRENT_CLUSTER + ".lock", flags, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
 
 def _read_record() -> dict[str, Any] | None:
     """The current-cluster file as written, even when its nodes are gone (None if absent)."""
-    try:
-        with open(node.CURRENT_CLUSTER) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    return node.read_record()
 
 
 def _record_node(started: node.StartedNode, gcs_url: str, cluster: str, head: bool) -> None:
@@ -258,33 +272,34 @@ def _is_raylet(proc: psutil.Process) -> bool:
     return "redray.raylet" in cmdline and "-m" in cmdline
 
 
-def _started_here(proc: psutil.Process) -> bool:
-    """A daemonized raylet: leads its own session, logs into a session directory (under
-    ROOT_DIR, or a --temp-dir).
+def _started_here(proc: psutil.Process, root: str) -> bool:
+    """A daemonized raylet of the temp root `root`: it leads its own session and logs into
+    `root/session_*/logs/raylet.log`.
 
     Raylets of private clusters (`redray.init()` with no address) share their driver's
-    session, so `redray stop` leaves them to their drivers.
+    session, so `redray stop` leaves them to their drivers; raylets under other temp roots
+    (other TMPDIRs, other --temp-dirs: other checkouts' or test runs' clusters) are left to
+    whoever started them.
     """
     try:
         if os.getsid(proc.pid) != proc.pid:
             return False
         log_path = os.readlink(f"/proc/{proc.pid}/fd/2")
-    except (ProcessLookupError, PermissionError):
+    except OSError:  # gone, not ours, or no /proc to tell where it logs
         return False
-    except OSError:
-        return True  # no /proc: trust the session check
-    if log_path.startswith(node.ROOT_DIR + os.sep):
-        return True
     logs = os.path.dirname(log_path)
+    session = os.path.dirname(logs)
     return (
         os.path.basename(log_path) == "raylet.log"
         and os.path.basename(logs) == "logs"
-        and os.path.basename(os.path.dirname(logs)).startswith("session_")
+        and os.path.basename(session).startswith("session_")
+        and os.path.dirname(session) == os.path.realpath(root)
     )
 
 
-def _node_processes(record: dict[str, Any] | None) -> list[psutil.Process]:
-    """Raylets to stop: those recorded in the file and daemonized ones found by a scan."""
+def _node_processes(record: dict[str, Any] | None, root: str) -> list[psutil.Process]:
+    """Raylets to stop: those recorded in the file, and daemonized ones of the temp root
+    `root` found by a scan."""
     found: dict[int, psutil.Process] = {}
     for pid in (record or {}).get("pids", []):
         try:
@@ -297,7 +312,7 @@ def _node_processes(record: dict[str, Any] | None) -> list[psutil.Process]:
     for proc in psutil.process_iter(["uids"]):
         if proc.pid in found or proc.info["uids"] is None or proc.info["uids"].real != uid:
             continue
-        if _is_raylet(proc) and _started_here(proc):
+        if _is_raylet(proc) and _started_here(proc, root):
             found[proc.pid] = proc
     return list(found.values())
 
@@ -698,12 +713,20 @@ def node_command(
     show_default=True,
     help="Seconds to wait after SIGTERM before SIGKILL.",
 )
-def stop(force: bool, grace_period: float) -> None:
-    """Stop every redray node this machine started, and the Redis `redray start --head`
-    runs, and forget the current cluster."""
+@click.option(
+    "--temp-dir",
+    default=None,
+    metavar="DIR",
+    help="The temp root whose detached nodes to stop, besides those recorded in the "
+    f"current-cluster file (default: {node.ROOT_DIR}).",
+)
+def stop(force: bool, grace_period: float, temp_dir: str | None) -> None:
+    """Stop the redray nodes recorded in the current-cluster file, and the detached nodes of
+    this user whose session directories are in the temp root (--temp-dir, else the one under
+    TMPDIR), then the Redis `redray start --head` runs; forget the current cluster."""
     with _cluster_file_lock():
         record = _read_record()
-        procs = _node_processes(record)
+        procs = _node_processes(record, node.root_dir(temp_dir))
         servers = _redis_processes(record)
         pids = sorted(p.pid for p in procs)
         alive = _terminate(procs, force, grace_period) if procs else []
@@ -738,7 +761,8 @@ def stop(force: bool, grace_period: float) -> None:
 def status(address: str, cluster: str | None) -> None:
     """Show the cluster's nodes and its resources used/total, read from the GCS."""
     if address == "auto":
-        record = node.read_current_cluster()
+        with _temp_root_errors():
+            record = node.read_current_cluster()
         if record is None:
             raise click.ClickException(
                 "No running redray cluster found on this machine: start one with "

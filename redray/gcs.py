@@ -814,12 +814,18 @@ class Gcs:
                     replies.append(conn.read_response())
                 except ResponseError as exc:
                     error = error or exc
-                    replies.append(exc)
+                    replies.append(None)
         except BaseException:
             conn.disconnect()  # replies may be left unread: never reuse it as it is
             raise
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                # The error's traceback holds this frame: a local still pointing at the
+                # error would make a cycle keeping every caller's frame (and what their
+                # locals hold, user objects included) alive until the cyclic GC ran.
+                del error
         return replies
 
     def _script_commands(self, source: str, keys: list[str], args: list[Any]) -> tuple:

@@ -7,8 +7,8 @@ import os
 from typing import Any
 
 from redray.core import context
-from redray.core.actor_runtime import create_actor
 from redray.core.executor import Executor
+from redray.transport.connection import Connection
 from redray.worker import CoreWorker
 
 
@@ -31,7 +31,15 @@ def main(config: dict[str, Any]) -> None:
     executor = Executor(
         worker.peers, worker.ownership, worker.objects, worker.jobs, worker.submitter, worker.raylet
     )
-    executor.create_actor = create_actor
+    executor.create_actor = _create_actor
     worker.executor = executor
     worker.raylet.send(("ready",))
     executor.run()
+
+
+def _create_actor(executor: Executor, conn: Connection, message: tuple) -> None:
+    # asyncio and the actor machinery: imported by the workers that become actors only (the
+    # fork server preloads them too, once idle, so a fork shares the pages).
+    from redray.core.actor_runtime import create_actor
+
+    create_actor(executor, conn, message)

@@ -1,17 +1,21 @@
 """The `redray` command with real processes: start, status, drivers, node, stop, bad input.
 
 Every command runs as `python -m redray.cli` in a subprocess with its own TMPDIR, so the
-current-cluster file and session dirs of these tests live in a directory of their own, and
-`redray stop` here only stops nodes whose logs are there (never a developer's cluster, nor
-the private clusters of other tests). The head's embedded Redis gets a free port.
+current-cluster file and session dirs of these tests live in a directory of their own.
+`redray stop` only stops the nodes recorded in that current-cluster file and detached nodes
+whose session dirs are in that TMPDIR's temp root (or the given --temp-dir): never a
+developer's cluster, another checkout's or test run's (other TMPDIRs), nor the private
+clusters of other tests. The head's embedded Redis gets a free port.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -304,6 +308,131 @@ def test_the_heads_redis_is_its_own_process_with_aof_and_no_password_in_ps(
         data_dir = client.config_get("dir")["dir"]
     assert data_dir == os.path.join(entry["session_dir"], "redis")
     assert "Redis: pid " + str(redis_proc.pid) in head["stdout"]
+
+
+def start_head(tmpdir: Path, *extra: str) -> dict[str, Any]:
+    """`redray start --head` (1 CPU, a free port) with TMPDIR=tmpdir; its record."""
+    redray_cli(
+        "start",
+        "--head",
+        "--port",
+        str(free_port()),
+        "--num-cpus",
+        "1",
+        "--object-store-memory",
+        STORE,
+        *extra,
+        tmpdir=tmpdir,
+    )
+    return json.loads(cluster_file(tmpdir).read_text())
+
+
+@pytest.mark.timeout(120)
+def test_stop_leaves_the_nodes_of_other_temp_roots_alone(
+    head: dict[str, Any], cli_tmp: Path, tmp_path: Path
+) -> None:
+    """Another checkout's or test run's cluster (another TMPDIR, another --temp-dir) is not
+    this stop's to stop, even when it is not recorded anywhere; the temp root in use is."""
+    other = tmp_path / "other-checkout"
+    other.mkdir()
+    unrecorded = start_head(other)["pids"][-1]
+    custom = tmp_path / "custom-temp"
+    in_custom = start_head(other, "--temp-dir", str(custom))["pids"][-1]
+    cluster_file(other).unlink()  # (lost: only a scan of the temp roots can find them)
+    procs = node_tree([unrecorded, in_custom])
+    try:
+        stranger = tmp_path / "stranger"
+        stranger.mkdir()
+        out = redray_cli("stop", tmpdir=stranger).stdout
+        assert "No redray node was running" in out
+        assert all(running(p) for p in procs), "stop killed another temp root's nodes"
+        assert all(running(p) for p in node_tree(head["pids"]))
+        out = redray_cli("stop", tmpdir=other).stdout
+        assert f"Stopped 1 redray node(s): pid {unrecorded}." in out
+        assert all(running(p) for p in node_tree([in_custom]))
+        out = redray_cli("stop", "--temp-dir", str(custom), tmpdir=other).stdout
+        assert f"Stopped 1 redray node(s): pid {in_custom}." in out
+        assert not [p for p in procs if running(p)]
+        assert all(running(p) for p in node_tree(head["pids"]))
+    finally:
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+def test_start_refuses_a_temp_dir_others_can_write(tmp_path: Path) -> None:
+    temp_dir = tmp_path / "shared"
+    temp_dir.mkdir()
+    temp_dir.chmod(0o777)
+    port = free_port()
+    proc = redray_cli(
+        "start",
+        "--head",
+        "--port",
+        str(port),
+        "--temp-dir",
+        str(temp_dir),
+        tmpdir=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"refusing to use {temp_dir}" in proc.stderr
+    assert "writable by other users (mode drwxrwxrwx)" in proc.stderr
+    assert os.listdir(temp_dir) == [] and not cluster_file(tmp_path).exists()
+    assert not port_open(port)
+
+
+@pytest.mark.parametrize("how", ["another-user", "symlink"])
+def test_commands_refuse_a_temp_root_they_do_not_own(how: str, tmp_path: Path) -> None:
+    """<TMPDIR>/redray-<uid> made first by someone else: start, node, status and stop all
+    refuse it (it would hold the Redis password, or redirect them), and write nothing."""
+    if how == "another-user" and os.geteuid() != 0:
+        pytest.skip("needs root to chown")
+    root = cluster_file(tmp_path).parent
+    landing = tmp_path / "elsewhere"
+    landing.mkdir(mode=0o700)
+    if how == "symlink":
+        root.symlink_to(landing)
+        problem = "is a symbolic link"
+    else:
+        root.mkdir(mode=0o700)
+        os.chown(root, 65534, 65534)
+        landing = root
+        problem = "belongs to"
+    port = free_port()
+    for args in (
+        ["start", "--head", "--port", str(port)],
+        ["node", "--redis", f"redis://127.0.0.1:{free_port()}"],
+        ["status"],
+        ["stop"],
+    ):
+        proc = redray_cli(*args, tmpdir=tmp_path, check=False)
+        if args[0] == "node":  # (it needs the cluster's Redis first)
+            assert "Cannot reach Redis" in proc.stderr
+            continue
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert f"refusing to use {root}" in proc.stderr and problem in proc.stderr, args
+        assert "Traceback" not in proc.stderr
+    assert os.listdir(landing) == []
+    assert not port_open(port)
+
+
+def test_files_of_a_detached_node_are_private(head: dict[str, Any], cli_tmp: Path) -> None:
+    root = cluster_file(cli_tmp).parent
+    session = Path(head["session_dir"])
+    for path in (root, session, session / "logs", session / "redis"):
+        assert stat.S_IMODE(path.lstat().st_mode) == 0o700, path
+    redis_files = [p for p in (session / "redis").rglob("*") if p.is_file()]
+    assert redis_files, "the head's Redis keeps no AOF"
+    for path in (
+        cluster_file(cli_tmp),
+        Path(f"{cluster_file(cli_tmp)}.lock"),
+        session / "logs" / "raylet.log",
+        session / "logs" / "raylet.out",
+        session / "logs" / "redis.log",
+        *redis_files,
+    ):
+        assert stat.S_IMODE(path.lstat().st_mode) == 0o600, path
 
 
 def test_stop_leaves_nothing_running(head: dict[str, Any], cli_tmp: Path) -> None:

@@ -4,6 +4,7 @@ lifecycles."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -387,3 +389,29 @@ def test_key_count_returns_to_baseline_on_real_redis_server(monkeypatch, own_ser
     gcs = Gcs(own_server.url, "bounded")
     check_key_count_returns_to_baseline(gcs, 1000)
     gcs.close()
+
+
+def test_an_error_reply_handled_inside_keeps_no_caller_object_alive(redis_server):
+    """A script not cached on the server yet fails (NOSCRIPT) and is sent again: that error
+    must not leave a reference cycle holding its callers' frames, or a user's objects (refs,
+    and through them shared memory) would live until the cyclic GC happened to run."""
+    gcs = Gcs(redis_server.url, cluster=f"nocycle{os.getpid()}")
+    gcs.redis.script_flush()
+
+    class Marker:
+        pass
+
+    def caller(value: Marker) -> int:
+        return gcs.hold_leadership("holder", 1.0)  # first EVALSHA: NOSCRIPT, then EVAL
+
+    gc.collect()
+    gc.disable()
+    try:
+        marker = Marker()
+        alive = weakref.ref(marker)
+        assert caller(marker) >= 1
+        del marker
+        assert alive() is None
+    finally:
+        gc.enable()
+        gcs.close()

@@ -626,6 +626,143 @@ def test_temp_dir_holds_the_session_of_a_private_cluster(isolated, tmp_path):
     assert result["left"] is False and temp_dir.is_dir()
 
 
+# -- the temp root: only a directory of our own ------------------------------------------------
+NOBODY = 65534
+
+
+def plant_temp_root(path, how: str, tmp_path) -> str:
+    """A temp root at path that another user could write (or a symlink): what a hostile
+    neighbour on a shared /tmp creates first. Returns the directory whatever would be written
+    there lands in."""
+    if how == "symlink":
+        target = tmp_path / "symlink-target"
+        target.mkdir(mode=0o700)
+        path.symlink_to(target)
+        return str(target)
+    path.mkdir()
+    if how == "world-writable":
+        path.chmod(0o777)
+    elif how == "group-writable":
+        path.chmod(0o770)
+    else:
+        os.chown(path, NOBODY, NOBODY)
+        path.chmod(0o700)  # (we are root: we could write it, but it is not ours)
+    return str(path)
+
+
+UNSAFE = pytest.mark.parametrize(
+    "how, problem",
+    [
+        ("world-writable", "writable by other users"),
+        ("group-writable", "writable by other users"),
+        pytest.param(
+            "another-user",
+            "belongs to",
+            marks=pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown"),
+        ),
+        ("symlink", "is a symbolic link"),
+    ],
+)
+
+TRY_INIT = """
+    import json, redray
+    try:
+        redray.init(ARGS)
+        result = {"error": None}
+    except Exception as exc:
+        result = {"error": str(exc), "type": type(exc).__name__,
+                  "is_permission_error": isinstance(exc, PermissionError)}
+    result["initialized"] = redray.is_initialized()
+    redray.shutdown()
+    print(json.dumps(result))
+    """
+
+
+def assert_refused(result: dict, path, problem: str) -> None:
+    assert result["initialized"] is False and result["error"], result
+    assert result["is_permission_error"], result
+    assert f"refusing to use {path}" in result["error"] and problem in result["error"], result
+
+
+@UNSAFE
+@pytest.mark.timeout(60)
+def test_init_refuses_a_temp_dir_another_user_could_write(how, problem, isolated, tmp_path):
+    temp_dir = tmp_path / "temp-root"
+    landing = plant_temp_root(temp_dir, how, tmp_path)
+    script = TRY_INIT.replace("ARGS", f"num_cpus=1, _temp_dir={str(temp_dir)!r}")
+    assert_refused(last_json(run_driver(script, env=isolated).stdout), temp_dir, problem)
+    assert os.listdir(landing) == [], "something was written into the refused temp dir"
+
+
+@UNSAFE
+@pytest.mark.timeout(60)
+def test_the_default_temp_root_made_by_another_user_is_refused(how, problem, tmp_path):
+    """<TMPDIR>/redray-<uid> made first by someone else: a private cluster does not start in
+    it, and address="auto" does not believe the cluster file planted there (it would send
+    the driver's code and data to the planter's cluster)."""
+    tmpdir = tmp_path / "shared-tmp"
+    tmpdir.mkdir()
+    root = tmpdir / f"redray-{os.getuid()}"
+    landing = plant_temp_root(root, how, tmp_path)
+    env = {"TMPDIR": str(tmpdir)}
+    script = TRY_INIT.replace("ARGS", "num_cpus=1")
+    assert_refused(last_json(run_driver(script, env=env).stdout), root, problem)
+    assert os.listdir(landing) == []
+    planted = {"gcs_url": "redis://127.0.0.1:1", "cluster": "default", "pids": [os.getpid()]}
+    with open(os.path.join(landing, "current_cluster.json"), "w") as f:
+        json.dump(planted, f)
+    script = TRY_INIT.replace("ARGS", 'address="auto"')
+    assert_refused(last_json(run_driver(script, env=env).stdout), root, problem)
+
+
+@pytest.mark.timeout(60)
+def test_a_planted_cluster_file_in_our_own_root_is_not_believed(isolated):
+    """A current-cluster file that is not ours, or that others may write, is refused."""
+    root = os.path.join(isolated["TMPDIR"], f"redray-{os.getuid()}")
+    os.mkdir(root, 0o700)
+    record = os.path.join(root, "current_cluster.json")
+    with open(record, "w") as f:
+        json.dump({"gcs_url": "redis://127.0.0.1:1", "pids": [os.getpid()]}, f)
+    os.chmod(record, 0o666)
+    result = last_json(run_driver(TRY_INIT.replace("ARGS", 'address="auto"'), env=isolated).stdout)
+    assert result["is_permission_error"] and "refusing to read" in result["error"], result
+
+
+@pytest.mark.timeout(60)
+def test_what_a_private_cluster_writes_only_its_user_can_read(isolated, tmp_path):
+    """Directories 0700, files 0600: the temp root, the session, its logs, spilled objects."""
+    temp_dir = tmp_path / "fresh-root"
+    result = last_json(
+        run_driver(
+            f"""
+            import json, os, stat, numpy as np, redray
+            ctx = redray.init(num_cpus=1, object_store_memory=40 * 2**20,
+                              _temp_dir={str(temp_dir)!r})
+            refs = [redray.put(np.ones(12 * 2**20 // 8)) for _ in range(5)]  # some spill
+            session = ctx["session_dir"]
+            modes = {{}}
+            for where, dirs, files in os.walk({str(temp_dir)!r}):
+                modes[where] = stat.S_IMODE(os.lstat(where).st_mode)
+                for name in files:
+                    path = os.path.join(where, name)
+                    modes[path] = stat.S_IMODE(os.lstat(path).st_mode)
+            spill = os.path.join(session, "spill")
+            spilled = os.path.isdir(spill) and os.listdir(spill)
+            redray.shutdown()
+            print(json.dumps({{"modes": modes, "spilled": bool(spilled), "session": session}}))
+            """,
+            env=isolated,
+        ).stdout
+    )
+    modes, session = result["modes"], result["session"]
+    assert result["spilled"], "nothing was spilled: the test does not see the spill dir"
+    for path in (str(temp_dir), session, f"{session}/logs", f"{session}/spill"):
+        assert modes[path] == 0o700, (path, oct(modes[path]))
+    assert modes[f"{session}/logs/raylet.log"] == 0o600
+    loose = {p: oct(m) for p, m in modes.items() if m & 0o077}
+    assert not loose, f"readable or writable by others: {loose}"
+
+
 # -- init/shutdown cycles and threads left waiting ---------------------------------------------
 def check_flat(samples: list[dict], warmup: int = 4) -> None:
     """Threads and fds back to where they were after each cycle; memory does not grow."""

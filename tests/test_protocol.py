@@ -9,13 +9,15 @@ import os
 import pickle
 import socket
 import threading
+import time
 
 import psutil
 import pytest
 from conftest import block_until, mark, wait_for
 
 import redray
-from redray.transport import protocol
+from redray.node import worker_pool
+from redray.transport import admission, protocol
 from redray.transport.reactor import Reactor
 
 TOKEN = b"t" * 32
@@ -158,9 +160,13 @@ def test_server_answer_proves_the_token():
 
 
 def test_client_handshake_times_out_on_a_silent_server():
+    """A silent server is a timeout, not a token problem (a redray listener never stays
+    silent over a wrong token: it answers REJECTED)."""
     client, server = socket.socketpair()
-    with pytest.raises(protocol.AuthenticationError):
-        protocol.client_handshake(client, TOKEN, timeout=0.2)
+    with pytest.raises(ConnectionError, match="did not complete the handshake") as error:
+        protocol.client_handshake(client, TOKEN, timeout=0.2, listener="10.0.0.1:7")
+    assert not isinstance(error.value, protocol.AuthenticationError)
+    assert "10.0.0.1:7" in str(error.value)
     client.close()
     server.close()
 
@@ -168,7 +174,7 @@ def test_client_handshake_times_out_on_a_silent_server():
 def test_client_handshake_fails_when_server_hangs_up():
     client, server = socket.socketpair()
     server.close()
-    with pytest.raises(ConnectionError):
+    with pytest.raises(ConnectionError, match="closed the connection before the handshake"):
         protocol.client_handshake(client, TOKEN, timeout=5)
     client.close()
 
@@ -233,9 +239,44 @@ def test_listener_serves_an_authenticated_client(listener):
 
 
 def test_listener_drops_a_client_with_the_wrong_token(listener):
-    with pytest.raises(ConnectionError):
+    """The client hears that its token was refused (not that the listener hung up)."""
+    with pytest.raises(protocol.AuthenticationError, match="refused our cluster token"):
         protocol.connect(listener.address, WRONG)
+    with pytest.raises(protocol.AuthenticationError, match="refused our cluster token"):
+        protocol.connect(listener.address, WRONG, local=False)
     assert listener.messages == []
+
+
+def test_a_frame_longer_than_max_frame_closes_the_connection(listener):
+    """An authenticated peer announcing more than MAX_FRAME bytes is dropped at the header,
+    before any of it is buffered; the listener goes on serving others."""
+    sock = protocol.connect(listener.address, TOKEN)
+    sock.sendall(protocol.HEADER.pack(protocol.MAX_FRAME + 1) + b"\0" * 4096)
+    wait_closed_by_peer(sock)
+    sock.close()
+    assert listener.closed.wait(5) and listener.messages == []
+    good = protocol.connect(listener.address, TOKEN)
+    good.sendall(protocol.encode(("still", "here")))
+    assert read_frame(good) == ("echo", ("still", "here"))
+    good.close()
+
+
+def test_recv_frame_refuses_a_length_above_max_frame():
+    a, b = socket.socketpair()
+    a.sendall(protocol.HEADER.pack(protocol.MAX_FRAME + 1) + b"x" * 16)
+    with pytest.raises(protocol.FrameTooLargeError, match="exceeds MAX_FRAME"):
+        protocol.recv_frame(b, "a test peer")
+    assert b.recv(64) == b"x" * 16  # nothing of the frame was read
+    a.sendall(protocol.encode(("fine",)))
+    assert protocol.recv_frame(b) == ("fine",)
+    a.close()
+    b.close()
+
+
+def test_the_fork_server_refuses_a_length_above_max_frame():
+    buf = bytearray(protocol.encode(("spawn", 1)) + protocol.HEADER.pack(protocol.MAX_FRAME + 1))
+    with pytest.raises(protocol.FrameTooLargeError):
+        worker_pool._frames(buf)
 
 
 @TRANSPORTS
@@ -376,6 +417,88 @@ def test_listener_survives_half_handshakes(listener):
     assert read_frame(good) == ("echo", ("still", "here"))
     good.close()
     wait_for(lambda: listener.messages == [("still", "here")], timeout=5)
+
+
+# -- connections that never prove the token ----------------------------------------------------
+def test_the_oldest_waiting_connection_is_evicted_when_too_many_wait(monkeypatch):
+    """Beyond the cap a new connection evicts the oldest unauthenticated one; a client
+    dropped that way hears "closed before the handshake", naming the listener, and a real
+    client still gets in."""
+    monkeypatch.setattr(admission, "MAX_UNAUTHENTICATED", 4)
+    reactor = Reactor(TOKEN, name="test-cap")
+    closes = []
+    try:
+        address = reactor.listen("127.0.0.1", 0, lambda c, m: c.send(("echo", m)), closes.append)
+        victim = socket.create_connection(address, timeout=5)
+        protocol._recv_exactly(victim, protocol.NONCE_BYTES)
+        flood = [socket.create_connection(address, timeout=5) for _ in range(6)]
+        for sock in flood:
+            protocol._recv_exactly(sock, protocol.NONCE_BYTES)
+        wait_for(lambda: len(closes) == 3, timeout=5)  # the victim and the 2 oldest of the flood
+        victim_name = f"127.0.0.1:{address[1]}"
+        with pytest.raises(ConnectionError, match="closed the connection before the handshake"):
+            # (the challenge it already read is gone: it answers one it never gets)
+            protocol.client_handshake(victim, TOKEN, timeout=5, listener=victim_name)
+        victim.close()
+        for sock in flood[:2]:
+            wait_closed_by_peer(sock)
+        good = protocol.connect(address, TOKEN, local=False)
+        good.sendall(protocol.encode("ping"))
+        assert read_frame(good) == ("echo", "ping")
+        good.close()
+        for sock in flood:
+            sock.close()
+    finally:
+        reactor.stop()
+
+
+def test_a_flood_over_tcp_cannot_evict_this_users_local_peers(monkeypatch):
+    """Our own user's connections over the Unix socket wait in a table of their own."""
+    monkeypatch.setattr(admission, "MAX_UNAUTHENTICATED", 2)
+    reactor = Reactor(TOKEN, name="test-cap-local")
+    closes = []
+    try:
+        address = reactor.listen("127.0.0.1", 0, lambda c, m: c.send(("echo", m)), closes.append)
+        local = raw_connection(address, "unix")
+        nonce = protocol._recv_exactly(local, protocol.NONCE_BYTES)
+        flood = [socket.create_connection(address, timeout=5) for _ in range(10)]
+        for sock in flood:
+            protocol._recv_exactly(sock, protocol.NONCE_BYTES)
+        wait_for(lambda: len(closes) == 8, timeout=5)
+        client_nonce = os.urandom(protocol.NONCE_BYTES)
+        local.sendall(protocol._mac(TOKEN, b"client", nonce) + client_nonce)
+        answer = protocol._recv_exactly(local, protocol.MAC_BYTES)
+        assert hmac.compare_digest(answer, protocol._mac(TOKEN, b"server", client_nonce))
+        local.sendall(protocol.encode("ping"))
+        assert read_frame(local) == ("echo", "ping")
+        local.close()
+        for sock in flood:
+            sock.close()
+    finally:
+        reactor.stop()
+
+
+def test_a_connection_that_never_proves_the_token_is_closed_at_the_deadline(monkeypatch):
+    monkeypatch.setattr(protocol, "HANDSHAKE_TIMEOUT", 0.5)
+    reactor = Reactor(TOKEN, name="test-deadline")
+    try:
+        address = reactor.listen("127.0.0.1", 0, lambda c, m: None)
+        idle = [raw_connection(address, transport) for transport in ("tcp", "unix")]
+        for sock in idle:
+            protocol._recv_exactly(sock, protocol.NONCE_BYTES)
+        started = time.monotonic()
+        for sock in idle:
+            wait_closed_by_peer(sock, timeout=5)
+            sock.close()
+        assert 0.4 < time.monotonic() - started < 5
+        # An authenticated connection is not subject to it.
+        good = protocol.connect(address, TOKEN)
+        good.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            good.recv(1)
+        good.close()
+    finally:
+        reactor.stop()
 
 
 # -- the listeners of a live cluster ------------------------------------------------------------

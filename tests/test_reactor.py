@@ -4,10 +4,15 @@ thread when it is done (see redray/reactor.py)."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 
+import psutil
 import pytest
-from conftest import wait_for
+from conftest import REPO, wait_for
 
 from redray import exceptions
 from redray.transport import protocol
@@ -240,3 +245,52 @@ def test_a_loop_lent_as_its_borrower_is_woken_is_handed_back():
         assert reactor.block(again, timeout=5)
     finally:
         reactor.stop()
+
+
+OUT_OF_FILES_LISTENER = """
+import resource, sys
+from redray.transport import protocol
+from redray.transport.reactor import Reactor
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+reactor = Reactor(b"t" * 32, name="out-of-files")
+host, port = reactor.listen("127.0.0.1", 0, lambda conn, message: conn.send(("echo", message)))
+print(port, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_listener_out_of_descriptors_pauses_instead_of_spinning():
+    """With every descriptor in use, accept fails while the listener stays readable: the
+    loop pauses accepting (leaving the backlog to the kernel) instead of spinning on it, and
+    accepts again once descriptors are free."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", OUT_OF_FILES_LISTENER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    flood = []
+    try:
+        port = int(server.stdout.readline())
+        proc = psutil.Process(server.pid)
+        flood = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(80)]
+        wait_for(lambda: proc.num_fds() >= 47, timeout=5)
+        cpu = sum(proc.cpu_times()[:2])
+        spent = 1.0
+        time.sleep(spent)  # (an absence: only seen by looking for a while)
+        busy = sum(proc.cpu_times()[:2]) - cpu
+        assert busy < 0.3 * spent, f"the listener spun: {busy:.2f} s of CPU in {spent} s"
+        for sock in flood:
+            sock.close()
+        good = protocol.connect(("127.0.0.1", port), TOKEN, local=False)
+        good.sendall(protocol.encode("ping"))
+        good.settimeout(5)
+        assert protocol.recv_frame(good) == ("echo", "ping")
+        good.close()
+    finally:
+        for sock in flood:
+            sock.close()
+        server.stdin.close()
+        server.wait(10)

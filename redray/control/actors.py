@@ -379,7 +379,9 @@ class ActorManager:
         if reason is not None:
             actor.kill_reason = reason
         address = actor.info.get("address")
-        if actor.conn is not None and address:
+        if address and (actor.conn is not None or actor.info.get("state") == "ALIVE"):
+            # Its process runs (watched by us, or adopted and being reconnected to): it goes;
+            # the close of our connection to it (or the failed reconnect) records the death.
             epoch = self.tenure.require().epoch
             self._send_to_node(
                 actor.info.get("node_id"), ("kill_worker", bytes.fromhex(address[2]), epoch)

@@ -29,7 +29,7 @@ from redray.core.peers import CONNECTION_LOST, SHUTDOWN_REASON, Address, Peers
 from redray.core.reference_table import ObjectEntry, ReferenceTable, Released
 from redray.core.serialization import error_payload, unpickle_error
 from redray.core.waiting import Waiting
-from redray.objstore import files, layout
+from redray.objstore import files
 from redray.objstore.arena import SharedArena
 from redray.transport.connection import Connection
 from redray.transport.offloop import OffLoop
@@ -107,8 +107,12 @@ class ObjectIO:
         return self.blocking(wait)
 
     # -- values -----------------------------------------------------------------------------
-    def set_value(self, object_id: bytes, payload: Payload) -> bool:
-        """Record an object's payload and wake whoever waits; False if nobody refers to it."""
+    def set_value(
+        self, object_id: bytes, payload: Payload, nested: list[bytes] | None = None
+    ) -> bool:
+        """Record an object's payload and wake whoever waits; False if nobody refers to it.
+        `nested`: the (pinned) refs the value contains, released when the object is: set in
+        the same step, so whoever gets the value and drops it at once releases them too."""
         waiting = self.waiting
         with self._lock:
             obj = self._objects.get(object_id)
@@ -116,6 +120,8 @@ class ObjectIO:
                 callbacks = None
             else:
                 obj.value = payload
+                if nested:
+                    obj.nested = nested
                 obj.fetching = False
                 callbacks, obj.callbacks = obj.callbacks, None
                 if waiting.watching:
@@ -385,10 +391,6 @@ class ObjectIO:
             return
         ids = [r._id for r in nested]
         self._ownership.pin(ids)
-        self.own_nested_ids(oid, ids)
-
-    def own_nested_ids(self, oid: bytes, ids: list[bytes]) -> None:
-        """The refs (already pinned) an owned value contains go when the value does."""
         with self._lock:
             obj = self._objects.get(oid)
             if obj is not None:
@@ -432,6 +434,8 @@ class ObjectIO:
         return self._arena
 
     def write_to_store(self, oid: bytes, inband: bytes, buffers: list, owner_id: bytes) -> int:
+        from redray.objstore import layout  # (numpy: only processes that use the store pay)
+
         serialized = layout.Serialized(inband, buffers)
         size = serialized.total_size
         reply = self._peers.call(self.raylet, "alloc", oid, size, owner_id)
@@ -446,6 +450,8 @@ class ObjectIO:
 
     def read_from_store(self, oid: bytes, payload: Payload, _attempt: int = 0) -> Any:
         """Map a store object's region and deserialize it zero-copy; unpinned once unused."""
+        from redray.objstore import layout  # (numpy: only processes that use the store pay)
+
         obj = self._objects.get(oid)
         owner = obj.owner if obj is not None else None
         owner_id = owner[2] if owner is not None else self._worker_id

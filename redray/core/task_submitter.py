@@ -660,9 +660,7 @@ class TaskSubmitter:
         for rid, payload in zip(task.return_ids, results, strict=False):
             if payload[0] in ("v", "s") and payload[-1]:
                 nested = ownership.pin_nested(payload[-1], registered=True)
-                if objects.set_value(rid, payload):
-                    objects.own_nested_ids(rid, nested)
-                else:
+                if not objects.set_value(rid, payload, nested):
                     ownership.unpin(nested)
             else:
                 objects.set_value(rid, payload)

@@ -7,6 +7,13 @@ needs to connect.
 The Redis of a head started by `redray start` is started here, as a process of its own with
 AOF persistence (see redis_server.py): the head's raylet can die without taking the cluster
 with it. A private cluster's Redis is the raylet's child and dies with it.
+
+Everything a node writes lives under a *temp root*: `ROOT_DIR` (`<tmp>/redray-<uid>`, which
+also holds the current-cluster file with the Redis password) or a `--temp-dir`. A root is
+only used when it is a real directory of the current user that no one else may write
+(`trusted_root`): one another user made first (in a shared /tmp anyone can) would let them
+read the password, or redirect `address="auto"` to a cluster of theirs. Directories are
+made 0700 and files 0600, created exclusively without following symbolic links.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import pwd
 import select
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -69,13 +78,77 @@ def default_object_store_memory() -> int:
     return int(psutil.virtual_memory().total * 0.3)
 
 
+_NEW_FILE = os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+class UnsafeTempDirError(PermissionError):
+    """A temp root another user could write into, or a symbolic link: not used."""
+
+
+def root_dir(temp_dir: str | None = None) -> str:
+    """The temp root for temp_dir (default ROOT_DIR), as an absolute path."""
+    return os.path.abspath(os.path.expanduser(temp_dir)) if temp_dir else ROOT_DIR
+
+
+def trusted_root(temp_dir: str | None = None) -> str:
+    """The temp root (see the module doc), made (mode 0700) if missing.
+
+    UnsafeTempDirError when it is a symbolic link, not ours, or writable by group or
+    others; OSError when it cannot be made."""
+    root = root_dir(temp_dir)
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    check_private_dir(root, "redray's temp dir")
+    return root
+
+
+def check_private_dir(path: str, what: str) -> None:
+    """UnsafeTempDirError unless path is a directory (not a symbolic link) of the current
+    user that neither group nor others may write."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        problem = f"is a symbolic link (to {os.readlink(path)})"
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = "is not a directory"
+    elif info.st_uid != os.geteuid():
+        problem = f"belongs to {_user_name(info.st_uid)}, not to you"
+    elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"is writable by other users (mode {stat.filemode(info.st_mode)})"
+    else:
+        return
+    raise UnsafeTempDirError(
+        f"refusing to use {path} as {what}: it {problem}. Another user could read the "
+        "cluster's password there or plant files in it. Remove it, or choose a directory "
+        "only you can write (--temp-dir, init(_temp_dir=...), or TMPDIR)."
+    )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name!r} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def new_session_dir(temp_dir: str | None = None) -> str:
-    """A new directory for one node's logs and spilled objects, under temp_dir (default
-    ROOT_DIR). OSError when temp_dir cannot be made or written."""
-    root = os.path.abspath(os.path.expanduser(temp_dir)) if temp_dir else ROOT_DIR
-    os.makedirs(root, mode=0o700, exist_ok=True)
+    """A new directory (mode 0700) for one node's logs and spilled objects, under the temp
+    root of temp_dir (see `trusted_root`, whose errors it raises)."""
+    root = trusted_root(temp_dir)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     return tempfile.mkdtemp(prefix=f"session_{stamp}_{os.getpid()}_", dir=root)
+
+
+def _private_subdir(parent: str, name: str) -> str:
+    """parent/name as a new directory (mode 0700), or the one there if it is private."""
+    path = os.path.join(parent, name)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        check_private_dir(path, "a session directory")
+    return path
 
 
 def check_node_ip(ip: str) -> str:
@@ -164,7 +237,7 @@ def start_node(
     while_starting() is called while the node boots (e.g. to import what the caller needs).
     """
     session_dir = session_dir or new_session_dir()
-    os.makedirs(os.path.join(session_dir, "logs"), exist_ok=True)
+    logs = _private_subdir(session_dir, "logs")
     redis_server = None
     if head and gcs_url is None and not private:
         redis_server = start_head_redis(node_ip_address, redis_port, redis_password, session_dir)
@@ -187,11 +260,17 @@ def start_node(
         "node_timeout": node_timeout or DEFAULT_NODE_TIMEOUT,
         "watch_stdin": private,
     }
-    log_file = open(os.path.join(session_dir, "logs", "raylet.log"), "ab")
+    log_file = os.open(
+        os.path.join(logs, "raylet.log"), os.O_WRONLY | os.O_APPEND | _NEW_FILE, 0o600
+    )
     # A detached node outlives us, so its stdout (inherited by its workers) must not be a
     # pipe we close: it goes to a file, from which we read the ready line.
-    out_path = os.path.join(session_dir, "logs", "raylet.out")
-    stdout = subprocess.PIPE if private else open(out_path, "wb")
+    out_path = os.path.join(logs, "raylet.out")
+    try:
+        stdout = subprocess.PIPE if private else os.open(out_path, os.O_WRONLY | _NEW_FILE, 0o600)
+    except BaseException:
+        os.close(log_file)
+        raise
     try:
         process = subprocess.Popen(
             [*command_prefix, sys.executable, "-m", "redray.raylet"],
@@ -202,9 +281,9 @@ def start_node(
             close_fds=True,
         )
     finally:
-        log_file.close()
+        os.close(log_file)
         if not private:
-            stdout.close()
+            os.close(stdout)
     process.stdin.write((json.dumps(config) + "\n").encode())
     process.stdin.flush()
     if not private:
@@ -282,19 +361,48 @@ def remove_session_dir(session_dir: str) -> None:
 
 # -- the cluster `redray start` runs on this machine ----------------------------------------
 def write_current_cluster(info: dict[str, Any]) -> None:
-    os.makedirs(ROOT_DIR, mode=0o700, exist_ok=True)
-    tmp = CURRENT_CLUSTER + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, CURRENT_CLUSTER)
+    """Record the cluster (mode 0600: it holds the Redis password), replacing the record."""
+    fd, tmp = tempfile.mkstemp(prefix="current_cluster.", suffix=".tmp", dir=trusted_root())
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, CURRENT_CLUSTER)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_record() -> dict[str, Any] | None:
+    """The current-cluster file as written, even when its nodes are gone (None if absent
+    or unreadable). UnsafeTempDirError when ROOT_DIR or the file could have been written by
+    another user: what it says is not to be trusted."""
+    try:
+        check_private_dir(ROOT_DIR, "redray's temp dir")
+        fd = os.open(CURRENT_CLUSTER, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    except UnsafeTempDirError:
+        raise
+    except OSError:  # (ELOOP: a symbolic link, which we never write)
+        return None
+    with os.fdopen(fd) as f:
+        info = os.fstat(f.fileno())
+        if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeTempDirError(
+                f"refusing to read {CURRENT_CLUSTER}: it belongs to {_user_name(info.st_uid)} "
+                f"or others may write it (mode {stat.filemode(info.st_mode)}). Remove it."
+            )
+        try:
+            record = json.load(f)
+        except ValueError:
+            return None
+    return record if isinstance(record, dict) else None
 
 
 def read_current_cluster() -> dict[str, Any] | None:
-    try:
-        with open(CURRENT_CLUSTER) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
+    """The recorded cluster while one of its nodes runs, else None (see `read_record`)."""
+    info = read_record()
+    if info is None:
         return None
     pids = info.get("pids", [])
     if pids and not any(psutil.pid_exists(pid) for pid in pids):

@@ -3,10 +3,17 @@
 A pull is one authenticated TCP connection per object: a small request frame, a header with
 the size, then the raw bytes streamed from the serving node's store straight into the
 pulling node's store (`sendall` from one mapping, `recv_into` the other), with no copy
-through Python objects. Several pulls run at once, each on its own thread; readers waiting
-for the same object share one pull, and every one of them is answered however the pull ends
-(an error, a peer that stalls or vanishes, the object freed meanwhile). Socket operations
-are bounded by `TRANSFER_TIMEOUT`, so a stalled peer cannot hold a pull or a pin forever.
+through Python objects. Readers waiting for the same object share one pull, and every one of
+them is answered however the pull ends (an error, a peer that stalls or vanishes, the object
+freed meanwhile). Socket operations are bounded by `TRANSFER_TIMEOUT`, so a stalled peer
+cannot hold a pull or a pin forever.
+
+The listener is the raylet reactor's, like every other redray listener: connections are
+accepted, authenticated and given their handshake deadline there, with the same bound on
+those waiting for it (redray/transport/admission.py), and a peer's request frame is read
+there too. Only then is the socket handed to a transfer thread. Transfers run on at most
+`SERVE_THREADS` threads and pulls on at most `PULL_THREADS`; more wait for a free one, so
+however many peers connect, the thread count stays bounded.
 
 Threading: the store belongs to the raylet's reactor thread. Transfer threads only touch it
 through `_on_reactor` / ``reactor.call_soon``; `_pulls` is touched on the reactor thread only.
@@ -15,6 +22,7 @@ through `_on_reactor` / ``reactor.call_soon``; `_pulls` is touched on the reacto
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import threading
 from collections.abc import Callable
@@ -25,6 +33,7 @@ from redray.objstore import files
 from redray.objstore.arena import SharedArena
 from redray.objstore.store import ObjectStore
 from redray.transport import protocol
+from redray.transport.connection import Connection
 from redray.transport.reactor import Reactor
 
 log = logging.getLogger("redray.node.object_manager")
@@ -32,6 +41,49 @@ log = logging.getLogger("redray.node.object_manager")
 CHUNK = 8 << 20
 TRANSFER_TIMEOUT = 30.0  # per socket operation: a peer silent this long is given up on
 REACTOR_TIMEOUT = 60.0
+SERVE_THREADS = 16  # objects sent to other nodes at once
+PULL_THREADS = 16  # objects pulled from other nodes at once
+
+
+class _Threads:
+    """Up to `size` daemon threads running submitted calls in order, started as needed."""
+
+    def __init__(self, size: int, name: str):
+        self._size = size
+        self._name = name
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._started = 0
+        self._idle = 0  # threads waiting for a call, minus calls submitted to them
+
+    def submit(self, fn: Callable, *args: Any) -> None:
+        """Run fn(*args) on one of the threads; RuntimeError if there is none to be had."""
+        with self._lock:
+            start = self._idle <= 0 and self._started < self._size
+            if start:
+                self._started += 1
+            else:
+                self._idle -= 1
+        if start:
+            try:
+                threading.Thread(target=self._run, daemon=True, name=self._name).start()
+            except RuntimeError:  # no new thread: queue it for a running one, if any
+                with self._lock:
+                    self._started -= 1
+                    if not self._started:
+                        raise
+                    self._idle -= 1
+        self._calls.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self._calls.get()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("%s failed", self._name)
+            with self._lock:
+                self._idle += 1
 
 
 class ObjectManager:
@@ -53,19 +105,14 @@ class ObjectManager:
         self._arena = arena
         self._release_pin = release_pin  # undo a pin taken for a transfer (reactor thread)
         self._when_sealed = when_sealed  # (reactor thread) wait for an object being written
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((host, 0))
-        self._listener.listen(128)
-        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._serving = _Threads(SERVE_THREADS, "object-server")
+        self._pulling = _Threads(PULL_THREADS, "pull")
+        # TCP only: pulls come from other nodes (or other network namespaces).
+        self.address: tuple[str, int] = reactor.listen(host, 0, self._on_request, local=False)
         self._pulls: dict[bytes, list[Callable[[BaseException | None], None]]] = {}
-        threading.Thread(target=self._accept, daemon=True, name="object-server").start()
 
     def close(self) -> None:
-        try:
-            self._listener.close()
-        except OSError:
-            pass
+        self._reactor.stop_listening(self.address)
 
     # -- helpers ----------------------------------------------------------------------------
     def _on_reactor(self, fn: Callable[[], Any]) -> Any:
@@ -89,24 +136,30 @@ class ObjectManager:
         return value
 
     # -- serving ----------------------------------------------------------------------------
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+    def _on_request(self, conn: Connection, request: Any) -> None:
+        """(reactor thread) An authenticated peer asks for an object: hand its socket to a
+        transfer thread."""
+        if not (
+            isinstance(request, tuple)
+            and len(request) == 2
+            and request[0] == "fetch"
+            and isinstance(request[1], bytes)
+        ):
+            log.warning("unexpected object manager request %.200r; closing", request)
+            conn.close()
+            return
+        sock, unsent = conn.detach()
+        try:
+            self._serving.submit(self._serve, sock, unsent, request[1])
+        except RuntimeError:
+            sock.close()
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: socket.socket, unsent: bytes, oid: bytes) -> None:
         store = self._store
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            protocol.server_handshake(sock, self.token)
             sock.settimeout(TRANSFER_TIMEOUT)
-            request = protocol.recv_frame(sock)
-            if not (isinstance(request, tuple) and request[0] == "fetch"):
-                return
-            oid = request[1]
+            if unsent:
+                sock.sendall(unsent)
             sealed = threading.Event()
             self._reactor.call_soon(self._when_sealed, oid, lambda _: sealed.set())
             sealed.wait(TRANSFER_TIMEOUT)
@@ -123,7 +176,7 @@ class ObjectManager:
                 del view
             finally:
                 self._reactor.call_soon(self._release_pin, oid)
-        except Exception as exc:  # a peer that vanished, stalled, or spoke nonsense
+        except Exception as exc:  # a peer that vanished or stalled
             log.debug("object transfer to a peer ended: %r", exc)
         finally:
             sock.close()
@@ -150,9 +203,7 @@ class ObjectManager:
             self._finish(oid, exceptions.ObjectLostError(oid.hex()))
             return
         try:
-            threading.Thread(
-                target=self._pull, args=(oid, tuple(address), owner), daemon=True, name="pull"
-            ).start()
+            self._pulling.submit(self._pull, oid, tuple(address), owner)
         except RuntimeError as exc:  # no thread for it: the readers hear so now
             self._finish(oid, exceptions.ObjectLostError(f"{oid.hex()}: {exc}"))
 
@@ -181,7 +232,7 @@ class ObjectManager:
             with protocol.connect(address, self.token, TRANSFER_TIMEOUT, local=False) as sock:
                 sock.settimeout(TRANSFER_TIMEOUT)
                 protocol.send_frame(sock, ("fetch", oid))
-                header = protocol.recv_frame(sock)
+                header = protocol.recv_frame(sock, address)
                 if not (isinstance(header, tuple) and header and header[0] == "ok"):
                     return exceptions.ObjectLostError(oid.hex())
                 size = int(header[1])

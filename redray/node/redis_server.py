@@ -137,6 +137,7 @@ class RedisServer:
             preexec_fn=worker_pool.die_with_parent if die_with_parent else None,
             start_new_session=not die_with_parent,
             close_fds=True,
+            umask=0o077,  # its AOF, RDB and log hold the cluster's data: ours alone
         )
         try:
             process.stdin.write(config.encode())

@@ -52,11 +52,14 @@ def start_zygote(
 
 
 def _frames(buf: bytearray) -> list[Any]:
-    """Complete frames at the start of buf (consumed from it)."""
+    """Complete frames at the start of buf (consumed from it); FrameTooLargeError for a
+    length above MAX_FRAME (the stream from the raylet is corrupt)."""
     header = protocol.HEADER.size
     messages = []
     while len(buf) >= header:
         (length,) = protocol.HEADER.unpack_from(buf)
+        if length > protocol.MAX_FRAME:
+            raise protocol.FrameTooLargeError(length, "the raylet")
         if len(buf) < header + length:
             break
         messages.append(pickle.loads(bytes(buf[header : header + length])))
@@ -91,7 +94,12 @@ def _zygote_main(sock: socket.socket, worker_config: dict[str, Any]) -> None:
             if not chunk:
                 return
             buf += chunk
-            for message in _frames(buf):
+            try:
+                messages = _frames(buf)
+            except protocol.FrameTooLargeError as exc:
+                print(f"redray fork server: {exc}", file=sys.stderr, flush=True)
+                return  # the stream is unusable: the raylet sees the fork server gone
+            for message in messages:
                 if message[0] == "spawn":
                     _, worker_id, env_vars, raylet_address = message
                     config = {**worker_config, "raylet_address": raylet_address}

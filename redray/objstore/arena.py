@@ -86,7 +86,8 @@ class SharedArena:
         path = os.path.join(
             _fallback_dir(), f"{_FALLBACK_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
         )
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        flags = os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, os.O_RDWR | flags, 0o600)
         try:
             os.ftruncate(fd, capacity)
         except BaseException:

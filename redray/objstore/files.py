@@ -16,6 +16,8 @@ import os
 from redray.objstore.arena import SharedArena
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# A new file only: never one planted in its place, nor through a symbolic link.
+_NEW_FILE = os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | _CLOEXEC
 
 
 def file_name(object_id: bytes) -> str:
@@ -55,7 +57,7 @@ def create_file(path: str, size: int) -> None:
     Its disk blocks are reserved now, so a full disk is an OSError here rather than a
     SIGBUS in the writer when it touches a page that cannot be backed.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | _NEW_FILE, 0o600)
     try:
         if size and hasattr(os, "posix_fallocate"):
             os.posix_fallocate(fd, 0, size)
@@ -69,8 +71,9 @@ def create_file(path: str, size: int) -> None:
 
 
 def write_file(path: str, view: memoryview) -> None:
-    """Write `view` to a new file straight from shared memory (no intermediate copy)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC, 0o600)
+    """Write `view` to a new file (mode 0600) straight from shared memory (no intermediate
+    copy); FileExistsError if path exists."""
+    fd = os.open(path, os.O_WRONLY | _NEW_FILE, 0o600)
     try:
         pos, n = 0, view.nbytes
         while pos < n:

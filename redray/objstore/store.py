@@ -25,6 +25,7 @@ work through ``reactor.call_soon``. `stats()` is O(1), so the owner can report i
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -400,9 +401,18 @@ class ObjectStore:
         self._spilled_objects += 1
 
     def _ensure_spill_dir(self) -> None:
-        if not os.path.isdir(self.spill_dir):
-            os.makedirs(self.spill_dir, mode=0o700)
+        """Make the spill dir (mode 0700) if missing; one already there must be a directory
+        of ours, not a symbolic link (objects' bytes are written into it)."""
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.spill_dir)), exist_ok=True)
+            os.mkdir(self.spill_dir, 0o700)
             self._created_spill_dir = True
+        except FileExistsError:
+            info = os.lstat(self.spill_dir)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                raise PermissionError(
+                    f"the spill directory {self.spill_dir} is not a directory of this user"
+                ) from None
 
     def _try_restore(self, entry: _Entry) -> None:
         """Bring a spilled object back into memory if room can be made; else leave it."""

@@ -5,7 +5,8 @@ one syscall and no thread hand-off); only what the kernel would not take is queu
 reactor (redray/reactor.py) to flush. Incoming frames are decoded on the thread running the
 reactor loop and handed to the connection's handler there, in order, so handlers must not
 block. A listener's side reads nothing but the handshake until the peer proved it holds the
-cluster token (redray/protocol.py).
+cluster token (redray/protocol.py), within the time its listener's admission allows
+(redray/transport/admission.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from redray.transport import protocol
+from redray.transport.loglimit import LimitedLog
 
 log = logging.getLogger(__name__)
+_limited = LimitedLog(log)
 
 Handler = Callable[["Connection", Any], None]
 
@@ -36,6 +39,12 @@ class Loop(Protocol):
     def watch_write(self, conn: Connection) -> None: ...
 
 
+class Admission(Protocol):
+    """Where a listener's connection waits for its handshake (admission.Admission)."""
+
+    def settled(self, conn: Connection) -> None: ...
+
+
 class Connection:
     """A framed, authenticated socket registered with a `Reactor`."""
 
@@ -46,6 +55,7 @@ class Connection:
         handler: Handler,
         on_close: Callable[[Connection], None] | None = None,
         pending_auth: bytes | None = None,
+        admission: Admission | None = None,
     ):
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -61,6 +71,7 @@ class Connection:
         self._send_lock = threading.Lock()
         self._in = bytearray()
         self._nonce = pending_auth  # set while a server-side handshake is pending
+        self._admission = admission  # (reactor thread) the listener's table, until then
 
     def __repr__(self) -> str:
         return f"<Connection fd={self.fileno} {self.info.get('peer', '')}>"
@@ -115,6 +126,9 @@ class Connection:
                 return
             self.closed = True
         self.reactor.forget(self)
+        if self._admission is not None:
+            self._admission.settled(self)
+            self._admission = None
         try:
             self.sock.close()
         except OSError:
@@ -163,6 +177,12 @@ class Connection:
         try:
             while size - offset >= header:
                 (length,) = unpack(buf, offset)
+                if length > protocol.MAX_FRAME:
+                    _limited.warning(
+                        "frame", "%s; peer %r", protocol.FrameTooLargeError(length), self
+                    )
+                    self.close()
+                    return
                 end = offset + header + length
                 if end > size:
                     break
@@ -190,10 +210,28 @@ class Connection:
         proof = bytes(self._in[: protocol.CLIENT_PROOF_BYTES])
         answer = protocol.server_verify(self.reactor.token, self._nonce, proof)
         if answer is None:
-            log.warning("rejected a connection without the cluster token")
+            _limited.warning("token", "rejected a connection without the cluster token")
+            self.send_bytes(protocol.REJECTED)
             self.close()
             return False
         del self._in[: protocol.CLIENT_PROOF_BYTES]
         self._nonce = None
+        if self._admission is not None:
+            self._admission.settled(self)
+            self._admission = None
         self.send_bytes(answer)
         return True
+
+    def detach(self) -> tuple[socket.socket, bytes]:
+        """(reactor thread) Stop serving this connection and hand its socket over: a
+        blocking socket the caller now owns, and what was queued for it but not yet sent
+        (the caller sends that first). `on_close` does not run."""
+        with self._send_lock:
+            self.closed = True
+            unsent, self._out = bytes(self._out), bytearray()
+        self.reactor.forget(self)
+        if self._admission is not None:
+            self._admission.settled(self)
+            self._admission = None
+        self.sock.setblocking(True)
+        return self.sock, unsent

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import _signal
 import collections
+import errno
 import heapq
 import itertools
 import logging
@@ -34,15 +35,23 @@ from typing import Any
 
 from redray import exceptions
 from redray.transport import protocol
+from redray.transport.admission import Admission
 from redray.transport.connection import Connection, Handler
+from redray.transport.loglimit import LimitedLog
 from redray.transport.spinning import SpinPolicy
 
 log = logging.getLogger(__name__)
+_limited = LimitedLog(log)
 
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
 _RECV_SIZE = 1 << 18
 PARKED_CHECK_SECONDS = 0.001
+ACCEPTS_PER_PASS = 64  # a flood of connections cannot hold the loop in one listener
+# Out of descriptors (or kernel memory): stop accepting this long, leaving the backlog to
+# the kernel, instead of spinning on a listener that stays readable.
+ACCEPT_PAUSE_SECONDS = 0.1
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class ReactorStoppedError(exceptions.RaySystemError):
@@ -101,6 +110,8 @@ class Reactor:
         self._selector.register(self._wake_r, _READ, None)
         self._connections: dict[int, Connection] = {}
         self._listeners: dict[int, tuple[socket.socket, Callable]] = {}
+        # By listening address: (anyone, this user's local peers); see `listen`.
+        self._admissions: dict[tuple[str, int], tuple[Admission, Admission]] = {}
         self._stopping = False
         self._stop_reason = "the I/O loop of this process was stopped"
         self._closed = False  # (role lock) sockets closed: nothing may be registered any more
@@ -132,6 +143,10 @@ class Reactor:
         """Run fn(*args) on the reactor thread after `delay` seconds."""
         entry = (time.monotonic() + delay, next(self._seq), fn, args)
         self.call_soon(heapq.heappush, self._timers, entry)
+
+    def _call_at(self, when: float, fn: Callable, *args: Any) -> None:
+        """(reactor thread) Run fn(*args) at monotonic time `when`."""
+        heapq.heappush(self._timers, (when, next(self._seq), fn, args))
 
     def in_reactor(self) -> bool:
         """True on the thread running the loop (the I/O thread, or a thread it lent it to)."""
@@ -192,8 +207,8 @@ class Reactor:
             if self._stopping or waiter.done:
                 if self._borrower is waiter:
                     self._borrower = None
-                # The loop may have been lent to us just as the waiter was set: then we
-                # lead (to hand it back at once), or nobody would run it again.
+                # The loop may have been lent to us since we asked: then we must lead (and
+                # so leave it), or nobody would run it ever again.
                 return waiter.leading
             self._sleepers.add(waiter)
         waiter._lock.acquire(timeout=-1 if left is None else left)
@@ -364,52 +379,102 @@ class Reactor:
         handler: Handler,
         on_close: Callable[[Connection], None] | None = None,
         on_accept: Callable[[Connection], None] | None = None,
+        local: bool = True,
     ) -> tuple[str, int]:
-        """Accept authenticated connections on host:port (0 = any free port), and on the
-        matching abstract Unix socket for peers on this machine (see protocol.connect)."""
+        """Accept authenticated connections on host:port (0 = any free port), and with
+        `local` on the matching abstract Unix socket for peers on this machine (see
+        protocol.connect). A bounded number of connections may wait for their handshake,
+        each for `protocol.HANDSHAKE_TIMEOUT` (admission.py): those of our own user over the
+        Unix socket (the kernel vouches for their uid) in a table of their own, so that a
+        flood from anyone else cannot crowd out this machine's drivers and workers."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         address = sock.getsockname()[:2]
         sockets = [sock]
-        if hasattr(socket, "AF_UNIX"):
-            local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if local and hasattr(socket, "AF_UNIX"):
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                local.bind(protocol.local_name(*address))
-                sockets.append(local)
+                unix.bind(protocol.local_name(*address))
+                sockets.append(unix)
             except OSError:  # not Linux, or the name is taken: TCP only
-                local.close()
+                unix.close()
+        name = f"listener {address[0]}:{address[1]}"
+        admissions = (
+            Admission(name, self._call_at),
+            Admission(f"{name} (this user's local peers)", self._call_at),
+        )
+        self.call_soon(self._admissions.__setitem__, tuple(address), admissions)
         for listener in sockets:
             listener.listen(1024)
             listener.setblocking(False)
-            self.call_soon(
-                self._add_listener, listener, self._acceptor(listener, handler, on_close, on_accept)
-            )
+            accept = self._acceptor(listener, admissions, handler, on_close, on_accept)
+            self.call_soon(self._add_listener, listener, accept)
         return address
+
+    def stop_listening(self, address: tuple[str, int]) -> None:
+        """Close the listener on address (TCP and Unix socket) and its connections still
+        waiting for their handshake; connections already made stay."""
+        self.call_soon(self._remove_listener, tuple(address))
 
     def _acceptor(
         self,
         sock: socket.socket,
+        admissions: tuple[Admission, Admission],
         handler: Handler,
         on_close: Callable[[Connection], None] | None,
         on_accept: Callable[[Connection], None] | None,
     ) -> Callable[[], None]:
+        anyone, own_user = admissions
+        unix = sock.family == getattr(socket, "AF_UNIX", None)
+        uid = os.getuid()
+
         def accept() -> None:
-            while True:
+            for _ in range(ACCEPTS_PER_PASS):
                 try:
                     client, _ = sock.accept()
                 except (BlockingIOError, InterruptedError):
                     return
-                except OSError:
-                    return
+                except OSError as exc:
+                    if exc.errno in _OUT_OF_RESOURCES:
+                        self._pause_listener(sock, accept, anyone.name, exc)
+                        return
+                    continue  # (that connection was reset before we took it)
+                admission = anyone
+                if unix:
+                    try:
+                        if protocol.peer_uid(client) == uid:
+                            admission = own_user
+                    except OSError:
+                        pass
                 nonce = protocol.server_challenge()
-                conn = Connection(self, client, handler, on_close, pending_auth=nonce)
+                conn = Connection(
+                    self, client, handler, on_close, pending_auth=nonce, admission=admission
+                )
+                admission.admit(conn)
                 self._register(conn)
                 conn.send_bytes(nonce)
                 if on_accept is not None:
                     on_accept(conn)
 
         return accept
+
+    def _pause_listener(
+        self, sock: socket.socket, accept: Callable, name: str, exc: OSError
+    ) -> None:
+        _limited.warning(
+            "accept",
+            "%s cannot accept connections (%s); pausing it for %g s",
+            name,
+            exc.strerror,
+            ACCEPT_PAUSE_SECONDS,
+        )
+        self._selector.unregister(sock)
+        self._call_at(time.monotonic() + ACCEPT_PAUSE_SECONDS, self._resume_listener, sock, accept)
+
+    def _resume_listener(self, sock: socket.socket, accept: Callable) -> None:
+        if self._listeners.get(sock.fileno(), (None,))[0] is sock:
+            self._selector.register(sock, _READ, accept)
 
     def connect(
         self,
@@ -471,6 +536,22 @@ class Reactor:
     def _add_listener(self, sock: socket.socket, accept: Callable) -> None:
         self._listeners[sock.fileno()] = (sock, accept)
         self._selector.register(sock, _READ, accept)
+
+    def _remove_listener(self, address: tuple[str, int]) -> None:
+        for fd, (sock, _) in list(self._listeners.items()):
+            try:
+                name = sock.getsockname()
+            except OSError:
+                continue
+            if name == protocol.local_name(*address) or tuple(name[:2]) == address:
+                del self._listeners[fd]
+                try:
+                    self._selector.unregister(sock)
+                except (KeyError, ValueError):
+                    pass  # (paused: out of descriptors)
+                sock.close()
+        for admission in self._admissions.pop(address, ()):
+            admission.close_all()
 
     def _register(self, conn: Connection) -> None:
         if conn.closed:
@@ -564,6 +645,7 @@ class Reactor:
         for sock, _ in self._listeners.values():
             sock.close()
         self._listeners.clear()
+        self._admissions.clear()
         self._timers.clear()
         self._selector.close()
         os.close(self._wake_r)
