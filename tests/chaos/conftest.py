@@ -15,12 +15,6 @@ import pytest
 from chaos.harness import Cluster
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "chaos: fault-injection tests against real clusters (tests/chaos)"
-    )
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """An empty cluster: the test starts its heads and nodes; all is killed at the end."""
