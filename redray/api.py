@@ -176,7 +176,7 @@ def _import_runtime() -> None:
 
 
 def _connect_existing(address: str, node_ip: str | None = None) -> dict[str, Any]:
-    from redray.gcs import DEFAULT_CLUSTER, Gcs
+    from redray.gcs import DEFAULT_CLUSTER, URL_SCHEMES, Gcs
     from redray.node import launch as node
 
     cluster = DEFAULT_CLUSTER
@@ -189,7 +189,7 @@ def _connect_existing(address: str, node_ip: str | None = None) -> dict[str, Any
                 "`redray start --head`."
             )
         address, cluster = current["gcs_url"], current.get("cluster", DEFAULT_CLUSTER)
-    if not address.startswith(("redis://", "rediss://", "unix://")):
+    if not address.startswith(URL_SCHEMES):
         address = "redis://" + address
     import redis
 
@@ -344,6 +344,7 @@ def shutdown(_exiting_interpreter: bool = False) -> None:
         worker = context.current
         if worker is not None:
             context.current = None
+            worker.gcs.ride_out = 0.0  # leaving: nothing waits for an absent Redis now
             try:
                 worker.gcs.finish_job(worker.job_id)
             except Exception:

@@ -5,7 +5,10 @@
     redray status [--address URL]                          # nodes and resources
     redray stop [--force] [--temp-dir DIR]                 # stop what this machine started
 
-Nodes started here outlive the command (their raylets run in their own sessions). What
+Redis URLs: redis://, rediss:// (TLS), unix://, and
+redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE for a Redis run under Sentinel.
+Nodes started here outlive the command (their raylets run in their own sessions), and so
+does the Redis `redray start --head` runs (its own process, with AOF persistence). What
 `redray start` / `redray node` started is recorded in the current-cluster file
 (`redray.node.launch.CURRENT_CLUSTER`, mode 0600, it holds the Redis password), which is how
 `redray.init(address="auto")` finds the cluster and how `redray stop` finds the nodes. Temp
@@ -21,6 +24,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import secrets
 import signal
 import socket
@@ -33,7 +37,7 @@ import click
 import psutil
 import redis
 
-from redray.gcs import DEFAULT_CLUSTER, Gcs
+from redray.gcs import DEFAULT_CLUSTER, URL_SCHEMES, Gcs
 from redray.node import launch as node
 
 MIN_OBJECT_STORE_MEMORY = 1 << 20
@@ -111,24 +115,27 @@ def _check_port_free(ip: str, port: int) -> None:
 
 
 def _redact(url: str) -> str:
-    """A Redis URL with its password hidden, for error messages."""
+    """A Redis URL with its passwords hidden (the server's, and a Sentinel URL's
+    sentinel_password), for messages."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        user = userinfo.split(":", 1)[0]
+        parts = parts._replace(netloc=f"{user}:***@{hosts}")
+    if "password=" in parts.query:
+        query = re.sub(r"(^|&)(\w*password)=[^&]*", r"\1\2=***", parts.query)
+        parts = parts._replace(query=query)
+    return urlunsplit(parts)
 
 
 def _normalize_url(url: str, param_hint: str = "--redis") -> str:
     """redis://HOST:PORT from HOST:PORT; a click error for a URL of another scheme."""
     if "://" not in url:
         return "redis://" + url
-    if not url.startswith(("redis://", "rediss://", "unix://")):
+    if not url.startswith(URL_SCHEMES):
         raise click.BadParameter(
-            f"{_redact(url)!r} is not a Redis URL: use redis://[:PASSWORD@]HOST:PORT",
+            f"{_redact(url)!r} is not a Redis URL: use redis://[:PASSWORD@]HOST:PORT or "
+            "redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE",
             param_hint=param_hint,
         )
     return url
@@ -240,6 +247,9 @@ def _record_node(started: node.StartedNode, gcs_url: str, cluster: str, head: bo
         "cluster": cluster,
         "head": head,
     }
+    if started.redis is not None:  # the Redis this head runs: `redray stop` stops it too
+        entry["redis_pid"] = started.redis.pid
+        entry["redis_started"] = _create_time(started.redis.pid)
     with _cluster_file_lock():
         record = _read_record()
         live = node.read_current_cluster() is not None
@@ -305,6 +315,30 @@ def _node_processes(record: dict[str, Any] | None, root: str) -> list[psutil.Pro
         if _is_raylet(proc) and _started_here(proc, root):
             found[proc.pid] = proc
     return list(found.values())
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _redis_processes(record: dict[str, Any] | None) -> list[psutil.Process]:
+    """The redis-servers that heads started here run (recorded with their node), still
+    running; a recorded pid now used by another process is left alone."""
+    found = []
+    for entry in (record or {}).get("nodes", []):
+        pid = entry.get("redis_pid")
+        if not pid:
+            continue
+        try:
+            proc = psutil.Process(pid)
+            if "redis-server" in proc.name() and proc.create_time() == entry.get("redis_started"):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
 
 
 def _descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
@@ -501,7 +535,8 @@ def cli() -> None:
     "redis_url",
     default=None,
     metavar="URL",
-    help="Use this Redis (redis://[:PASSWORD@]HOST:PORT) instead of starting one.",
+    help="Use this Redis instead of starting one: redis://[:PASSWORD@]HOST:PORT, or "
+    "redis+sentinel://[:PASSWORD@]HOST:PORT[,...]/SERVICE for one run under Sentinel (HA).",
 )
 @node_options
 def start(
@@ -574,6 +609,13 @@ def _print_started_head(
         "-" * 20,
         f"Node {info['node_id']} (head), raylet at {host}:{port}, pid {info['pid']}",
         f"Logs: {os.path.join(started.session_dir, 'logs')}",
+    ]
+    if started.redis is not None:
+        lines.append(
+            f"Redis: pid {started.redis.pid}, its own process (it outlives the raylet), "
+            f"append-only file in {started.redis.directory}"
+        )
+    lines += [
         "",
         "Cluster address (Redis, holds the password):",
         f"    {gcs_url}",
@@ -681,18 +723,24 @@ def node_command(
 def stop(force: bool, grace_period: float, temp_dir: str | None) -> None:
     """Stop the redray nodes recorded in the current-cluster file, and the detached nodes of
     this user whose session directories are in the temp root (--temp-dir, else the one under
-    TMPDIR); forget the current cluster."""
+    TMPDIR), then the Redis `redray start --head` runs; forget the current cluster."""
     with _cluster_file_lock():
         record = _read_record()
         procs = _node_processes(record, node.root_dir(temp_dir))
+        servers = _redis_processes(record)
         pids = sorted(p.pid for p in procs)
         alive = _terminate(procs, force, grace_period) if procs else []
+        # Redis last: the nodes record their end in it as they stop.
+        alive += _terminate(servers, force, grace_period) if servers else []
         node.clear_current_cluster()
-    if not pids:
+    if not pids and not servers:
         click.echo("No redray node was running on this machine.")
         return
     how = "Killed" if force else "Stopped"
-    click.echo(f"{how} {len(pids)} redray node(s): pid {', '.join(map(str, pids))}.")
+    if pids:
+        click.echo(f"{how} {len(pids)} redray node(s): pid {', '.join(map(str, pids))}.")
+    if servers:
+        click.echo(f"{how} the cluster's Redis: pid {', '.join(str(p.pid) for p in servers)}.")
     if alive:
         raise click.ClickException(
             "Still running after SIGKILL: pid " + ", ".join(str(p.pid) for p in alive)

@@ -28,6 +28,13 @@ class RaySystemError(RayError):
         return f"{text}\ntraceback: {self.traceback_str}" if self.traceback_str else text
 
 
+class GcsUnavailableError(RaySystemError):
+    """Redis, the cluster's control store, stayed unreachable for longer than this process
+    waits for it (``REDRAY_REDIS_OUTAGE_SECONDS``): the call needed it (creating an actor,
+    looking up a named actor, exporting a function...). Ray raises RaySystemError when its
+    GCS cannot be reached; this is one."""
+
+
 class RayTaskError(RayError):
     """A task or actor method raised; carries the remote traceback and the original cause."""
 
@@ -268,6 +275,7 @@ __all__ = [
     "ActorUnavailableError",
     "ActorUnschedulableError",
     "AsyncioActorExit",
+    "GcsUnavailableError",
     "GetTimeoutError",
     "LocalRayletDiedError",
     "NodeDiedError",

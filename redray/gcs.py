@@ -19,7 +19,9 @@ reply after the client's socket timeout (SOCKET_TIMEOUT_SECONDS unless given), a
 call is retried RETRY_ATTEMPTS times with jittered exponential backoff before its
 ``redis.ConnectionError``/``redis.TimeoutError`` reaches the caller. Those retries only cover
 blips (and a Sentinel failover's reconnection to the new primary); longer outages are the
-caller's to ride out. A retried write may have been applied once already: control requests
+caller's to ride out, or, for a client made with ``ride_out`` seconds (drivers and workers),
+every call waits that long for Redis to answer again before raising redray's
+``GcsUnavailableError`` (see redray/gcs_retry.py). A retried write may have been applied once already: control requests
 are delivered at least once and their handlers must be idempotent.
 
 What callers do when Redis is lost for a while:
@@ -590,16 +592,19 @@ class SentinelAddress:
             options.get("sentinel_password") or None,
         )
 
-    def client(self, socket_timeout: float, common: dict[str, Any]) -> tuple[Any, Any]:
+    def client(
+        self, socket_timeout: float, common: dict[str, Any], sentinel_retry: Any
+    ) -> tuple[Any, Any]:
         """A client of the service's primary, following its failovers, and the Sentinel
-        object it asks."""
+        object it asks. The sentinels are asked with sentinel_retry (short: when one does not
+        answer, the next one is asked)."""
         import redis
         from redis.sentinel import Sentinel
 
         sentinel_kwargs = {
             "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
             "socket_timeout": socket_timeout,
-            "retry": common["retry"],
+            "retry": sentinel_retry,
             "username": self.sentinel_username,
             "password": self.sentinel_password,
         }
@@ -694,9 +699,15 @@ class Gcs:
         cluster: str = DEFAULT_CLUSTER,
         client: redis.Redis | None = None,
         socket_timeout: float = SOCKET_TIMEOUT_SECONDS,
+        ride_out: float = 0.0,
     ):
         """Raises ValueError without a URL or client, for a URL scheme other than
-        URL_SCHEMES, or for a bad REDRAY_MAX_* setting (connecting waits for the first call)."""
+        URL_SCHEMES, or for a bad REDRAY_MAX_* setting (connecting waits for the first call).
+
+        ride_out > 0: a call that finds Redis unreachable waits for it to answer again, up to
+        that many seconds (the attribute may be lowered later, e.g. to 0 when leaving), then
+        raises redray's GcsUnavailableError; subscriptions still fail fast. 0: after the
+        short retries the redis error reaches the caller."""
         if client is None and url is None:
             raise ValueError("Gcs needs a Redis URL or a client")
         if client is None and not url.startswith(URL_SCHEMES):
@@ -714,8 +725,10 @@ class Gcs:
         self.max_dead_nodes = _env_cap(MAX_DEAD_NODES)
         self.max_removed_pgs = _env_cap(MAX_REMOVED_PGS)
         self.max_finished_jobs = _env_cap(MAX_FINISHED_JOBS)
+        self.ride_out = ride_out
         self._client = client
-        self._sentinel: Any = None
+        self._subscriber: redis.Redis | None = client  # short retries only (see subscription)
+        self._sentinels: list[Any] = []
         self._client_lock = threading.Lock()
         self._shas: dict[str, str] = {}
 
@@ -729,18 +742,31 @@ class Gcs:
                     self._client = self._connect()
         return self._client
 
-    def _connect(self) -> redis.Redis:
-        import redis
-        from redis.backoff import ExponentialWithJitterBackoff
-        from redis.retry import Retry
+    @property
+    def subscriber(self) -> redis.Redis:
+        """The client subscriptions use: with short retries even when calls ride outages out,
+        so a subscriber thread learns at once that its subscription is gone."""
+        if self._subscriber is None:
+            if not self.ride_out:
+                self._subscriber = self.redis
+            else:
+                with self._client_lock:
+                    if self._subscriber is None:
+                        self._subscriber = self._connect(ride_out=False)
+        return self._subscriber
 
-        retry = Retry(
-            ExponentialWithJitterBackoff(
-                cap=RETRY_BACKOFF_CAP_SECONDS, base=RETRY_BACKOFF_BASE_SECONDS
-            ),
-            RETRY_ATTEMPTS,
-            supported_errors=(redis.ConnectionError, redis.TimeoutError),
-        )
+    def _connect(self, ride_out: bool | None = None) -> redis.Redis:
+        import redis
+
+        from redray.gcs_retry import RideOutRetry, short_retry
+
+        if ride_out is None:
+            ride_out = self.ride_out > 0
+        short = short_retry(RETRY_ATTEMPTS, RETRY_BACKOFF_BASE_SECONDS, RETRY_BACKOFF_CAP_SECONDS)
+        if ride_out:
+            retry = RideOutRetry(lambda: self.ride_out, RETRY_ATTEMPTS, RETRY_BACKOFF_BASE_SECONDS)
+        else:
+            retry = short
         common = {
             "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
             "socket_timeout": self.socket_timeout,
@@ -748,7 +774,8 @@ class Gcs:
             "retry": retry,
         }
         if self._sentinel_address is not None:
-            client, self._sentinel = self._sentinel_address.client(self.socket_timeout, common)
+            client, sentinel = self._sentinel_address.client(self.socket_timeout, common, short)
+            self._sentinels.append(sentinel)
             return client
         return redis.Redis.from_url(self.url, **common)
 
@@ -859,11 +886,11 @@ class Gcs:
         return bool(self.redis.ping())
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        if self._sentinel is not None:
-            for sentinel in self._sentinel.sentinels:
-                sentinel.close()
+        for client in {id(c): c for c in (self._client, self._subscriber) if c}.values():
+            client.close()
+        for sentinel in self._sentinels:
+            for server in sentinel.sentinels:
+                server.close()
 
     # -- cluster ----------------------------------------------------------------------------
     def init_cluster(self, token: bytes, config: dict[str, Any] | None = None) -> bytes:
@@ -1141,7 +1168,7 @@ class Gcs:
         patterns = [self.channel(p) for p in patterns]
         if not channels and not patterns:
             raise ValueError("a subscription needs a channel or a pattern")
-        pubsub = self.redis.pubsub()
+        pubsub = self.subscriber.pubsub()
         try:
             if channels:
                 pubsub.subscribe(*channels)
@@ -1276,6 +1303,13 @@ class Gcs:
 
     def actor(self, actor_id: str) -> dict[str, Any] | None:
         return self.table_get(ACTORS, actor_id)
+
+    def actors(self, actor_ids: list[str]) -> list[dict[str, Any] | None]:
+        """The entries of several actors (None for those not in the table), in one round
+        trip."""
+        if not actor_ids:
+            return []
+        return [_loads(raw) for raw in self.redis.hmget(self.key(ACTORS), actor_ids)]
 
     def update_actor(self, actor_id: str, info: dict[str, Any], fence: Fence | None = None) -> None:
         """Write an actor's entry and announce it on the actor's channel, atomically.

@@ -29,21 +29,23 @@ from typing import Any
 from redray import exceptions
 from redray import gcs as gcs_schema
 from redray.control.loop import ControlLoop
-from redray.gcs import Gcs
+from redray.gcs import Gcs, HeartbeatStatus, NodeDeadError
 from redray.node import scheduling, worker_pool
 from redray.node.bundles import Bundles
 from redray.node.object_manager import ObjectManager
 from redray.node.redis_server import RedisServer
 from redray.objstore.arena import SharedArena
 from redray.objstore.store import ObjectStore
+from redray.outage import OUTAGE_ENV, health, outage_limit
 from redray.resources import placement_group_of
 from redray.transport.connection import Connection
 from redray.transport.reactor import Reactor
-from redray.watcher import Watcher
+from redray.watcher import Watcher, is_connection_error
 
 log = logging.getLogger("redray.raylet")
 
 HEARTBEAT_SECONDS = 0.5
+HEARTBEAT_BACKOFF_MAX_SECONDS = 1.0  # between beats while Redis is away (well below the timeout)
 SNAPSHOT_WAIT_SECONDS = 0.2  # how long a beat waits for the reactor's fresh snapshot
 IDLE_WORKER_SECONDS = 10.0
 UNKNOWN_NODE_SECONDS = 3.0  # how long a request may name a node nobody has heard of
@@ -120,6 +122,13 @@ class Raylet:
         self.zygote_pid, zygote_sock = zygote
         self.redis_server = None
         self.control = None
+        self.outage_limit = outage_limit()  # how long a Redis outage is ridden out
+        health.consequence = (
+            "This node keeps running its tasks and beats again with backoff; it stops if "
+            f"Redis stays away {self.outage_limit:g} s ({OUTAGE_ENV})."
+        )
+        self.exit_code = 0
+        self._registration: dict[str, Any] = {}  # what the node registered (to register again)
         self._gcs_jobs: queue.SimpleQueue = queue.SimpleQueue()
 
         capacity = int(config["object_store_memory"])
@@ -188,7 +197,14 @@ class Raylet:
         }
         if self.redis_server is not None:
             self.redis_server.wait_ready()
-            self.gcs.init_cluster(self.token, {"created_by": self.node_id})
+        if self.config.get("head"):
+            in_force = self.gcs.init_cluster(self.token, {"created_by": self.node_id})
+            if in_force != self.token:
+                raise RuntimeError(
+                    f"cluster {self.config['cluster']!r} in this Redis has another token"
+                )
+        info["start_time"] = time.time()
+        self._registration = {**info, "available": dict(self.available)}
         self.gcs.register_node(self.node_id, info, ttl=self.config["node_timeout"])
         for _ in range(int(self.config.get("prestart_workers", self.total.get("CPU", 0)))):
             self._start_worker(())
@@ -203,8 +219,9 @@ class Raylet:
         self.reactor.call_later(IDLE_WORKER_SECONDS, self._reap_idle_workers)
         return {"node_id": self.node_id, "gcs_url": self.config["gcs_url"], **info}
 
-    def stop(self) -> None:
-        """Kill the workers, free the store, leave the cluster."""
+    def stop(self, mark_dead: bool = True) -> None:
+        """Kill the workers, free the store, leave the cluster (recording the node dead in
+        the GCS unless mark_dead is False: it is already, or Redis is out of reach)."""
         if self.stopping.is_set():
             return
         self.stopping.set()
@@ -219,10 +236,11 @@ class Raylet:
         for pid in [self.zygote_pid, *pids]:
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.005)
-        try:
-            self.gcs.mark_node_dead(self.node_id, "node stopped")
-        except Exception:
-            pass
+        if mark_dead:
+            try:
+                self.gcs.mark_node_dead(self.node_id, "node stopped")
+            except Exception:
+                pass
         self.object_manager.close()
         self.store.close()
         self.arena.close()
@@ -843,8 +861,12 @@ class Raylet:
                 return
             try:
                 job()
-            except Exception:
-                if not self.stopping.is_set():
+            except Exception as exc:
+                if self.stopping.is_set():
+                    continue
+                if is_connection_error(exc):  # (lost: pub/sub is a hint; said once)
+                    health.lost(exc)
+                else:
                     log.exception("GCS write failed")
 
     def _on_death_event(self, event: dict) -> None:
@@ -900,34 +922,122 @@ class Raylet:
         self._schedule()
 
     def _heartbeat_loop(self) -> None:
-        ttl = self.config["node_timeout"]
+        """Beat every HEARTBEAT_SECONDS and take the cluster view the beat reads back.
+
+        While Redis is away the node keeps serving (no task needs Redis) and beats again with
+        backoff; the outage is logged once each way. Past the outage limit it stops. A beat
+        that finds the node's entry gone registers it again; one that finds it dead stops."""
         snapshot: dict[str, Any] | None = None
-        while not self.stopping.wait(HEARTBEAT_SECONDS):
+        lost_since: float | None = None
+        last_error = ""
+        delay = HEARTBEAT_SECONDS
+        while not self.stopping.wait(delay):
             try:
                 snapshot = self._fresh_snapshot(snapshot)
-                self.gcs.heartbeat(
-                    self.node_id, snapshot["available"], ttl, snapshot["load"], snapshot["total"]
+                status = self.gcs.heartbeat(
+                    self.node_id,
+                    snapshot["available"],
+                    self.config["node_timeout"],
+                    snapshot["load"],
+                    snapshot["total"],
                 )
+                lost_since, delay = None, HEARTBEAT_SECONDS
+                health.back()  # (says so once if Redis was away, whoever noticed it then)
+                if status is not HeartbeatStatus.OK and not self._entry_lost(status, snapshot):
+                    return
                 nodes = self.gcs.live_nodes()
-                view = [
-                    scheduling.NodeView(
-                        n["node_id"],
-                        tuple(n["raylet_address"]),
-                        n.get("resources", {}),
-                        n.get("available", {}),
-                        n["alive"],
+            except Exception as exc:
+                if not is_connection_error(exc):
+                    if repr(exc) != last_error:  # a lasting failure is logged once
+                        last_error = repr(exc)
+                        log.exception("heartbeat failed")
+                    continue
+                now = time.monotonic()
+                if lost_since is None:
+                    lost_since = now
+                    health.lost(exc)
+                elif now - lost_since >= self.outage_limit:
+                    log.error(
+                        "Redis has been unreachable for %.0f s (%s=%g): this node gives up "
+                        "and stops, with its workers.",
+                        now - lost_since,
+                        OUTAGE_ENV,
+                        self.outage_limit,
                     )
-                    for n in nodes
-                    if n["node_id"] != self.node_id
-                ]
-                managers = {
-                    n["node_id"]: tuple(n["object_manager_address"])
-                    for n in nodes
-                    if n["alive"] and n.get("object_manager_address")
-                }
-                self.reactor.call_soon(self._apply_cluster_view, view, managers)
-            except Exception:
-                log.exception("heartbeat failed")
+                    self._leave()
+                    return
+                delay = min(delay * 2, HEARTBEAT_BACKOFF_MAX_SECONDS)
+                continue
+            last_error = ""
+            self._take_view(nodes)
+
+    def _take_view(self, nodes: list[dict[str, Any]]) -> None:
+        """Hand the live nodes a beat read to the reactor thread."""
+        view = [
+            scheduling.NodeView(
+                n["node_id"],
+                tuple(n["raylet_address"]),
+                n.get("resources", {}),
+                n.get("available", {}),
+                n["alive"],
+            )
+            for n in nodes
+            if n["node_id"] != self.node_id
+        ]
+        managers = {
+            n["node_id"]: tuple(n["object_manager_address"])
+            for n in nodes
+            if n["alive"] and n.get("object_manager_address")
+        }
+        self.reactor.call_soon(self._apply_cluster_view, view, managers)
+
+    def _entry_lost(self, status: HeartbeatStatus, snapshot: dict[str, Any]) -> bool:
+        """A beat found no live entry for this node (heartbeat thread). UNKNOWN: Redis lost
+        it (restarted empty, or without its last writes): register again under the same id,
+        putting the cluster entry back if needed; True. DEAD: the cluster declared the node
+        dead and restarted its actors and tasks elsewhere: stop (False).
+
+        A node declared dead stops rather than joining again under a new id: every worker,
+        object location and bundle here carries the old id, and its actors already run
+        elsewhere, so it could only go on after killing all of them, which is what a new
+        node started by its supervisor does cleanly (Ray's raylet exits the same way)."""
+        if status is HeartbeatStatus.UNKNOWN:
+            registration = {**self._registration, "available": snapshot["available"]}
+            try:
+                self.gcs.rejoin_cluster(
+                    self.token,
+                    self.node_id,
+                    registration,
+                    self.config["node_timeout"],
+                    {"created_by": self.node_id},
+                )
+            except NodeDeadError:
+                status = HeartbeatStatus.DEAD
+            except ValueError as exc:
+                log.error("Cannot register this node again (%s): it stops.", exc)
+                self._leave()
+                return False
+            else:
+                log.warning(
+                    "Redis had lost this node's entry (restarted without its data?): "
+                    "registered again as node %s.",
+                    self.node_id,
+                )
+                return True
+        log.error(
+            "This node (%s) was declared dead by the cluster (its heartbeats stopped reaching "
+            "Redis for longer than the node timeout), so its actors and tasks were restarted "
+            "elsewhere: it stops now, with its workers, instead of running them twice. Start a "
+            "new node to add this machine again.",
+            self.node_id,
+        )
+        self._leave()
+        return False
+
+    def _leave(self) -> None:
+        """Stop the node because of the GCS (from the heartbeat thread): exit status 1."""
+        self.exit_code = 1
+        self.reactor.call_soon(self.stop, False)
 
 
 def _uses_gpu(resources: dict[str, float]) -> bool:
@@ -1003,7 +1113,7 @@ def main() -> None:
     if config.get("watch_stdin"):
         threading.Thread(target=_exit_on_eof, args=(raylet,), daemon=True).start()
     raylet.reactor.thread.join()
-    sys.exit(0)
+    sys.exit(raylet.exit_code)
 
 
 def _exit_on_eof(raylet: Raylet) -> None:

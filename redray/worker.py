@@ -35,6 +35,7 @@ from redray.core.placement_groups import PlacementGroups
 from redray.core.reference_table import ReferenceTable
 from redray.core.task_submitter import TaskSubmitter
 from redray.gcs import Gcs
+from redray.outage import OUTAGE_ENV, health, outage_limit
 from redray.transport.connection import Connection
 from redray.transport.reactor import Reactor, ReactorStoppedError
 from redray.watcher import Watcher, is_connection_error
@@ -63,7 +64,16 @@ class CoreWorker:
         self.worker_id = worker_id
         self.ids = IdSource(worker_id[:8])
         self.reactor = Reactor(token, name=f"redray-io-{mode}")
-        self.gcs = Gcs(gcs_url, cluster)
+        # Drivers' and workers' calls that need Redis wait out an outage (the control
+        # loop's own client rides outages out itself).
+        ride_out = outage_limit() if mode != "control" else 0.0
+        self.gcs = Gcs(gcs_url, cluster, ride_out=ride_out)
+        if ride_out:
+            health.consequence = (
+                "Tasks and calls to live actors carry on; calls that need Redis (creating "
+                f"actors, looking up named actors...) wait up to {ride_out:g} s for it "
+                f"({OUTAGE_ENV})."
+            )
         self.executor: Any = None  # set in worker processes
         self.raylet_lost = False  # the local raylet is gone: no API call can succeed
         self._background: queue.SimpleQueue = queue.SimpleQueue()
@@ -115,6 +125,7 @@ class CoreWorker:
                 gcs_schema.WORKER_CHANNEL: self.ownership.on_process_death,
             },
             lambda: self.peers.shutting_down,
+            resync=self._resync,
         )
         self.actors.follow_states = self.watcher.ensure_running
         self.placement_groups.follow_states = self.watcher.ensure_running
@@ -182,13 +193,18 @@ class CoreWorker:
         self.peers.on_conn_closed(conn)
         self.objects.fail_pending(exceptions.LocalRayletDiedError("the raylet of this node died"))
 
+    def _resync(self) -> None:
+        """The state subscription was made again (watcher thread): what was published while
+        it was down is lost, so the mirrors re-read the tables (on the background thread)."""
+        self.actors.resync()
+        self.placement_groups.resync()
+
     # -- the background thread --------------------------------------------------------------
     def background(self, fn: Callable, *args: Any) -> None:
         """Run fn(*args) on this process's background thread (for blocking GCS calls)."""
         self._background.put((fn, args))
 
     def _run_background(self) -> None:
-        redis_down = False
         while True:
             item = self._background.get()
             if item is None:
@@ -199,14 +215,11 @@ class CoreWorker:
             except Exception as exc:
                 if self.shutting_down:
                     continue
-                if is_connection_error(exc):
-                    if not redis_down:
-                        log.warning("a GCS request failed: Redis is unreachable (%s)", exc)
-                    redis_down = True
+                if is_connection_error(exc):  # (the outage itself is logged once, by health)
+                    health.lost(exc)
+                    log.debug("background call %r failed: %s", fn, exc)
                 else:
                     log.exception("background call %r failed", fn)
-            else:
-                redis_down = False
 
     def drain_background(self, timeout: float = 5.0) -> None:
         """Wait (up to timeout) until what was handed to the background thread has run:
@@ -223,6 +236,7 @@ class CoreWorker:
         """Leave the cluster: return leases, stop every thread of the core worker, close its
         sockets, Redis connections and shared memory; threads still waiting for something
         get ReactorStoppedError (a RaySystemError)."""
+        self.gcs.ride_out = 0.0  # leaving: what still needs Redis does not wait for it
         self.drain_background()
         self.peers.shutting_down = True
         try:

@@ -22,9 +22,11 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
+import redis
 from conftest import REPO, last_json, run_driver
 
 from redray.gcs import Gcs
@@ -288,6 +290,26 @@ def test_node_needs_a_cluster_in_redis(head: dict[str, Any], tmp_path: Path) -> 
     assert head["url"] not in proc.stderr  # the password is redacted
 
 
+def test_the_heads_redis_is_its_own_process_with_aof_and_no_password_in_ps(
+    head: dict[str, Any],
+) -> None:
+    entry = next(n for n in head["nodes"] if n["head"])
+    redis_proc = psutil.Process(entry["redis_pid"])
+    raylet = psutil.Process(entry["pid"])
+    assert "redis-server" in redis_proc.name()
+    # Not under the raylet (it outlives it), in a session of its own.
+    assert redis_proc not in raylet.children(recursive=True)
+    assert os.getsid(redis_proc.pid) == redis_proc.pid
+    password = urlsplit(head["url"]).password
+    assert password and password not in " ".join(redis_proc.cmdline())
+    with redis.Redis.from_url(head["url"], decode_responses=True) as client:
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        data_dir = client.config_get("dir")["dir"]
+    assert data_dir == os.path.join(entry["session_dir"], "redis")
+    assert "Redis: pid " + str(redis_proc.pid) in head["stdout"]
+
+
 def start_head(tmpdir: Path, *extra: str) -> dict[str, Any]:
     """`redray start --head` (1 CPU, a free port) with TMPDIR=tmpdir; its record."""
     redray_cli(
@@ -398,13 +420,17 @@ def test_commands_refuse_a_temp_root_they_do_not_own(how: str, tmp_path: Path) -
 def test_files_of_a_detached_node_are_private(head: dict[str, Any], cli_tmp: Path) -> None:
     root = cluster_file(cli_tmp).parent
     session = Path(head["session_dir"])
-    for path in (root, session, session / "logs"):
+    for path in (root, session, session / "logs", session / "redis"):
         assert stat.S_IMODE(path.lstat().st_mode) == 0o700, path
+    redis_files = [p for p in (session / "redis").rglob("*") if p.is_file()]
+    assert redis_files, "the head's Redis keeps no AOF"
     for path in (
         cluster_file(cli_tmp),
         Path(f"{cluster_file(cli_tmp)}.lock"),
         session / "logs" / "raylet.log",
         session / "logs" / "raylet.out",
+        session / "logs" / "redis.log",
+        *redis_files,
     ):
         assert stat.S_IMODE(path.lstat().st_mode) == 0o600, path
 
@@ -412,9 +438,12 @@ def test_files_of_a_detached_node_are_private(head: dict[str, Any], cli_tmp: Pat
 def test_stop_leaves_nothing_running(head: dict[str, Any], cli_tmp: Path) -> None:
     record = json.loads(cluster_file(cli_tmp).read_text())
     procs = node_tree(record["pids"])
-    assert any("redis-server" in p.name() for p in procs)
+    redis_pids = [n["redis_pid"] for n in record["nodes"] if n.get("redis_pid")]
+    assert len(redis_pids) == 1
+    procs.append(psutil.Process(redis_pids[0]))
     out = redray_cli("stop", tmpdir=cli_tmp).stdout
     assert f"Stopped {len(record['pids'])} redray node(s)" in out
+    assert f"Stopped the cluster's Redis: pid {redis_pids[0]}" in out
     assert not [p for p in procs if running(p)]
     assert not port_open(head["port"])
     assert not cluster_file(cli_tmp).exists()
@@ -458,6 +487,17 @@ def test_unreachable_redis_is_a_clear_error(tmp_path: Path) -> None:
         proc = redray_cli(*args, tmpdir=tmp_path, check=False)
         assert proc.returncode == 1
         assert f"Cannot reach Redis at redis://127.0.0.1:{port}" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_sentinel_urls_are_accepted_and_their_passwords_never_shown(tmp_path: Path) -> None:
+    ports = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    url = f"redis+sentinel://:s3cret@{ports}/svc?sentinel_password=t0psecret"
+    for args in (["node", "--redis", url], ["status", "--address", url]):
+        proc = redray_cli(*args, tmpdir=tmp_path, check=False)
+        assert proc.returncode == 1, proc.stderr  # understood, but nothing answers there
+        assert f"Cannot reach Redis at redis+sentinel://:***@{ports}/svc" in proc.stderr
+        assert "s3cret" not in proc.stderr and "t0psecret" not in proc.stderr
         assert "Traceback" not in proc.stderr
 
 

@@ -130,7 +130,7 @@ def test_sentinel_url_names_sentinels_service_db_and_passwords():
     assert pool.connection_kwargs["password"] == "p@ss"
     assert pool.connection_kwargs["db"] == 0
     assert pool.connection_kwargs["socket_timeout"] == gcs_schema.SOCKET_TIMEOUT_SECONDS
-    sentinels = [s.connection_pool.connection_kwargs for s in gcs._sentinel.sentinels]
+    sentinels = [s.connection_pool.connection_kwargs for s in gcs._sentinels[0].sentinels]
     assert [(s["host"], s["port"]) for s in sentinels] == [
         ("127.0.0.1", 1),
         ("::1", 2),

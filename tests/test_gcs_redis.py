@@ -5,6 +5,7 @@ lifecycles."""
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
 import socket
@@ -30,9 +31,11 @@ from test_gcs import (
     stale_writes,
 )
 
+from redray.exceptions import GcsUnavailableError, RaySystemError
 from redray.gcs import NAMED_ACTORS, Gcs, HeartbeatStatus, NotLeaderError
 from redray.node.redis_server import RedisServer, find_redis_server, free_port
 from redray.node.worker_pool import die_with_parent
+from redray.outage import health
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +191,68 @@ def test_a_node_rides_out_a_restart_that_lost_everything(own_server, tmp_path):
     with pytest.raises(NotLeaderError):
         gcs.update_actor("a1", {"state": "ALIVE"}, fence)
     assert gcs.hold_leadership("head-a", ttl=30) > fence.epoch
+    gcs.close()
+
+
+# -- a client that rides outages out (drivers and workers) ------------------------------------
+@pytest.fixture
+def redis_log(caplog):
+    """The warnings redray logs about Redis, and a fresh process health for the test."""
+    caplog.set_level(logging.WARNING, logger="redray")
+    health.back()  # (a previous test may have left this process's health "down")
+    caplog.clear()
+    yield lambda: [r.getMessage() for r in caplog.records if "Redis" in r.getMessage()]
+    health.back()
+
+
+@pytest.mark.timeout(30)
+def test_a_riding_client_waits_for_redis_to_come_back(own_server, tmp_path, redis_log):
+    gcs = Gcs(own_server.url, "ride", ride_out=20)
+    gcs.kv_put(b"k", b"before")
+    own_server.stop()
+    result: list = []
+    call = threading.Thread(target=lambda: result.append(gcs.kv_get(b"k")))
+    call.start()
+    wait_for(lambda: health.down, timeout=10, message="the outage was never noticed")
+    assert call.is_alive()  # waiting for Redis, not failed
+    again = RedisServer.start(port=own_server.port, password="pw", directory=str(tmp_path))
+    own_server.process = again.process
+    again.wait_ready()
+    call.join(10)
+    assert result == [None]  # the restarted server is empty; the call went through
+    messages = redis_log()
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("Lost the connection to Redis")
+    assert messages[1].startswith("The connection to Redis is back")
+    gcs.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_riding_client_gives_up_after_its_limit_with_a_typed_error(own_server, redis_log):
+    gcs = Gcs(own_server.url, "ride", ride_out=1.0)
+    assert gcs.ping()
+    own_server.stop()
+    started = time.monotonic()
+    with pytest.raises(GcsUnavailableError) as caught:
+        gcs.lookup_name(NAMED_ACTORS, "ns", "name")
+    took = time.monotonic() - started
+    assert 1.0 <= took < 4, took
+    assert isinstance(caught.value, RaySystemError)
+    assert not isinstance(caught.value, redis.RedisError)
+    assert "REDRAY_REDIS_OUTAGE_SECONDS" in str(caught.value)
+    # Lowered to 0 (a process leaving): the next call gives up after the short retries.
+    gcs.ride_out = 0.0
+    started = time.monotonic()
+    with pytest.raises(GcsUnavailableError):
+        gcs.kv_get(b"k")
+    assert time.monotonic() - started < 1.5
+    # A subscription never rides an outage out: its thread must learn of it at once.
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        gcs.ride_out = 30.0
+        gcs.subscription(["ch:nodes"])
+    assert time.monotonic() - started < 3
+    assert len([m for m in redis_log() if m.startswith("Lost the connection")]) == 1
     gcs.close()
 
 

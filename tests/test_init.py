@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -369,10 +370,13 @@ def test_address_of_redis_without_a_cluster_is_a_connection_error(bare_redis):
         redray.shutdown()
 
 
-def test_unreachable_address_is_a_connection_error():
+@pytest.mark.parametrize("scheme", ["redis", "redis+sentinel"])
+def test_unreachable_address_is_a_connection_error(scheme):
+    address = f"{scheme}://127.0.0.1:{free_port()}" + ("/mymaster" if "sentinel" in scheme else "")
     try:
-        with pytest.raises(ConnectionError):
-            redray.init(address=f"redis://127.0.0.1:{free_port()}")
+        with pytest.raises(ConnectionError, match="Could not reach") as caught:
+            redray.init(address=address)
+        assert address in str(caught.value)  # taken as it is, not as redis://redis+sentinel://
         assert not redray.is_initialized()
     finally:
         redray.shutdown()
@@ -517,6 +521,8 @@ def check_listing(listing) -> None:
     assert any("redray.raylet" in c for c in cmds), cmds
     assert any("redis-server" in c for c in cmds), cmds
     assert len(cmds) >= 4, cmds  # raylet, redis-server, zygote, workers
+    password = urlsplit(listing["gcs"]).password
+    assert password and not [c for c in cmds if password in c], "the password shows in ps"
 
 
 @pytest.mark.timeout(60)

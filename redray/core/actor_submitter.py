@@ -3,7 +3,10 @@
 Calls from this process to one actor are sent in submission order over one connection, each
 as soon as its arguments are ready and no earlier call still waits. The actor's state
 (alive at an address, restarting, dead with a cause) arrives by Redis pub/sub, so a death is
-learnt without polling; a dropped connection fails or retries the calls in flight.
+learnt without polling; a dropped connection fails or retries the calls in flight. Messages
+published while the subscription was down are lost: once it is back, `resync` re-reads the
+state of every actor followed here from the actor table, so a missed ALIVE does not leave
+calls queued forever and a missed DEAD fails them.
 
 While calls made here are unfinished (waiting for the actor to be alive, for their arguments,
 or for their reply) they hold a reference to the actor, as a handle does: dropping the last
@@ -35,6 +38,7 @@ from redray.core.serialization import unpickle_error
 from redray.core.task_submitter import TaskSubmitter
 from redray.gcs import Gcs
 from redray.transport.connection import Connection
+from redray.watcher import is_connection_error
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ class _ActorState:
         "pending",
         "pinned",
         "registry",
+        "creating",
     )
 
     def __init__(self, actor_id: bytes, registry: ActorSubmitter):
@@ -79,6 +84,7 @@ class _ActorState:
         self.pending: set[bytes] = set()  # ids of the calls made here and not finished yet
         self.pinned = False  # the pending calls hold a reference to the actor (see module doc)
         self.registry = registry  # the submitter this state belongs to
+        self.creating = False  # its creation is being written to the GCS by this process
 
 
 class ActorSubmitter:
@@ -136,8 +142,12 @@ class ActorSubmitter:
             state.info = info
             state.state = "PENDING_CREATION"
             state.seq = 0
+            state.creating = True
         self.follow_states()
-        self._gcs.create_actor(actor_id.hex(), info, spec, function_keys=[class_key])
+        try:
+            self._gcs.create_actor(actor_id.hex(), info, spec, function_keys=[class_key])
+        finally:
+            state.creating = False
         return state
 
     def _handles_gone(self, owned: Released) -> None:
@@ -405,7 +415,8 @@ class ActorSubmitter:
             except Exception as exc:
                 if self._peers.shutting_down:
                     return
-                log.warning("reading actor %s's state failed (%s); retrying", state.hex, exc)
+                if not is_connection_error(exc):  # (an outage is logged once, by health)
+                    log.warning("reading actor %s's state failed (%s); retrying", state.hex, exc)
                 self._reactor.call_later(LOOKUP_RETRY_SECONDS, self._background, read)
                 return
             state.looking_up = False
@@ -453,6 +464,39 @@ class ActorSubmitter:
             f"The actor {state.info.get('class_name', '')} ({state.hex}) is dead: {cause}",
             state.hex,
         )
+
+    def resync(self) -> None:
+        """Re-read the state of every actor followed here (watcher thread, after the state
+        subscription was made again: changes published meanwhile were missed)."""
+        with self._lock:
+            states = [s for s in self._actors.values() if not s.creating]
+        if states:
+            self._background(self._reread, states)
+
+    def _reread(self, states: list[_ActorState]) -> None:
+        """Apply the actors' entries as the table has them now (background thread).
+
+        An actor missing from the table (Redis restarted without its data) is left alone
+        while we are connected to it: its process still serves calls. One we are not
+        connected to is taken as dead, or its calls would wait forever."""
+        try:
+            infos = self._gcs.actors([state.hex for state in states])
+        except Exception as exc:
+            if self._peers.shutting_down:
+                return
+            if not is_connection_error(exc):
+                log.warning("re-reading the state of %d actors failed (%s)", len(states), exc)
+            self._reactor.call_later(LOOKUP_RETRY_SECONDS, self._background, self._reread, states)
+            return
+        for state, info in zip(states, infos, strict=True):
+            if state.creating:
+                continue  # not written yet: absent from the table for now
+            if info is None:
+                conn = state.conn
+                if conn is not None and not conn.closed:
+                    continue
+                info = {"state": "DEAD", "death_cause": "The actor does not exist.", "seq": 1 << 60}
+            self._apply(state, info, from_table=True)
 
     def on_state(self, info: dict) -> None:
         """A published actor state change (from the process's watcher thread)."""

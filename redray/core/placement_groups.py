@@ -1,8 +1,9 @@
 """The placement groups a process creates or waits on.
 
 A group is recorded in the GCS with a request for the control loop to reserve it; its state
-changes (placed, removed) arrive by pub/sub. Tasks and actors run inside a bundle by asking
-for the bundle's resources (see redray.resources).
+changes (placed, removed) arrive by pub/sub, and after the subscription was lost (changes
+published meanwhile are missed) `resync` re-reads the groups waited on. Tasks and actors run
+inside a bundle by asking for the bundle's resources (see redray.resources).
 """
 
 from __future__ import annotations
@@ -97,6 +98,20 @@ class PlacementGroups:
             waiters = self._waiters.pop(pg_hex, []) if info["state"] != "PENDING" else []
         for waiter in waiters:
             waiter(info["state"])
+
+    def resync(self) -> None:
+        """Re-read the groups waited on (watcher thread, after the state subscription was made
+        again: a placement or removal published meanwhile was missed)."""
+        with self._lock:
+            waited = list(self._waiters)
+        if waited:
+            self._background(self._reread, waited)
+
+    def _reread(self, pg_hexes: list[str]) -> None:
+        for pg_hex in pg_hexes:  # (background thread)
+            info = self._gcs.placement_group(pg_hex)
+            if info is not None and info.get("state") != "PENDING":
+                self.on_state(info)
 
     def _when_settled(self, pg_hex: str, callback: Any) -> None:
         """callback(state) once the group is placed or removed."""

@@ -4,6 +4,10 @@ Used by `redray.init()` for a private cluster and by the `redray start` / `redra
 commands. A started node prints one JSON line describing itself; that line is all a caller
 needs to connect.
 
+The Redis of a head started by `redray start` is started here, as a process of its own with
+AOF persistence (see redis_server.py): the head's raylet can die without taking the cluster
+with it. A private cluster's Redis is the raylet's child and dies with it.
+
 Everything a node writes lives under a *temp root*: `ROOT_DIR` (`<tmp>/redray-<uid>`, which
 also holds the current-cluster file with the Redis password) or a `--temp-dir`. A root is
 only used when it is a real directory of the current user that no one else may write
@@ -30,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
+
+from redray.node.redis_server import RedisServer
 
 ROOT_DIR = os.path.join(tempfile.gettempdir(), f"redray-{os.getuid()}")
 CURRENT_CLUSTER = os.path.join(ROOT_DIR, "current_cluster.json")
@@ -183,6 +189,7 @@ class StartedNode:
     process: subprocess.Popen
     info: dict[str, Any]
     session_dir: str
+    redis: RedisServer | None = None  # the head's own Redis, started with it
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the node and wait until it (and with it every worker) is gone."""
@@ -223,13 +230,18 @@ def start_node(
 ) -> StartedNode:
     """Start a raylet (and, on a head without `gcs_url`, its Redis); wait until it is ready.
 
-    private=True ties the node to this process: it exits when our end of its stdin closes.
-    Otherwise it runs in its own session and outlives us (as `redray start` wants).
+    private=True ties the node to this process: it exits when our end of its stdin closes
+    (its Redis, a child of the raylet, goes with it). Otherwise it runs in its own session
+    and outlives us (as `redray start` wants), and so does a head's Redis, started here.
     command_prefix wraps the raylet's command (e.g. `ip netns exec NS` to run it elsewhere).
     while_starting() is called while the node boots (e.g. to import what the caller needs).
     """
     session_dir = session_dir or new_session_dir()
     logs = _private_subdir(session_dir, "logs")
+    redis_server = None
+    if head and gcs_url is None and not private:
+        redis_server = start_head_redis(node_ip_address, redis_port, redis_password, session_dir)
+        gcs_url = redis_server.url
     config = {
         "node_id": node_id or os.urandom(16).hex(),
         "token": token.hex(),
@@ -282,11 +294,34 @@ def start_node(
     if not line:
         process.kill()
         process.wait()
+        if redis_server is not None:
+            redis_server.stop()
         raise RuntimeError(
             "The raylet failed to start; see " + os.path.join(session_dir, "logs", "raylet.log")
         )
     info = json.loads(line)
-    return StartedNode(process, info, session_dir)
+    return StartedNode(process, info, session_dir, redis_server)
+
+
+def start_head_redis(host: str, port: int, password: str | None, session_dir: str) -> RedisServer:
+    """The Redis of a head started by `redray start`: in its own session (it outlives the
+    raylet), its AOF in the session's `redis` directory, its log in `logs/redis.log`; ready
+    when returned. RuntimeError if it does not start."""
+    server = RedisServer.start(
+        host=host,
+        port=port,
+        password=password,
+        directory=os.path.join(session_dir, "redis"),
+        die_with_parent=False,
+        persistent=True,
+        log_file=os.path.join(session_dir, "logs", "redis.log"),
+    )
+    try:
+        server.wait_ready()
+    except (RuntimeError, TimeoutError) as exc:
+        server.stop()
+        raise RuntimeError(f"The cluster's Redis did not start: {exc}") from None
+    return server
 
 
 def _read_line(process: subprocess.Popen, timeout: float) -> bytes:
