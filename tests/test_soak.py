@@ -68,7 +68,7 @@ def settle(baseline, keys=("threads", "fds", "store_used", "store_objects", "dis
 """
 
 
-def soak(body: str, timeout: float = 500) -> dict:
+def soak(body: str, timeout: float = 500, env: dict[str, str] | None = None) -> dict:
     """Run body (with `redray` initialized and `baseline` measured) in a fresh driver."""
     script = (
         MEASURE
@@ -86,11 +86,11 @@ baseline = figures()
         + body
         + """
 after = settle(baseline)
-print(json.dumps({"baseline": baseline, "after": after}))
+print(json.dumps({"baseline": baseline, "after": after, **globals().get("extra", {})}))
 redray.shutdown()
 """
     )
-    out = last_json(run_driver(script, timeout=timeout).stdout)
+    out = last_json(run_driver(script, timeout=timeout, env=env).stdout)
     print(json.dumps(out, indent=1))
     return out
 
@@ -140,9 +140,15 @@ for _ in range(20):
     assert_back_to_baseline(figures)
 
 
-def test_1000_actors_created_and_killed():
+def test_1000_actors_and_groups_created_and_removed_leave_redis_as_it_was():
+    """Besides the processes' figures, the cluster's Redis: its key count returns to the
+    baseline, and the tables of dead actors and removed groups stay within their caps
+    (lowered here to 50, Ray's default for actors being 100,000)."""
     figures = soak(
         """
+from redray import gcs as schema
+from redray.util.placement_group import placement_group, remove_placement_group
+
 @redray.remote(num_cpus=0)
 class Counter:
     def __init__(self):
@@ -150,15 +156,57 @@ class Counter:
     def incr(self):
         self.n += 1
         return self.n
+
+def redis_figures():
+    gcs = context.current.gcs
+    return {
+        "keys": gcs.redis.dbsize(),
+        "actors": gcs.redis.hlen(gcs.key(schema.ACTORS)),
+        "actor_specs": gcs.redis.hlen(gcs.key(schema.ACTOR_SPECS)),
+        "groups": gcs.redis.hlen(gcs.key(schema.PLACEMENT_GROUPS)),
+    }
+
+def dead(handle):
+    info = context.current.gcs.actor(handle._actor_id.hex())
+    return info is None or info["state"] == "DEAD"
+
+warm = Counter.remote()
+redray.get(warm.incr.remote())
+redray.kill(warm)
+pg = placement_group([{"CPU": 0.01}])
+assert pg.wait(10)
+remove_placement_group(pg)
+redis_before = redis_figures()
 for start in range(0, 1000, 50):
     actors = [Counter.remote() for _ in range(50)]
     assert redray.get([a.incr.remote() for a in actors]) == [1] * 50
     for a in actors:
         redray.kill(a)
+    deadline = time.monotonic() + 30
+    while not all(dead(a) for a in actors) and time.monotonic() < deadline:
+        time.sleep(0.05)
     del actors
-"""
+for start in range(0, 1000, 100):
+    groups = [placement_group([{"CPU": 0.01}]) for _ in range(100)]
+    assert all(g.wait(10) for g in groups)
+    for g in groups:
+        remove_placement_group(g)
+    del groups
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    redis_after = redis_figures()
+    if redis_after["keys"] <= redis_before["keys"] and redis_after["groups"] <= 50:
+        break
+    time.sleep(0.1)
+extra = {"redis_before": redis_before, "redis_after": redis_after}
+""",
+        env={"REDRAY_MAX_DEAD_ACTORS": "50", "REDRAY_MAX_REMOVED_PGS": "50"},
     )
     assert_back_to_baseline(figures)
+    before, after = figures["redis_before"], figures["redis_after"]
+    assert after["keys"] <= before["keys"], (before, after)
+    assert after["actors"] <= 50 and after["groups"] <= 50, after
+    assert after["actor_specs"] == 0, after  # a dead actor's pickled arguments go at once
 
 
 def test_100_init_shutdown_cycles():
