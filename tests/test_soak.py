@@ -161,10 +161,15 @@ def redis_figures():
     gcs = context.current.gcs
     return {
         "keys": gcs.redis.dbsize(),
+        "names": sorted(k.decode() for k in gcs.redis.scan_iter(count=1000)),
         "actors": gcs.redis.hlen(gcs.key(schema.ACTORS)),
         "actor_specs": gcs.redis.hlen(gcs.key(schema.ACTOR_SPECS)),
         "groups": gcs.redis.hlen(gcs.key(schema.PLACEMENT_GROUPS)),
     }
+
+def removed(group):
+    info = context.current.gcs.placement_group(group.id.hex())
+    return info is None or info["state"] == "REMOVED"
 
 def dead(handle):
     info = context.current.gcs.actor(handle._actor_id.hex())
@@ -176,6 +181,9 @@ redray.kill(warm)
 pg = placement_group([{"CPU": 0.01}])
 assert pg.wait(10)
 remove_placement_group(pg)
+deadline = time.monotonic() + 30
+while not (dead(warm) and removed(pg)) and time.monotonic() < deadline:
+    time.sleep(0.05)
 redis_before = redis_figures()
 for start in range(0, 1000, 50):
     actors = [Counter.remote() for _ in range(50)]
@@ -204,7 +212,8 @@ extra = {"redis_before": redis_before, "redis_after": redis_after}
     )
     assert_back_to_baseline(figures)
     before, after = figures["redis_before"], figures["redis_after"]
-    assert after["keys"] <= before["keys"], (before, after)
+    new_keys = sorted(set(after["names"]) - set(before["names"]))
+    assert after["keys"] <= before["keys"], new_keys
     assert after["actors"] <= 50 and after["groups"] <= 50, after
     assert after["actor_specs"] == 0, after  # a dead actor's pickled arguments go at once
 
