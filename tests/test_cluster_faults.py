@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import run_driver
 from test_multinode import LocalCluster, node_ids, wait_for
 
 import redray
@@ -159,3 +160,43 @@ def test_standby_head_takes_over_the_control_loop():
         redray.kill(keeper)
     finally:
         cluster.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_the_leader_never_declares_its_own_node_dead():
+    """The head runs the control loop: while it runs, its node is alive, even when its
+    heartbeat is late (a stalled beat thread on a busy machine) or gone from Redis. Its
+    heartbeat key is deleted over and over for longer than the node timeout: the head keeps
+    running tasks and is still listed alive."""
+    out = run_driver(
+        """
+import time
+import redray
+from redray import gcs as schema
+from redray.core import context
+
+redray.init(num_cpus=1)
+
+@redray.remote
+def one():
+    return 1
+
+assert redray.get(one.remote()) == 1
+gcs = context.current.gcs
+node_id = redray.get_runtime_context().get_node_id()
+beat = gcs.key(schema.HEARTBEAT.format(node_id=node_id))
+end = time.monotonic() + 7.0  # the node timeout is 4 s
+while time.monotonic() < end:
+    gcs.redis.delete(beat)
+    time.sleep(0.002)
+assert redray.get(one.remote(), timeout=20) == 1
+deadline = time.monotonic() + 10  # (listed alive again at its next beat)
+while [n["Alive"] for n in redray.nodes()] != [True] and time.monotonic() < deadline:
+    time.sleep(0.05)
+assert [n["Alive"] for n in redray.nodes()] == [True], redray.nodes()
+print("ALIVE")
+redray.shutdown()
+""",
+        timeout=80,
+    )
+    assert "ALIVE" in out.stdout

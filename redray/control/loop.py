@@ -274,12 +274,15 @@ class ControlLoop:
     # -- nodes ------------------------------------------------------------------------------
     def _check_nodes(self, now: float) -> None:
         """Declare dead the live nodes whose heartbeat expired, once Redis has answered for a
-        full node timeout (a beat lost to an outage, or before this tenure, proves nothing)."""
+        full node timeout (a beat lost to an outage, or before this tenure, proves nothing).
+        Never this loop's own node: it is alive while the loop runs, however late its beat."""
         ok_since = self._redis_ok_since
         if ok_since is None or now - ok_since < self.node_timeout:
             return
         fence = self.tenure.require()
         for node in self.gcs.live_nodes():
+            if node["node_id"] == self.host.node_id:
+                continue
             if not node["alive"] and self.gcs.mark_node_dead(
                 node["node_id"], "missed heartbeats", fence=fence
             ):
