@@ -186,6 +186,7 @@ class CoreWorker:
         if self.mode == "worker":
             os._exit(1)
         self.raylet_lost = True
+        self.gcs.ride_out = 0.0  # nothing of this driver's waits for Redis any more
         log.error(
             "The raylet of this node died: this driver can no longer run tasks or reach "
             "objects; every redray call now raises LocalRayletDiedError."

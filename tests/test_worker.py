@@ -78,6 +78,9 @@ calls = {
     "actor_call": attempt(lambda: redray.get(counter.incr.remote(), timeout=10)),
     "actor_creation": attempt(lambda: redray.get(Counter.remote().incr.remote(), timeout=10)),
     "wait": attempt(lambda: redray.wait([pending], timeout=10)),
+    "get_actor": attempt(lambda: redray.get_actor("nobody")),
+    "nodes": attempt(lambda: redray.nodes()),
+    "cluster_resources": attempt(lambda: redray.cluster_resources()),
 }
 before = me.cpu_times()
 time.sleep(1.0)
