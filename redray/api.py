@@ -1,4 +1,9 @@
-"""The public API: init, shutdown, remote, get, put, wait, cancel and cluster queries."""
+"""The public API: init, shutdown, remote, get, put, wait, cancel and cluster queries.
+
+The parts behind it (the core worker, the actor runtime, redis, cloudpickle, node launching)
+are imported on first use, not at module level: `import redray` stays cheap for scripts
+and CLI commands that never start a cluster. None of those imports is needed to break a cycle.
+"""
 
 from __future__ import annotations
 
