@@ -55,7 +55,8 @@ class ItemStream:
         ownership: Any,
         address: Any,
     ):
-        self.task = task  # the submitter's task: where to send acks (its lease or actor)
+        self.task = task  # the submitter's task until it ends: where acks go (lease, actor)
+        self.task_id: bytes = task.task_id
         self.kind = kind
         self.count = count  # return payloads in its final reply
         self.backpressure = backpressure if backpressure and backpressure > 0 else -1
@@ -87,7 +88,7 @@ class ItemStream:
         with self.lock:
             if index != self.produced or self.finished:
                 return
-        oid = item_id(self.task.task_id, index)
+        oid = item_id(self.task_id, index)
         self._ownership.new_owned(oid)
         ref = ObjectRef(oid, self._address)
         if payload[0] in ("v", "s") and payload[-1]:
@@ -110,6 +111,7 @@ class ItemStream:
     def finish(self, results: list) -> list:
         """The task ended (results: its final payloads); the payloads its returns get."""
         if self.kind == FIXED:
+            self.task = None
             return results
         first = results[0] if results else None
         failed = first is None or first[0] == "e"
@@ -122,6 +124,7 @@ class ItemStream:
             refs = list(self.items)
             if self.kind == DYNAMIC:
                 self.items.clear()
+            self.task = None  # (the task holds this stream: no cycle left behind)
         for listener in listeners:
             listener()
         if self.kind != DYNAMIC:
@@ -129,7 +132,7 @@ class ItemStream:
         if failed and not isinstance(unpickle_error(first[1]), exceptions.RayTaskError):
             return results  # a system failure: getting the ref raises it
         if failed:  # raised by the generator: its error is the last item, as Ray's
-            oid = item_id(self.task.task_id, len(refs))
+            oid = item_id(self.task_id, len(refs))
             self._ownership.new_owned(oid)
             refs.append(ObjectRef(oid, self._address))
             self._objects.set_value(oid, first)
@@ -198,13 +201,15 @@ class ItemStream:
 
     def _send_ack(self, consumed: int) -> None:
         task = self.task
+        if task is None:
+            return
         if task.actor is not None:
             conn = task.actor.conn
         else:
             lease = task.lease
             conn = lease.conn if lease is not None else None
         if conn is not None:  # (none: it is between runs; the next push says it all)
-            conn.send(("gen_ack", task.task_id, consumed))
+            conn.send(("gen_ack", self.task_id, consumed))
 
 
 class ObjectRefGenerator:
