@@ -247,3 +247,18 @@ def test_integer_num_returns_takes_a_generators_items_as_returns(ray_start):
     assert redray.get([first, second]) == [0, 1]
     with pytest.raises(ValueError, match="yielded 3 objects, but num_returns=2"):
         redray.get(count_to.options(num_returns=2).remote(3)[0])
+
+
+@redray.remote
+def echo(x):
+    return x
+
+
+def test_dropping_an_unread_generator_frees_its_worker(ray_start):
+    for _ in range(2):  # one per CPU: both workers paused by backpressure
+        gen = count_to.options(_generator_backpressure_num_objects=2).remote(1_000)
+        assert redray.get(next(gen)) == 0
+        task_id = gen.completed().task_id()
+        del gen
+    assert redray.get(echo.remote("ran"), timeout=30) == "ran"
+    wait_for(lambda: items_alive(task_id) == 0, message="items of a dropped stream still tracked")

@@ -86,8 +86,11 @@ class ItemStream:
         """Item `index` arrived; items the caller already has (from an earlier run) are
         ignored."""
         with self.lock:
-            if index != self.produced or self.finished:
-                return
+            ignored = index != self.produced or self.finished
+        if ignored:
+            if payload[0] in ("v", "s") and payload[-1]:  # borrows made for us: give back
+                self._ownership.unpin(self._ownership.pin_nested(payload[-1], registered=True))
+            return
         oid = item_id(self.task_id, index)
         self._ownership.new_owned(oid)
         ref = ObjectRef(oid, self._address)
@@ -98,7 +101,7 @@ class ItemStream:
             self._objects.set_value(oid, payload)
         with self.lock:
             self.produced += 1
-            if not self.abandoned:
+            if not (self.abandoned or self.finished):
                 self.items.append(ref)
             ack = self._ack_due()
             listeners, self._listeners = self._listeners, []
