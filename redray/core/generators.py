@@ -191,15 +191,20 @@ class ItemStream:
             self._send_ack(UNBOUNDED)
 
     def _ack_due(self) -> int | None:
-        """(lock held) What to tell the generator, if it may be paused and the reader took
-        items since it was last told."""
-        if self.backpressure <= 0 or self.finished:
+        """(lock held) What to tell the generator, if it may be paused: once the reader took
+        half a window since it was last told, or everything it was sent (one ack per half
+        window, and a reader that caught up always unpauses it)."""
+        window = self.backpressure
+        if window <= 0 or self.finished:
             return None
         if self.abandoned:
-            return UNBOUNDED if self.produced - self.acked >= self.backpressure else None
-        if self.produced - self.acked >= self.backpressure and self.read > self.acked:
-            self.acked = self.read
-            return self.read
+            return UNBOUNDED if self.produced - self.acked >= window else None
+        read = self.read
+        if self.produced - self.acked >= window and (
+            read - self.acked >= (window + 1) // 2 or (read == self.produced and read > self.acked)
+        ):
+            self.acked = read
+            return read
         return None
 
     def _send_ack(self, consumed: int) -> None:
