@@ -57,9 +57,11 @@ def _method_table(cls: type) -> dict[str, dict[str, Any]]:
         if not (inspect.isfunction(fn) or inspect.ismethoddescriptor(fn)):
             continue
         options = getattr(fn, _METHOD_OPTIONS, {})
+        is_generator = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
+        opts.returns(options.get("num_returns"), is_generator)  # (checked at decoration)
         table[name] = {
             "num_returns": options.get("num_returns"),  # None: 1, or "streaming" (generator)
-            "is_generator": inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn),
+            "is_generator": is_generator,
             "backpressure": options.get("_generator_backpressure_num_objects"),
             "concurrency_group": options.get("concurrency_group"),
             "max_task_retries": options.get("max_task_retries"),

@@ -229,10 +229,17 @@ def validate(options: dict[str, Any], kind: str, in_options: bool = False) -> di
 
 def returns(num_returns: Any, is_generator: bool) -> tuple[int, str | None]:
     """(return count, generator kind) of a call: num_returns None means its default, which
-    is "streaming" for generator functions (as Ray's)."""
+    is "streaming" for generator functions (as Ray's). ValueError for "streaming" or
+    "dynamic" on a function that is not a generator."""
     if num_returns is None:
         num_returns = "streaming" if is_generator else 1
     if num_returns in ("streaming", "dynamic"):
+        if not is_generator:
+            raise ValueError(
+                f"num_returns='{num_returns}' can only be used with generator functions "
+                "(functions that use 'yield'). The decorated function is not a generator "
+                "function."
+            )
         return 1, num_returns
     return num_returns, "fixed" if is_generator else None
 

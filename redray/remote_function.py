@@ -32,6 +32,7 @@ class RemoteFunction:
         self._name = getattr(function, "__qualname__", getattr(function, "__name__", "task"))
         self._binder = Binder(function)
         self._is_generator = inspect.isgeneratorfunction(function)
+        opts.returns(self._options.get("num_returns"), self._is_generator)  # (checked now)
         self._key: str | None = None
         self._blob: bytes | None = None
         self._task_options: TaskOptions | None = None

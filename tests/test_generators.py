@@ -111,6 +111,7 @@ def store_stats() -> dict:
 # -- streaming ----------------------------------------------------------------------------------
 def test_ten_thousand_items_stream_with_backpressure_and_are_all_freed(ray_start):
     window = 50
+    stored = store_stats()["num_objects"]
     gen = count_to.options(_generator_backpressure_num_objects=window).remote(10_000)
     task_id = gen.completed().task_id()
     total = most_alive = 0
@@ -123,6 +124,7 @@ def test_ten_thousand_items_stream_with_backpressure_and_are_all_freed(ray_start
     assert 0 < most_alive <= window + 1  # never more than the window ahead of the reader
     del gen
     wait_for(lambda: items_alive(task_id) == 0, message="items still tracked after reading")
+    assert store_stats()["num_objects"] == stored
 
 
 def test_large_items_go_through_the_store_bounded_and_are_freed(ray_start):
@@ -262,3 +264,14 @@ def test_dropping_an_unread_generator_frees_its_worker(ray_start):
         del gen
     assert redray.get(echo.remote("ran"), timeout=30) == "ran"
     wait_for(lambda: items_alive(task_id) == 0, message="items of a dropped stream still tracked")
+
+
+def test_streaming_or_dynamic_on_a_plain_function_is_refused_where_written(ray_start):
+    def plain():
+        return 1
+
+    for value in ("streaming", "dynamic"):
+        with pytest.raises(ValueError, match="can only be used with generator functions"):
+            redray.remote(num_returns=value)(plain)
+        with pytest.raises(ValueError, match="can only be used with generator functions"):
+            redray.remote(plain).options(num_returns=value)
