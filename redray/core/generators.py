@@ -78,8 +78,8 @@ class ItemStream:
         """What a push tells the worker: (kind, returns, backpressure, items the caller
         already has, items its reader took)."""
         with self.lock:
-            self.acked = self.read
-            return (self.kind, self.count, self.backpressure, self.produced, self.read)
+            self.acked = UNBOUNDED if self.abandoned else self.read
+            return (self.kind, self.count, self.backpressure, self.produced, self.acked)
 
     # -- reactor thread ---------------------------------------------------------------------
     def on_item(self, index: int, payload: tuple) -> None:
@@ -186,6 +186,7 @@ class ItemStream:
             dropped = list(self.items)
             self.items.clear()
             paused = not self.finished and self.backpressure > 0
+            self.acked = self.produced
         del dropped
         if paused:
             self._send_ack(UNBOUNDED)
@@ -197,8 +198,11 @@ class ItemStream:
         window = self.backpressure
         if window <= 0 or self.finished:
             return None
-        if self.abandoned:
-            return UNBOUNDED if self.produced - self.acked >= window else None
+        if self.abandoned:  # (an earlier ack may have reached the worker before the task)
+            if self.produced - self.acked < window:
+                return None
+            self.acked = self.produced
+            return UNBOUNDED
         read = self.read
         if self.produced - self.acked >= window and (
             read - self.acked >= (window + 1) // 2 or (read == self.produced and read > self.acked)
