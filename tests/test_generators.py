@@ -5,7 +5,6 @@ SIGKILL, `num_returns="dynamic"`, and what the caller owns is freed once dropped
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import pickle
 import signal
@@ -135,7 +134,6 @@ def test_large_items_go_through_the_store_bounded_and_are_freed(ray_start):
         value = redray.get(ref)
         assert value.shape == (BIG,) and int(value[0]) == i % 251
         del value, ref
-        gc.collect()
         most = max(most, store_stats()["num_objects"] - base)
     assert 0 < most <= 5
     del gen
@@ -229,6 +227,25 @@ def test_sync_and_async_actor_generator_methods(ray_start):
     bounded = aio.items.options(_generator_backpressure_num_objects=2).remote(200)
     assert len([redray.get(r) for r in bounded]) == 200
     assert redray.get(aio.total_of.remote(100)) == sum(range(100))
+
+
+@redray.remote(max_restarts=1, max_task_retries=1)
+class Restartable:
+    def items(self, n, pid_file, release_file):
+        for i in range(n):
+            if i == n // 2 and not redray.get_runtime_context().was_current_actor_reconstructed:
+                mark(pid_file, str(os.getpid()))
+                block_until(release_file)  # the test kills this process here
+            yield i
+
+
+def test_an_actor_generator_whose_process_is_killed_is_rerun_and_read_once(ray_start, gate):
+    actor = Restartable.remote()
+    gen = actor.items.remote(8, gate.path("pid"), gate.release_file)
+    first = [redray.get(next(gen)) for _ in range(2)]
+    os.kill(int(gate.wait_mark("pid")), signal.SIGKILL)
+    gate.open()
+    assert first + [redray.get(ref) for ref in gen] == list(range(8))
 
 
 # -- num_returns="dynamic" and integer num_returns --------------------------------------------
