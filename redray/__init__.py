@@ -28,6 +28,7 @@ from redray.api import (
     timeline,
     wait,
 )
+from redray.core.generators import DynamicObjectRefGenerator, ObjectRefGenerator
 from redray.core.object_ref import ObjectID, ObjectRef
 from redray.runtime_context import get_runtime_context
 
@@ -45,8 +46,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "DynamicObjectRefGenerator",
     "ObjectID",
     "ObjectRef",
+    "ObjectRefGenerator",
     "available_resources",
     "cancel",
     "cluster_resources",

@@ -57,8 +57,12 @@ def _method_table(cls: type) -> dict[str, dict[str, Any]]:
         if not (inspect.isfunction(fn) or inspect.ismethoddescriptor(fn)):
             continue
         options = getattr(fn, _METHOD_OPTIONS, {})
+        is_generator = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
+        opts.returns(options.get("num_returns"), is_generator)  # (checked at decoration)
         table[name] = {
-            "num_returns": options.get("num_returns", 1),
+            "num_returns": options.get("num_returns"),  # None: 1, or "streaming" (generator)
+            "is_generator": is_generator,
+            "backpressure": options.get("_generator_backpressure_num_objects"),
             "concurrency_group": options.get("concurrency_group"),
             "max_task_retries": options.get("max_task_retries"),
             "retry_exceptions": options.get("retry_exceptions"),
@@ -318,9 +322,15 @@ def _call_options(handle: ActorHandle, name: str, meta: dict, overrides: dict) -
     if retries is None:
         retries = handle._max_task_retries
     retry = overrides.get("retry_exceptions", meta.get("retry_exceptions")) or False
+    num_returns, generator = opts.returns(
+        overrides.get("num_returns", meta.get("num_returns")), bool(meta.get("is_generator"))
+    )
+    backpressure = overrides.get("_generator_backpressure_num_objects", meta.get("backpressure"))
     return TaskOptions(
         name=f"{handle._class_name}.{name}",
-        num_returns=overrides.get("num_returns", meta.get("num_returns", 1)),
+        num_returns=num_returns,
+        generator=generator,
+        backpressure=backpressure or -1,
         resources={},
         max_retries=retries,
         retry_exceptions=tuple(retry) if isinstance(retry, (list, tuple)) else bool(retry),

@@ -14,11 +14,13 @@ import secrets
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from redray import exceptions
 from redray.core import context
+from redray.core.generators import ObjectRefGenerator
 from redray.core.object_ref import ObjectRef
 
 log = logging.getLogger("redray")
@@ -401,6 +403,8 @@ def get(object_refs: ObjectRef | Sequence[ObjectRef], *, timeout: float | None =
     worker = context.worker()
     if type(object_refs) is ObjectRef:
         return worker.objects.get([object_refs], timeout)[0]
+    if type(object_refs) is ObjectRefGenerator:
+        return object_refs  # (as Ray's: read it with next() or a for loop)
     if isinstance(object_refs, (list, tuple)):
         for ref in object_refs:
             if type(ref) is not ObjectRef:
@@ -427,9 +431,13 @@ def wait(
     timeout: float | None = None,
     fetch_local: bool = True,
 ) -> tuple[list[ObjectRef], list[ObjectRef]]:
-    """Split refs into (ready, not ready) once num_returns are ready or timeout passes."""
-    if isinstance(object_refs, ObjectRef):
-        raise TypeError("wait() expected a list of ray.ObjectRef, got a single ray.ObjectRef")
+    """Split refs into (ready, not ready) once num_returns are ready or timeout passes. An
+    ObjectRefGenerator is ready when its next item (or its end) is."""
+    if isinstance(object_refs, (ObjectRef, ObjectRefGenerator)):
+        raise TypeError(
+            "wait() expected a list of ray.ObjectRef or ray.ObjectRefGenerator, got a single "
+            f"ray.ObjectRef or ray.ObjectRefGenerator {object_refs}"
+        )
     if not isinstance(object_refs, list):
         raise TypeError(f"wait() expected a list of ray.ObjectRef, got {type(object_refs)}")
     if timeout is not None and timeout < 0:
@@ -437,16 +445,56 @@ def wait(
     if not object_refs:
         return [], []
     worker = context.worker()
+    if any(type(item) is ObjectRefGenerator for item in object_refs):
+        return _wait_with_generators(worker, object_refs, num_returns, timeout)
     ready, not_ready = worker.objects.waiting.wait_refs(object_refs, num_returns, timeout)
     if fetch_local and ready:
         worker.objects.prefetch(ready)
     return ready, not_ready
 
 
-def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
-    """Cancel the task that makes object_ref: queued tasks never run, running ones are
-    interrupted (KeyboardInterrupt), force=True kills the worker. Cancelled tasks are not
-    retried; `get` raises TaskCancelledError (WorkerCrashedError with force)."""
+def _wait_with_generators(
+    worker: Any, items: list, num_returns: int, timeout: float | None
+) -> tuple[list, list]:
+    """`wait` over refs and ObjectRefGenerators: woken by any of them changing."""
+    if len(set(items)) != len(items):
+        raise ValueError("Wait requires a list of unique ray_waitables.")
+    if num_returns <= 0 or num_returns > len(items):
+        raise ValueError(f"Invalid number of objects to return {num_returns}.")
+    objects, reactor = worker.objects, worker.reactor
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def is_ready(item: Any) -> bool:
+        if type(item) is ObjectRefGenerator:
+            return item._stream.ready()
+        return objects.payload_of(item._id) is not None
+
+    while True:
+        ready = [item for item in items if is_ready(item)][:num_returns]
+        left = None if deadline is None else deadline - time.monotonic()
+        if len(ready) >= num_returns or (left is not None and left <= 0):
+            break
+        waiter = reactor.waiter()
+        for item in items:
+            if type(item) is ObjectRefGenerator:
+                if not item._stream.listen(waiter.set):
+                    waiter.set()
+            elif not is_ready(item):
+                objects.on_ready(item, waiter.set)
+        objects.blocking(lambda w=waiter, t=left: reactor.block(w, t, spin=True))
+    chosen = set(map(id, ready))
+    return ready, [item for item in items if id(item) not in chosen]
+
+
+def cancel(
+    object_ref: ObjectRef | ObjectRefGenerator, *, force: bool = False, recursive: bool = True
+) -> None:
+    """Cancel the task that makes object_ref (or the generator task of an
+    ObjectRefGenerator): queued tasks never run, running ones are interrupted
+    (KeyboardInterrupt), force=True kills the worker. Cancelled tasks are not retried;
+    `get` raises TaskCancelledError (WorkerCrashedError with force)."""
+    if type(object_ref) is ObjectRefGenerator:
+        object_ref = object_ref.completed()
     if type(object_ref) is not ObjectRef:
         raise TypeError(
             f"ray.cancel() only supported for object refs. For actors, try ray.kill(). "

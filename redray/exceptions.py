@@ -265,6 +265,16 @@ class AsyncioActorExit(RayError):
     """Raised inside an async actor to exit it (`exit_actor`)."""
 
 
+class ObjectRefStreamEndOfStreamError(RayError):
+    """A generator's stream has no item at that position: the generator ended before it."""
+
+
+class StreamingGeneratorReplayInconsistentError(RaySystemError):
+    """A generator task run again after a failure yielded fewer items than its caller had
+    already received: its output is not deterministic, so the stream fails instead of
+    waiting for items that will never come."""
+
+
 # Redray-style names for the same classes.
 TaskError = RayTaskError
 ActorError = RayActorError
@@ -282,6 +292,7 @@ __all__ = [
     "ObjectFetchTimedOutError",
     "ObjectLostError",
     "ObjectReconstructionFailedError",
+    "ObjectRefStreamEndOfStreamError",
     "ObjectStoreFullError",
     "OutOfMemoryError",
     "OwnerDiedError",
@@ -293,6 +304,7 @@ __all__ = [
     "RayTaskError",
     "ReferenceCountingAssertionError",
     "RuntimeEnvSetupError",
+    "StreamingGeneratorReplayInconsistentError",
     "TaskCancelledError",
     "TaskError",
     "TaskUnschedulableError",

@@ -180,12 +180,13 @@ _METHOD = {
     "max_task_retries": _ACTOR["max_task_retries"],
     "retry_exceptions": _TASK["retry_exceptions"],
     "enable_task_events": _Option((bool, _NONE)),
+    "_generator_backpressure_num_objects": _TASK["_generator_backpressure_num_objects"],
 }
 # Options whose None stands for their default (so `.options(x=None)` undoes a decorator's x).
 _DEFAULT_FOR_NONE = {
-    "task": {"num_returns": 1, "max_retries": 3, "max_calls": 0},
+    "task": {"max_retries": 3, "max_calls": 0},
     "actor": {"max_restarts": 0, "max_task_retries": 0, "max_pending_calls": -1},
-    "method": {"num_returns": 1},
+    "method": {},
 }
 TASK_OPTIONS = set(_TASK)
 ACTOR_OPTIONS = set(_ACTOR)
@@ -211,9 +212,6 @@ def validate(options: dict[str, Any], kind: str, in_options: bool = False) -> di
         raise ValueError("Setting 'max_calls' is not supported in '.options()'.")
     if in_options and kind == "actor" and "concurrency_groups" in options:
         raise ValueError("Setting 'concurrency_groups' is not supported in '.options()'.")
-    if options.get("num_returns") in ("dynamic", "streaming"):
-        value = options["num_returns"]
-        raise ValueError(f"num_returns={value!r} (generators) is not supported by redray.")
     if kind == "actor":
         if options.get("name") == "":
             raise ValueError("Actor name cannot be an empty string.")
@@ -227,6 +225,23 @@ def validate(options: dict[str, Any], kind: str, in_options: bool = False) -> di
         if key in options and options[key] is None:
             options[key] = default
     return options
+
+
+def returns(num_returns: Any, is_generator: bool) -> tuple[int, str | None]:
+    """(return count, generator kind) of a call: num_returns None means its default, which
+    is "streaming" for generator functions (as Ray's). ValueError for "streaming" or
+    "dynamic" on a function that is not a generator."""
+    if num_returns is None:
+        num_returns = "streaming" if is_generator else 1
+    if num_returns in ("streaming", "dynamic"):
+        if not is_generator:
+            raise ValueError(
+                f"num_returns='{num_returns}' can only be used with generator functions "
+                "(functions that use 'yield'). The decorated function is not a generator "
+                "function."
+            )
+        return 1, num_returns
+    return num_returns, "fixed" if is_generator else None
 
 
 def validate_runtime_env(runtime_env: Any) -> None:

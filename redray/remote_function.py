@@ -31,6 +31,8 @@ class RemoteFunction:
         self._options = opts.validate(dict(task_options), "task")
         self._name = getattr(function, "__qualname__", getattr(function, "__name__", "task"))
         self._binder = Binder(function)
+        self._is_generator = inspect.isgeneratorfunction(function)
+        opts.returns(self._options.get("num_returns"), self._is_generator)  # (checked now)
         self._key: str | None = None
         self._blob: bytes | None = None
         self._task_options: TaskOptions | None = None
@@ -44,7 +46,8 @@ class RemoteFunction:
         )
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        """Submit the task; returns an ObjectRef (a list of them for num_returns > 1)."""
+        """Submit the task; returns an ObjectRef (a list of them for num_returns > 1, an
+        ObjectRefGenerator for a generator function)."""
         if self._task_options is None:
             self._task_options = self._build(self._options)
         return self._submit(args, kwargs, self._task_options)
@@ -62,9 +65,12 @@ class RemoteFunction:
         resources, strategy = opts.placement(
             opts.task_resources(options), options.get("scheduling_strategy")
         )
+        num_returns, generator = opts.returns(options.get("num_returns"), self._is_generator)
         return TaskOptions(
             name=options.get("name") or self._name,
-            num_returns=options.get("num_returns", 1),
+            num_returns=num_returns,
+            generator=generator,
+            backpressure=options.get("_generator_backpressure_num_objects") or -1,
             resources=resources,
             max_retries=options.get("max_retries", 3),
             retry_exceptions=tuple(retry) if isinstance(retry, (list, tuple)) else bool(retry),

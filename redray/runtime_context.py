@@ -147,7 +147,11 @@ class RuntimeContext:
         return resources
 
     def get_accelerator_ids(self) -> dict[str, list[str]]:
-        return {"GPU": [str(g) for g in self._grant().get("gpu_ids") or []]}
+        """The ids of the accelerators the task or actor holds, by Ray's accelerator names
+        (GPUs are the only kind redray assigns: the others are always empty)."""
+        ids: dict[str, list[str]] = {name: [] for name in ACCELERATOR_NAMES}
+        ids["GPU"] = [str(g) for g in self._grant().get("gpu_ids") or []]
+        return ids
 
     def get_resource_ids(self) -> dict[str, list[str]]:
         return self.get_accelerator_ids()
@@ -158,6 +162,10 @@ class RuntimeContext:
     @property
     def should_capture_child_tasks_in_placement_group(self) -> bool:
         return bool(self._grant().get("capture"))
+
+
+# The accelerator resources Ray 2.60 reports ids for (get_accelerator_ids's keys).
+ACCELERATOR_NAMES = ("GPU", "TPU", "NPU", "HPU", "neuron_cores", "RBLN", "FURIOSA", "MBLT", "TTNPU")
 
 
 def _function_name(function: Any) -> str:

@@ -112,6 +112,18 @@ def test_task_context(ray_start):
     assert renamed["function_name"] == "test_runtime_context.context_in_task"
 
 
+@redray.remote
+def accelerator_ids():
+    return redray.get_runtime_context().get_accelerator_ids()
+
+
+def test_accelerator_ids_are_keyed_by_rays_accelerator_names(ray_start):
+    in_driver = redray.get_runtime_context().get_accelerator_ids()
+    assert {"GPU", "TPU", "NPU", "HPU", "neuron_cores"} <= set(in_driver)
+    assert all(ids == [] for ids in in_driver.values())
+    assert redray.get(accelerator_ids.remote()) == in_driver
+
+
 def test_each_task_has_its_own_id(ray_start):
     infos = redray.get([context_in_task.remote() for _ in range(6)])
     assert len({i["task_id"] for i in infos}) == 6

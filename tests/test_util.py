@@ -500,3 +500,41 @@ def test_queue_blocked_get_fails_when_queue_dies_while_caller_is_busy(signals):
     q.shutdown(force=True)
     with pytest.raises(RayActorError):
         redray.get(blocked, timeout=2)
+
+
+# -- inspect_serializability, get_node_ip_address -----------------------------------------
+_UNPICKLABLE_LOCK = threading.Lock()
+
+
+def _closure_over_a_lock():
+    lock = _UNPICKLABLE_LOCK
+
+    def uses_it():  # (defined inside a function: pickled by value, closure and all)
+        return lock
+
+    return uses_it
+
+
+class _HoldsALock:
+    def __init__(self):
+        self.lock = _UNPICKLABLE_LOCK
+        self.number = 1
+
+
+def test_inspect_serializability_names_the_member_that_does_not_pickle(capsys):
+    from redray.util import inspect_serializability
+
+    assert inspect_serializability([1, "two"], name="plain") == (True, set())
+    for value in (_closure_over_a_lock(), _HoldsALock()):
+        ok, failures = inspect_serializability(value, name="value")
+        assert ok is False
+        (failure,) = failures
+        assert failure.name == "lock"
+        assert failure.obj is _UNPICKLABLE_LOCK and failure.parent is value
+    assert "FAIL serialization" in capsys.readouterr().out
+
+
+def test_get_node_ip_address_is_the_nodes():
+    from redray.util import get_node_ip_address
+
+    assert get_node_ip_address() == redray.nodes()[0]["NodeManagerAddress"]

@@ -33,10 +33,10 @@ from redray.core.executor import (
     TaskContext,
     _flush_streams,
     _task_context,
+    error_payloads,
     interrupted_error,
     task_error,
 )
-from redray.core.serialization import error_payload
 from redray.transport.connection import Connection
 
 TERMINATE = "__ray_terminate__"  # the method a handle calls to end its actor gracefully
@@ -270,9 +270,9 @@ class ActorRuntime:
             fn = ctx.function = self._bound(method)
             payloads = executor.invoke(ctx, fn, args, kwargs, num_returns)
         except AttributeError as exc:
-            payloads = [error_payload(task_error(name, exc))] * num_returns
+            payloads = error_payloads(task_error(name, exc), num_returns)
         except ActorExit:
-            payloads = [error_payload(self._exit_error())] * num_returns
+            payloads = error_payloads(self._exit_error(), num_returns)
         finally:
             if main:
                 executor.current = None
@@ -326,18 +326,22 @@ class ActorRuntime:
                     fn = ctx.function = self._bound(method)
                     call_args, call_kwargs = executor.materialize_args(args, kwargs)
                     result = fn(*call_args, **call_kwargs)
-                    if inspect.isawaitable(result):
-                        result = await result
-                    payloads = executor.return_payloads(result, num_returns, ctx)
+                    del call_args, call_kwargs
+                    if type(num_returns) is not int:  # a generator method
+                        payloads = await executor.generators.run_async(ctx, result, num_returns)
+                    else:
+                        if inspect.isawaitable(result):
+                            result = await result
+                        payloads = executor.return_payloads(result, num_returns, ctx)
             except asyncio.CancelledError:  # while running or while waiting for its group
                 error = exceptions.TaskCancelledError(task_id.hex())
-                payloads = [error_payload(error)] * num_returns
+                payloads = error_payloads(error, num_returns)
             except ActorExit:
-                payloads = [error_payload(self._exit_error())] * num_returns
+                payloads = error_payloads(self._exit_error(), num_returns)
             except KeyboardInterrupt as exc:  # raised by the user's code: only the call fails
-                payloads = [error_payload(interrupted_error(name, task_id, exc))] * num_returns
+                payloads = error_payloads(interrupted_error(name, task_id, exc), num_returns)
             except Exception as exc:
-                payloads = [error_payload(task_error(name, exc))] * num_returns
+                payloads = error_payloads(task_error(name, exc), num_returns)
             finally:
                 _task_context.reset(token)
             executor.reply(conn, task_id, payloads, ctx)

@@ -250,6 +250,7 @@ class ActorSubmitter:
                         continue
                     state.inflight[task.task_id] = task
                     self._jobs.introduce(conn, task.job)
+                    stream = task.stream
                     conn.send(
                         (
                             "actor_task",
@@ -258,7 +259,7 @@ class ActorSubmitter:
                             task.options.name,
                             task.args,
                             task.kwargs,
-                            len(task.return_ids),
+                            len(task.return_ids) if stream is None else stream.wire(),
                             task.job.job_id,
                             task.options.concurrency_group,
                         )

@@ -28,6 +28,7 @@ from redray.core.ownership import Ownership
 from redray.core.peers import Peers
 from redray.core.serialization import error_payload, loads
 from redray.core.task_submitter import TaskSubmitter
+from redray.core.yielding import GeneratorRunner, return_count
 from redray.transport.connection import Connection
 from redray.transport.reactor import Waiter
 
@@ -117,6 +118,7 @@ class Executor:
         self._paths_added: set[str] = set()  # jobs whose import paths are in sys.path
         self._calls: collections.Counter = collections.Counter()  # of functions with max_calls
         self._retired = False  # a function reached its max_calls: this process runs no more
+        self.generators = GeneratorRunner(self)
         peers.handle("task", self._on_task)
         peers.handle("steal", self._on_steal)
         peers.handle("actor_create", self._on_message)
@@ -293,7 +295,7 @@ class Executor:
                 fn = self.jobs.load_function(fn_key, conn)
             except Exception as exc:
                 fn = None
-                payloads = [error_payload(task_error(name, exc))] * num_returns
+                payloads = error_payloads(task_error(name, exc), num_returns)
             else:
                 ctx.function = fn
                 payloads = self.invoke(ctx, fn, args, kwargs, num_returns)
@@ -339,21 +341,24 @@ class Executor:
         return TaskContext(task_id, name, job_id, grant, conn, job.driver, job.log_to_driver)
 
     def invoke(self, ctx: TaskContext, fn: Any, args: tuple, kwargs: dict, num_returns: int):
-        """Run fn for a task or actor call; the payloads of its returns (or of its error)."""
+        """Run fn for a task or actor call; the payloads of its returns (or of its error).
+        num_returns: a count, or a generator task's spec (see yielding.py)."""
         token = _task_context.set(ctx)
         try:
             call_args, call_kwargs = self.materialize_args(args, kwargs)
             result = fn(*call_args, **call_kwargs)
             del call_args, call_kwargs
+            if type(num_returns) is not int:
+                return self.generators.run(ctx, result, num_returns)
             return self.return_payloads(result, num_returns, ctx)
         except KeyboardInterrupt as exc:
             if self._interrupt == ctx.task_id:  # cancel() interrupted it
                 error = exceptions.TaskCancelledError(ctx.task_id.hex())
             else:  # raised by the user's code: the call fails, the worker goes on
                 error = interrupted_error(ctx.name, ctx.task_id, exc)
-            return [error_payload(error)] * num_returns
+            return error_payloads(error, num_returns)
         except Exception as exc:
-            return [error_payload(task_error(ctx.name, exc))] * num_returns
+            return error_payloads(task_error(ctx.name, exc), num_returns)
         finally:
             _flush_streams()
             _task_context.reset(token)
@@ -413,9 +418,9 @@ class Executor:
         self.peers.route_to(conn).send(("done", task_id, payloads, borrowed))
         ctx.lent = None
 
-    def refuse(self, conn: Connection, task_id: bytes, error: BaseException, num_returns: int):
+    def refuse(self, conn: Connection, task_id: bytes, error: BaseException, num_returns: Any):
         """Answer a task or call that will not run here with `error` for each return."""
-        self.peers.route_to(conn).send(("done", task_id, [error_payload(error)] * num_returns, []))
+        self.peers.route_to(conn).send(("done", task_id, error_payloads(error, num_returns), []))
 
     def _apply_grant(self, grant: Any) -> None:
         """Make the lease's resources visible to user code (GPU ids as CUDA_VISIBLE_DEVICES)."""
@@ -447,6 +452,12 @@ class CallLimit:
     @__code__.setter
     def __code__(self, code: Any) -> None:
         self.function.__code__ = code
+
+
+def error_payloads(error: BaseException, num_returns: Any) -> list[tuple]:
+    """A failed task's or call's payloads: `error` for each of its returns (num_returns: a
+    push's count or generator spec)."""
+    return [error_payload(error)] * return_count(num_returns)
 
 
 def task_error(name: str, exc: BaseException) -> exceptions.RayTaskError:

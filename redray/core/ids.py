@@ -2,7 +2,7 @@
 
 A task id is the submitting worker's 8-byte prefix and a 6-byte counter; an object id is its
 task id and a 2-byte index (0 for `put`, 1..n for a task's returns), so an object's id tells
-which task made it.
+which task made it. A generator task's items have ids of their own (`item_id`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ class IdSource:
 def return_id(task_id: bytes, index: int) -> bytes:
     """The id of a task's index-th return value (index from 0)."""
     return task_id + (index + 1).to_bytes(2, "big")
+
+
+def item_id(task_id: bytes, index: int) -> bytes:
+    """The id of the index-th item (from 0) a generator task yields: its task id, the
+    index field 0xffff (never a return's) and a 4-byte item index."""
+    return task_id + b"\xff\xff" + index.to_bytes(4, "big")
 
 
 def task_of(object_id: bytes) -> bytes:

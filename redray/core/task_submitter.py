@@ -21,6 +21,7 @@ from typing import Any
 
 from redray import exceptions
 from redray.core import serialization
+from redray.core.generators import STREAMING, ItemStream, ObjectRefGenerator
 from redray.core.ids import IdSource, return_id, task_of
 from redray.core.jobs import Jobs
 from redray.core.object_io import ObjectIO
@@ -57,6 +58,10 @@ class TaskOptions:
     runtime_env: dict | None = None
     strategy: Any = None  # None/"DEFAULT", "SPREAD", or a strategy object's wire form
     concurrency_group: str | None = None  # actor calls: the group to run in
+    # Generator functions: "streaming", "dynamic" or "fixed" (an integer num_returns; see
+    # generators.py), and the items a streaming generator may yield ahead of its reader.
+    generator: str | None = None
+    backpressure: int = -1
     _shape_key: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def shape_key(self) -> tuple:
@@ -91,6 +96,7 @@ class _Task:
         "actor",
         "job",
         "pushed",
+        "stream",
     )
 
     def __init__(self, task_id, fn_key, options, args, kwargs, keep, return_ids, parent):
@@ -111,6 +117,7 @@ class _Task:
         self.actor: Any = None  # the caller-side actor state for actor tasks
         self.job: Any = None  # the JobInfo the task belongs to
         self.pushed = 0.0  # when it was sent to its worker
+        self.stream: ItemStream | None = None  # a generator task's items
 
 
 class _Lease:
@@ -194,6 +201,7 @@ class TaskSubmitter:
         peers.handle("retire", self._on_retire)
         peers.handle("cancel_request", self._on_cancel_request)
         peers.handle("reconstruct", self._on_reconstruct)
+        peers.handle("gen_item", self._on_item)
         peers.on_closed(self.on_connection_lost)
         ownership.on_owned_freed(self._forget_lineage)
         objects.reconstruct = self.reconstruct
@@ -234,6 +242,18 @@ class TaskSubmitter:
         task = _Task(task_id, fn_key, options, wire_args, wire_kwargs, keep, return_ids, parent)
         task.actor = actor
         task.job = job
+        if options.generator is not None:
+            task.stream = ItemStream(
+                task,
+                options.generator,
+                options.num_returns,
+                options.backpressure,
+                self._objects,
+                self._ownership,
+                address,
+            )
+            if options.generator == STREAMING:
+                refs = [ObjectRefGenerator(refs[0], task.stream)]
         with self._lock:
             self._tasks[task_id] = task
             if parent is not None:
@@ -400,6 +420,7 @@ class TaskSubmitter:
         task.pushed = time.monotonic()
         lease.inflight[task.task_id] = task
         lease.idle_since = None
+        stream = task.stream
         message = (
             "task",
             task.task_id,
@@ -407,7 +428,7 @@ class TaskSubmitter:
             task.options.name,
             task.args,
             task.kwargs,
-            len(task.return_ids),
+            len(task.return_ids) if stream is None else stream.wire(),
             lease.grant,
             task.job.job_id,
         )
@@ -626,6 +647,13 @@ class TaskSubmitter:
             with self._lock:
                 self._dispatch(task.shape)
 
+    def _on_item(self, conn: Connection, message: tuple) -> None:
+        """A generator task yielded an item (before its final reply, on the same connection)."""
+        _, task_id, index, payload = message
+        task = self._tasks.get(task_id)
+        if task is not None and task.stream is not None:
+            task.stream.on_item(index, payload)
+
     def _adopt_borrows(self, borrowed: list, borrower: bytes | None) -> None:
         """The worker kept refs it got as arguments: it now borrows them from their owners."""
         if borrower is not None:
@@ -646,6 +674,8 @@ class TaskSubmitter:
     def finish(self, task: _Task, results: list) -> None:
         """Record a task's results as its return objects' values (once)."""
         ownership, objects = self._ownership, self._objects
+        if task.stream is not None:
+            results = task.stream.finish(results)
         with self._lock:
             self._tasks.pop(task.task_id, None)
             if task.parent is not None:
