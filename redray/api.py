@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import secrets
@@ -15,6 +16,8 @@ from typing import Any
 from redray import exceptions
 from redray.core import context
 from redray.core.object_ref import ObjectRef
+from redray.runtime_env import packaging
+from redray.runtime_env import spec as env_spec
 
 log = logging.getLogger("redray")
 
@@ -278,6 +281,11 @@ def _start_driver(connection, namespace, log_to_driver, runtime_env, job_config=
         log_to_driver=log_to_driver,
     )
     try:
+        # A submitted job's runtime env is its driver's default (what init() got wins).
+        submitted = os.environ.get(packaging.JOB_ENV_VAR)
+        if submitted:
+            runtime_env = env_spec.merge(json.loads(submitted), runtime_env)
+        runtime_env = packaging.resolve_once(runtime_env, worker.gcs)
         worker.jobs.jobs[job_id] = JobInfo(
             job_id,
             worker.address,

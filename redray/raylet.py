@@ -38,6 +38,9 @@ from redray.objstore.arena import SharedArena
 from redray.objstore.store import ObjectStore
 from redray.outage import OUTAGE_ENV, health, outage_limit
 from redray.resources import placement_group_of
+from redray.runtime_env import packaging
+from redray.runtime_env import spec as env_spec
+from redray.runtime_env.node import NodeEnvs, Prepared
 from redray.transport.connection import Connection
 from redray.transport.reactor import Reactor
 from redray.watcher import Watcher, is_connection_error
@@ -50,6 +53,8 @@ SNAPSHOT_WAIT_SECONDS = 0.2  # how long a beat waits for the reactor's fresh sna
 IDLE_WORKER_SECONDS = 10.0
 UNKNOWN_NODE_SECONDS = 3.0  # how long a request may name a node nobody has heard of
 INFEASIBLE_WARNING_SECONDS = 1.0  # a new node (or placement group) may make it fit meanwhile
+MAX_ENVS = 10_000  # distinct runtime envs a node remembers (beyond: no inheritance info)
+ENV_MARK = "\0runtime_env"  # the entry of a worker-pool key naming a runtime env to set up
 
 
 @dataclass
@@ -140,6 +145,12 @@ class Raylet:
         self._seal_waiters: dict[bytes, list[Callable[[bool], None]]] = {}
 
         self.gcs = Gcs(config["gcs_url"], config["cluster"])
+        self.envs = NodeEnvs(self.gcs, os.path.join(config["session_dir"], "runtime_resources"))
+        # Worker-pool keys of runtime envs needing setup: their resolved env, and once set
+        # up, how their workers start (reactor thread only).
+        self.env_of: dict[tuple, dict] = {}
+        self.prepared: dict[tuple, Prepared] = {}
+        self.preparing: set[tuple] = set()
         self.reactor = Reactor(self.token, name="redray-raylet")
         self.zygote = self.reactor.adopt(zygote_sock, self._on_zygote, self._on_zygote_lost)
         self.address = self.reactor.listen(
@@ -317,7 +328,12 @@ class Raylet:
         worker_id = os.urandom(16)
         self.workers[worker_id] = _Worker(worker_id, env_key)
         self.starting[env_key] += 1
-        self.zygote.send(("spawn", worker_id, dict(env_key), self.address))
+        env_vars = dict(env_key)
+        env_vars.pop(ENV_MARK, None)
+        if env_key in self.env_of:  # what the worker's own tasks inherit
+            env_vars[packaging.WORKER_ENV_VAR] = json.dumps(self.env_of[env_key])
+        prepared = self.prepared.get(env_key)
+        self.zygote.send(("spawn", worker_id, env_vars, self.address, prepared))
 
     def _on_zygote(self, conn: Connection, message: tuple) -> None:
         if message[0] == "spawned":
@@ -413,7 +429,13 @@ class Raylet:
             conn.send(("reply", call_id, ("stale",)))
             return
         resources = scheduling.normalize(request["resources"])
-        env_vars = request.get("env_vars") or {}
+        runtime_env = request.get("runtime_env") or {}
+        env_vars = runtime_env.get("env_vars") or request.get("env_vars") or {}
+        env_key = tuple(sorted(env_vars.items()))
+        if env_spec.needs_setup(runtime_env):
+            env_key += ((ENV_MARK, env_spec.digest(env_spec.setup_part(runtime_env))),)
+        if runtime_env and len(self.env_of) < MAX_ENVS:
+            self.env_of.setdefault(env_key, runtime_env)
         groups = {placement_group_of(r) for r in resources} - {None}
         if any(group in self.bundles.removed for group in groups):
             error = exceptions.TaskUnschedulableError(
@@ -443,7 +465,7 @@ class Raylet:
                 call_id,
                 resources,
                 env_vars,
-                tuple(sorted(env_vars.items())),
+                env_key,
                 request["name"],
                 actor=bool(request.get("actor")),
                 capture=bool(isinstance(strategy, dict) and strategy.get("capture")),
@@ -550,8 +572,37 @@ class Raylet:
             self.pending.remove(request)
             self._grant(request, worker)
         for env_key, needed in waiting_for_worker.items():
+            if env_key and env_key[-1][0] == ENV_MARK and env_key not in self.prepared:
+                self._prepare_env(env_key)
+                continue
             for _ in range(needed - self.starting[env_key]):
                 self._start_worker(env_key)
+
+    def _prepare_env(self, env_key: tuple) -> None:
+        """Set up a runtime env (off this thread); its requests wait meanwhile."""
+        if env_key in self.preparing:
+            return
+        self.preparing.add(env_key)
+        self.envs.prepare(
+            self.env_of[env_key],
+            lambda prepared, error: self.reactor.call_soon(
+                self._env_prepared, env_key, prepared, error
+            ),
+        )
+
+    def _env_prepared(self, env_key: tuple, prepared: Prepared | None, error: str | None) -> None:
+        """A runtime env is ready (its workers start), or failed: its waiting requests get
+        RuntimeEnvSetupError."""
+        self.preparing.discard(env_key)
+        if prepared is not None:
+            self.prepared[env_key] = prepared
+        else:
+            failed = [r for r in self.pending if r.env_key == env_key]
+            self.pending = [r for r in self.pending if r.env_key != env_key]
+            for request in failed:
+                reply = ("error", exceptions.RuntimeEnvSetupError(error))
+                request.conn.send(("reply", request.call_id, reply))
+        self._schedule()
 
     def _take_idle(self, request: _Request) -> _Worker | None:
         """An idle worker for the request's runtime env and kind of work (as Ray, a worker
