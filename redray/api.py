@@ -182,7 +182,7 @@ def _connect_existing(address: str, node_ip: str | None = None) -> dict[str, Any
     from redray.gcs import DEFAULT_CLUSTER, URL_SCHEMES, Gcs
     from redray.node import launch as node
 
-    cluster = DEFAULT_CLUSTER
+    cluster = os.environ.get("REDRAY_CLUSTER") or DEFAULT_CLUSTER
     if address == "auto":
         current = node.read_current_cluster()
         if current is None:
@@ -229,6 +229,10 @@ def _pick_local_node(nodes: list[dict[str, Any]], node_ip: str | None) -> dict[s
             if info.get("node_ip_address") == node_ip:
                 return info
         raise ConnectionError(f"No live node of the cluster has the address {node_ip}.")
+    node_id = os.environ.get("REDRAY_NODE_ID")  # a submitted job's driver: its own node
+    for info in nodes:
+        if node_id and info.get("node_id") == node_id:
+            return info
     hostname = socket.gethostname()
     for info in nodes:
         if info.get("hostname") == hostname and info.get("is_head"):

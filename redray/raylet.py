@@ -30,6 +30,7 @@ from redray import exceptions
 from redray import gcs as gcs_schema
 from redray.control.loop import ControlLoop
 from redray.gcs import Gcs, HeartbeatStatus, NodeDeadError
+from redray.jobs.supervisor import JobSupervisor
 from redray.node import scheduling, worker_pool
 from redray.node.bundles import Bundles
 from redray.node.object_manager import ObjectManager
@@ -127,6 +128,7 @@ class Raylet:
         self.zygote_pid, zygote_sock = zygote
         self.redis_server = None
         self.control = None
+        self.jobs: JobSupervisor | None = None
         self.outage_limit = outage_limit()  # how long a Redis outage is ridden out
         health.consequence = (
             "This node keeps running its tasks and beats again with backoff; it stops if "
@@ -227,6 +229,15 @@ class Raylet:
         if self.config.get("head"):
             self.control = ControlLoop(self)
             self.control.start()
+        self.jobs = JobSupervisor(
+            self.node_id,
+            self.config["gcs_url"],
+            self.config["cluster"],
+            self.envs,
+            lambda resources: self.reactor.call_soon(self._hold, resources),
+            lambda resources: self.reactor.call_soon(self._release, resources),
+        )
+        self.jobs.start()
         self.reactor.call_later(IDLE_WORKER_SECONDS, self._reap_idle_workers)
         return {"node_id": self.node_id, "gcs_url": self.config["gcs_url"], **info}
 
@@ -238,6 +249,8 @@ class Raylet:
         self.stopping.set()
         if self.control is not None:
             self.control.stop()
+        if self.jobs is not None:
+            self.jobs.stop()
         self._gcs_jobs.put(None)
         pids = [w.pid for w in self.workers.values() if w.pid]
         _kill(self.zygote_pid)
@@ -670,6 +683,17 @@ class Raylet:
             self.available[name] = self.available.get(name, 0.0) + amount
         self.gpu_free.extend(lease.gpu_ids)
         lease.worker.lease = None
+
+    def _hold(self, resources: dict[str, float]) -> None:
+        """A job's entrypoint takes its resources (available may go below zero: tasks then
+        wait until theirs come back)."""
+        for name, amount in scheduling.normalize(resources).items():
+            self.available[name] = self.available.get(name, 0.0) - amount
+
+    def _release(self, resources: dict[str, float]) -> None:
+        for name, amount in scheduling.normalize(resources).items():
+            self.available[name] = self.available.get(name, 0.0) + amount
+        self._schedule()
 
     def _on_lease_return(self, conn: Connection, message: tuple) -> None:
         _, lease_id, kill = message
