@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 FAILURE_MEMORY = 10.0
 INSTALLER_TAIL_LINES = 20
-READY_MARK = ".redray-ready"
+READY_MARK = ".redray-ready"  # written last in a built virtualenv
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class NodeEnvs:
         if content is None:
             raise RuntimeEnvSetupError(f"runtime_env[{field_name!r}]: unsupported URI {uri!r}")
         dest = self.cache / "packages" / content
-        if (dest / READY_MARK).exists():
+        if dest.is_dir():  # (made by one rename once complete)
             return str(_single_top_dir(dest) if field_name == "working_dir" else dest)
         data = keys.get_package(self.gcs, content)
         if data is None:
@@ -179,7 +179,6 @@ class NodeEnvs:
         except zipfile.BadZipFile as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise RuntimeEnvSetupError(f"runtime_env[{field_name!r}]: {uri}: {exc}") from None
-        (staging / READY_MARK).touch()
         try:
             staging.rename(dest)
         except OSError:  # unpacked meanwhile by another process sharing the cache
@@ -250,7 +249,7 @@ class NodeEnvs:
 
 def _single_top_dir(dest: Path) -> Path:
     """A zip holding one top-level directory is that directory's content (as Ray)."""
-    entries = [p for p in dest.iterdir() if p.name != READY_MARK]
+    entries = list(dest.iterdir())
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]
     return dest

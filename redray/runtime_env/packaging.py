@@ -50,7 +50,7 @@ def collect_files(root: Path, excludes: list[str]) -> list[tuple[str, Path]]:
     import pathspec  # only drivers shipping a directory need it
 
     root = root.resolve()
-    user_spec = pathspec.PathSpec.from_lines("gitwildmatch", excludes)
+    user_spec = pathspec.GitIgnoreSpec.from_lines(excludes)
     chosen: list[tuple[str, Path]] = []
     # (directory relative to root, its ignore spec) for the directories being walked.
     ignore_specs: dict[str, list[tuple[str, Any]]] = {"": []}
@@ -62,7 +62,7 @@ def collect_files(root: Path, excludes: list[str]) -> list[tuple[str, Path]]:
             ignore_file = Path(dirpath) / name
             if ignore_file.is_file():
                 lines = ignore_file.read_text(errors="replace").splitlines()
-                specs.append((rel_dir, pathspec.PathSpec.from_lines("gitwildmatch", lines)))
+                specs.append((rel_dir, pathspec.GitIgnoreSpec.from_lines(lines)))
 
         kept_dirs = []
         for name in sorted(dirnames):
