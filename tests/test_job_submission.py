@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -237,6 +238,28 @@ def test_bad_submissions_are_refused_at_the_call(client, cluster, tmp_path):
     refused = run_cli(cluster, "status", "no-such-job")
     assert refused.returncode != 0 and "does not exist" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_job_whose_node_dies_fails_with_the_reason(cluster, client, tmp_path):
+    doomed = cluster.add_node("127.0.0.3", 0, resources={"doomed": 1})
+    cluster.wait_nodes(3)
+    pid_file = tmp_path / "pid"
+    sid = client.submit_job(
+        entrypoint=f"echo $$ > {pid_file}; exec sleep 60", entrypoint_resources={"doomed": 1}
+    )
+    try:
+        wait_status(client, sid, JobStatus.RUNNING)
+        os.kill(doomed.process.pid, signal.SIGKILL)
+        wait_status(client, sid, JobStatus.FAILED, timeout=30)
+        info = client.get_job_info(sid)
+        assert info.driver_node_id == doomed.info["node_id"] and "died" in info.message
+    finally:
+        if pid_file.exists():  # the entrypoint outlives a SIGKILLed raylet: end it here
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _alive(pid: int) -> bool:
