@@ -447,7 +447,13 @@ class Raylet:
         env_key = tuple(sorted(env_vars.items()))
         if env_spec.needs_setup(runtime_env):
             env_key += ((ENV_MARK, env_spec.digest(env_spec.setup_part(runtime_env))),)
-        if runtime_env and len(self.env_of) < MAX_ENVS:
+            if env_key not in self.env_of and len(self.env_of) >= MAX_ENVS:
+                error = exceptions.RuntimeEnvSetupError(
+                    f"This node already serves {MAX_ENVS} distinct runtime envs."
+                )
+                conn.send(("reply", call_id, ("error", error)))
+                return
+        if runtime_env and (env_key in self.env_of or len(self.env_of) < MAX_ENVS):
             self.env_of.setdefault(env_key, runtime_env)
         groups = {placement_group_of(r) for r in resources} - {None}
         if any(group in self.bundles.removed for group in groups):

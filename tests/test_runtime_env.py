@@ -217,3 +217,30 @@ def test_merge_and_validation_follow_rays_rules():
         spec.validate({"py_modules": "not-a-list"})
     with pytest.raises(ValueError):
         spec.validate({"config": {"setup_timeout_seconds": 0}})
+
+
+def test_nested_ignore_files_apply_below_their_own_directory(tmp_path):
+    root = tmp_path / "proj"
+    (root / "pkg" / "cache").mkdir(parents=True)
+    (root / "pkg" / ".gitignore").write_text("*.tmp\n!keep.tmp\ncache/\n")
+    (root / "pkg" / "a.tmp").write_text("x")
+    (root / "pkg" / "keep.tmp").write_text("x")
+    (root / "pkg" / "cache" / "blob").write_text("x")
+    (root / "top.tmp").write_text("x")  # above the .gitignore: kept
+    (root / ".rayignore").write_text("notes.md\n")
+    (root / "notes.md").write_text("x")
+    (root / "sub" / ".git").mkdir(parents=True)  # a nested repository's .git too
+    (root / "sub" / ".git" / "config").write_text("x")
+    (root / "sub" / "code.py").write_text("x")
+    shipped = [rel for rel, _ in packaging.collect_files(root, ["*.log"])]
+    assert shipped == [
+        ".rayignore",
+        "pkg/.gitignore",
+        "pkg/keep.tmp",
+        "sub/code.py",
+        "top.tmp",
+    ]
+    # Equal content makes an equal package (content-addressed), whatever the mtimes.
+    first = packaging.zip_directory(root, [])
+    os.utime(root / "top.tmp", (0, 0))
+    assert packaging.zip_directory(root, []) == first

@@ -70,19 +70,22 @@ class JobScheduler:
 
     def place(self, fence: Any) -> None:
         """One pass: fail the jobs of dead nodes, then place the queue's head."""
+        active = self.keys.active()
+        head = self.keys.queue_head(HEAD_BATCH)
+        if not active and not head:
+            return  # (an idle cluster costs two reads per pass)
         nodes = self.gcs.live_nodes()
         known = {node["node_id"] for node in nodes}
         alive = {node["node_id"]: node for node in nodes if node["alive"]}
         used: dict[str, Counter] = {node_id: Counter() for node_id in alive}
         running: Counter = Counter()
-        for sid, entry in self.keys.active().items():
+        for sid, entry in active.items():
             node_id = entry["node_id"]
             if node_id not in known:
                 self.keys.finish(sid, "FAILED", f"The node {node_id} running the job died.")
                 continue
             used.setdefault(node_id, Counter()).update(entry["resources"])
             running[node_id] += 1
-        head = self.keys.queue_head(HEAD_BATCH)
         if not head:
             return
         for sid, info in zip(head, self.keys.infos(head), strict=True):

@@ -7,6 +7,7 @@ goes through the Gcs client, whose sockets time out.
 
 from __future__ import annotations
 
+import os
 import time
 
 from redray.gcs import Gcs
@@ -15,6 +16,7 @@ PACKAGE = "pkg:{digest}"
 PACKAGE_INDEX = "pkgs"  # sorted set digest -> last time a driver uploaded or reused it
 CHUNK_BYTES = 4 * 1024 * 1024
 MAX_PACKAGES = 1000  # the least recently used beyond this are deleted
+UPLOAD_TTL_SECONDS = 600  # an upload cut short leaves nothing behind for longer
 
 
 def has_package(gcs: Gcs, digest: str) -> bool:
@@ -27,19 +29,26 @@ def has_package(gcs: Gcs, digest: str) -> bool:
 
 
 def put_package(gcs: Gcs, digest: str, data: bytes) -> None:
-    """Store a package chunk by chunk (a few MiB per call), then drop the oldest beyond
-    MAX_PACKAGES."""
+    """Store a package chunk by chunk (a few MiB per call) under a key of this upload's own,
+    renamed into place once complete (so uploads of the same package never mix), then drop
+    the least recently used beyond MAX_PACKAGES."""
     key = gcs.key(PACKAGE, digest=digest)
-    gcs.redis.delete(key)
+    staging = gcs.key(PACKAGE, digest=f"{digest}.upload.{os.urandom(8).hex()}")
     view = memoryview(data)
     count = 0
-    for offset in range(0, len(data), CHUNK_BYTES):
-        gcs.redis.hset(key, str(count), bytes(view[offset : offset + CHUNK_BYTES]))
-        count += 1
-    pipe = gcs.redis.pipeline(transaction=True)
-    pipe.hset(key, mapping={"size": len(data), "chunks": count, "done": 1})
-    pipe.zadd(gcs.key(PACKAGE_INDEX), {digest: time.time()})
-    pipe.execute()
+    try:
+        for offset in range(0, len(data), CHUNK_BYTES):
+            gcs.redis.hset(staging, str(count), bytes(view[offset : offset + CHUNK_BYTES]))
+            gcs.redis.expire(staging, UPLOAD_TTL_SECONDS)
+            count += 1
+        pipe = gcs.redis.pipeline(transaction=True)
+        pipe.hset(staging, mapping={"size": len(data), "chunks": count, "done": 1})
+        pipe.persist(staging)
+        pipe.renamenx(staging, key)
+        pipe.zadd(gcs.key(PACKAGE_INDEX), {digest: time.time()})
+        pipe.execute()
+    finally:
+        gcs.redis.delete(staging)  # (gone already when renamed)
     excess = gcs.redis.zcard(gcs.key(PACKAGE_INDEX)) - MAX_PACKAGES
     if excess > 0:
         old = gcs.redis.zrange(gcs.key(PACKAGE_INDEX), 0, excess - 1)

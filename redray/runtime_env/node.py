@@ -11,6 +11,7 @@ seconds (asking again at once would fail the same way), then tried afresh.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
 import logging
 import os
@@ -75,6 +76,7 @@ class NodeEnvs:
         self.cache = Path(cache_dir)
         self._lock = threading.Lock()
         self._envs: dict[str, _Env] = {}
+        self._venv_locks: dict[str, threading.Lock] = {}  # envs may share a requirement set
 
     def prepare(
         self, runtime_env: dict, done: Callable[[Prepared | None, str | None], None]
@@ -190,6 +192,14 @@ class NodeEnvs:
         """The interpreter of the virtualenv for this requirement set, built once: it sees
         the node's own packages (redray among them) behind its own."""
         name = spec.digest({"pip": packages, "python": sys.version, "exe": sys.executable})
+        with self._lock:
+            lock = self._venv_locks.setdefault(name, threading.Lock())
+        with lock:
+            return self._build_virtualenv(name, packages, deadline, limit)
+
+    def _build_virtualenv(
+        self, name: str, packages: list[str], deadline: float | None, limit: float | None
+    ) -> str:
         venv = self.cache / "pip" / name
         python = venv / "bin" / "python"
         if (venv / READY_MARK).exists():
@@ -204,12 +214,20 @@ class NodeEnvs:
                 [uv, "venv", "--python", sys.executable, "--system-site-packages", str(venv)],
                 [uv, "pip", "install", "--python", str(python), "-r", str(requirements)],
             ]
-        else:
+        elif _pip_has_python_option():  # this pip installs into the venv: no pip copied in
             steps = [
                 [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
                 [
                     sys.executable, "-m", "pip", "--python", str(python), "install",
                     "--disable-pip-version-check", "-r", str(requirements),
+                ],
+            ]  # fmt: skip
+        else:
+            steps = [
+                [sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                [
+                    str(python), "-m", "pip", "install", "--disable-pip-version-check",
+                    "-r", str(requirements),
                 ],
             ]  # fmt: skip
         for index, command in enumerate(steps):
@@ -245,6 +263,16 @@ class NodeEnvs:
                 f"Failed to install runtime_env pip packages {packages} "
                 f"({os.path.basename(command[0])} exited with {result.returncode}):\n{tail}"
             )
+
+
+def _pip_has_python_option() -> bool:
+    """pip >= 22.3 can install into another interpreter's environment (`--python`)."""
+    try:
+        version = importlib.metadata.version("pip")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    parts = [int(p) if p.isdigit() else 0 for p in version.split(".")[:2]]
+    return tuple(parts + [0] * (2 - len(parts))) >= (22, 3)
 
 
 def _single_top_dir(dest: Path) -> Path:
