@@ -217,6 +217,10 @@ class JobKeys:
         args = [*self.gcs._fence_args(fence), sid, node_id, entry]
         return bool(self.gcs._eval(LUA_FENCE + _ASSIGN, keys, args, fence=fence))
 
+    def drop_intake(self, node_id: str) -> None:
+        """Forget the intake list of a node that died (nobody will take from it)."""
+        self.gcs.redis.delete(self.gcs.key(INTAKE, node_id=node_id))
+
     # -- nodes ------------------------------------------------------------------------------
     def take_assigned(self, node_id: str, timeout: float) -> str | None:
         """The next job given to this node, waiting at most timeout."""

@@ -83,6 +83,7 @@ class JobScheduler:
             node_id = entry["node_id"]
             if node_id not in known:
                 self.keys.finish(sid, "FAILED", f"The node {node_id} running the job died.")
+                self.keys.drop_intake(node_id)
                 continue
             used.setdefault(node_id, Counter()).update(entry["resources"])
             running[node_id] += 1
