@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import secrets
@@ -16,8 +15,6 @@ from typing import Any
 from redray import exceptions
 from redray.core import context
 from redray.core.object_ref import ObjectRef
-from redray.runtime_env import packaging
-from redray.runtime_env import spec as env_spec
 
 log = logging.getLogger("redray")
 
@@ -266,6 +263,8 @@ def _check_job_config(job_config: Any) -> None:
 def _start_driver(connection, namespace, log_to_driver, runtime_env, job_config=None) -> None:
     from redray.core.jobs import JobInfo
     from redray.gcs import Gcs
+    from redray.runtime_env import packaging
+    from redray.runtime_env import spec as env_spec
     from redray.worker import CoreWorker
 
     gcs = Gcs(connection["gcs_url"], connection["cluster"])
@@ -286,9 +285,7 @@ def _start_driver(connection, namespace, log_to_driver, runtime_env, job_config=
     )
     try:
         # A submitted job's runtime env is its driver's default (what init() got wins).
-        submitted = os.environ.get(packaging.JOB_ENV_VAR)
-        if submitted:
-            runtime_env = env_spec.merge(json.loads(submitted), runtime_env)
+        runtime_env = env_spec.merge(packaging.submitted_job_env(), runtime_env)
         runtime_env = packaging.resolve_once(runtime_env, worker.gcs)
         worker.jobs.jobs[job_id] = JobInfo(
             job_id,

@@ -242,6 +242,12 @@ WORKER_ENV_VAR = "REDRAY_RUNTIME_ENV"  # a worker's own resolved runtime env, as
 JOB_ENV_VAR = "REDRAY_JOB_RUNTIME_ENV"  # a submitted job's resolved runtime env, as JSON
 
 
+def submitted_job_env() -> dict | None:
+    """The runtime env of the submitted job this process is the driver of, if any."""
+    raw = os.environ.get(JOB_ENV_VAR)
+    return json.loads(raw) if raw else None
+
+
 def inherited_env(job_env: dict | None) -> dict | None:
     """The runtime env new tasks and actors inherit (Ray: the parent's): a worker's own,
     else the job's."""
