@@ -141,6 +141,8 @@ class ActorClass:
             )
         else:
             running = placement
+        job = worker.jobs.current()
+        runtime_env = worker.jobs.runtime_env_for(options.get("runtime_env"), job)
         actor_id = os.urandom(16)
         info = {
             "actor_id": actor_id.hex(),
@@ -158,7 +160,8 @@ class ActorClass:
             "placement_resources": placement,
             "resources": running,
             "strategy": strategy,
-            "env_vars": (options.get("runtime_env") or {}).get("env_vars") or {},
+            "env_vars": (runtime_env or {}).get("env_vars") or {},
+            "runtime_env": runtime_env,
             "seq": 0,
         }
         submitter = worker.actors

@@ -186,7 +186,7 @@ def _connect_existing(address: str, node_ip: str | None = None) -> dict[str, Any
     from redray.gcs import DEFAULT_CLUSTER, URL_SCHEMES, Gcs
     from redray.node import launch as node
 
-    cluster = DEFAULT_CLUSTER
+    cluster = os.environ.get("REDRAY_CLUSTER") or DEFAULT_CLUSTER
     if address == "auto":
         current = node.read_current_cluster()
         if current is None:
@@ -233,6 +233,10 @@ def _pick_local_node(nodes: list[dict[str, Any]], node_ip: str | None) -> dict[s
             if info.get("node_ip_address") == node_ip:
                 return info
         raise ConnectionError(f"No live node of the cluster has the address {node_ip}.")
+    node_id = os.environ.get("REDRAY_NODE_ID")  # a submitted job's driver: its own node
+    for info in nodes:
+        if node_id and info.get("node_id") == node_id:
+            return info
     hostname = socket.gethostname()
     for info in nodes:
         if info.get("hostname") == hostname and info.get("is_head"):
@@ -266,6 +270,8 @@ def _check_job_config(job_config: Any) -> None:
 def _start_driver(connection, namespace, log_to_driver, runtime_env, job_config=None) -> None:
     from redray.core.jobs import JobInfo
     from redray.gcs import Gcs
+    from redray.runtime_env import packaging
+    from redray.runtime_env import spec as env_spec
     from redray.worker import CoreWorker
 
     gcs = Gcs(connection["gcs_url"], connection["cluster"])
@@ -285,6 +291,9 @@ def _start_driver(connection, namespace, log_to_driver, runtime_env, job_config=
         log_to_driver=log_to_driver,
     )
     try:
+        # A submitted job's runtime env is its driver's default (what init() got wins).
+        runtime_env = env_spec.merge(packaging.submitted_job_env(), runtime_env)
+        runtime_env = packaging.resolve_once(runtime_env, worker.gcs)
         worker.jobs.jobs[job_id] = JobInfo(
             job_id,
             worker.address,

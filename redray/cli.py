@@ -38,6 +38,7 @@ import psutil
 import redis
 
 from redray.gcs import DEFAULT_CLUSTER, URL_SCHEMES, Gcs
+from redray.jobs.cli import job_cli
 from redray.node import launch as node
 
 MIN_OBJECT_STORE_MEMORY = 1 << 20
@@ -783,6 +784,9 @@ def status(address: str, cluster: str | None) -> None:
     finally:
         gcs.close()
     click.echo("\n".join(_status_lines(nodes, gcs.url, cluster)))
+
+
+cli.add_command(job_cli)
 
 
 def main() -> None:

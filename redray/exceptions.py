@@ -250,7 +250,17 @@ class LocalRayletDiedError(RayError):
 
 
 class RuntimeEnvSetupError(RayError):
-    """The task's runtime_env could not be set up."""
+    """The task's runtime_env could not be set up (the message says why: for a failed
+    install, the installer's last lines)."""
+
+    def __init__(self, error_message: str | None = None):
+        super().__init__(error_message)
+        self.error_message = error_message
+
+    def __str__(self) -> str:
+        return "\n".join(
+            filter(None, ["Failed to set up runtime environment.", self.error_message])
+        )
 
 
 class PendingCallsLimitExceeded(RayError):

@@ -218,6 +218,8 @@ if ARGV[1] ~= '' and (redis.call('GET', KEYS[1]) ~= ARGV[1]
 end
 """
 
+LUA_FENCE = _LUA_FENCE  # for the fenced scripts of capability subpackages (their keys.py)
+
 # Delete the oldest entries of a retention index beyond cap (at most batch per call): the
 # table entries, their entries in other hashes, and name bindings still pointing at them.
 _LUA_TRIM = """

@@ -10,6 +10,7 @@ import numbers
 from typing import Any
 
 from redray.resources import bundle_resources
+from redray.runtime_env import spec as env_spec
 from redray.util.scheduling_strategies import PlacementGroupSchedulingStrategy, check_strategy, wire
 
 _NONE = type(None)
@@ -192,7 +193,7 @@ TASK_OPTIONS = set(_TASK)
 ACTOR_OPTIONS = set(_ACTOR)
 METHOD_OPTIONS = set(_METHOD)
 
-SUPPORTED_RUNTIME_ENV = {"env_vars", "config"}
+SUPPORTED_RUNTIME_ENV = set(env_spec.FIELDS)
 
 
 def validate(options: dict[str, Any], kind: str, in_options: bool = False) -> dict[str, Any]:
@@ -245,22 +246,8 @@ def returns(num_returns: Any, is_generator: bool) -> tuple[int, str | None]:
 
 
 def validate_runtime_env(runtime_env: Any) -> None:
-    if runtime_env is None:
-        return
-    if not isinstance(runtime_env, dict):
-        raise TypeError("runtime_env must be a dict.")
-    unsupported = set(runtime_env) - SUPPORTED_RUNTIME_ENV
-    if unsupported:
-        raise ValueError(
-            f"runtime_env fields {sorted(unsupported)} are not supported by redray; "
-            f"supported: {sorted(SUPPORTED_RUNTIME_ENV)}."
-        )
-    env_vars = runtime_env.get("env_vars")
-    if env_vars is not None:
-        if not isinstance(env_vars, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()
-        ):
-            raise TypeError("runtime_env['env_vars'] must be a dict of str to str.")
+    """TypeError/ValueError for a runtime_env Ray would refuse or redray cannot honour."""
+    env_spec.validate(runtime_env)
 
 
 def task_resources(options: dict[str, Any], default_cpus: float = 1.0) -> dict[str, float]:

@@ -30,6 +30,7 @@ from redray import exceptions
 from redray import gcs as gcs_schema
 from redray.control.loop import ControlLoop
 from redray.gcs import Gcs, HeartbeatStatus, NodeDeadError
+from redray.jobs.supervisor import JobSupervisor
 from redray.node import scheduling, worker_pool
 from redray.node.bundles import Bundles
 from redray.node.object_manager import ObjectManager
@@ -38,6 +39,9 @@ from redray.objstore.arena import SharedArena
 from redray.objstore.store import ObjectStore
 from redray.outage import OUTAGE_ENV, health, outage_limit
 from redray.resources import placement_group_of
+from redray.runtime_env import packaging
+from redray.runtime_env import spec as env_spec
+from redray.runtime_env.node import NodeEnvs, Prepared
 from redray.transport.connection import Connection
 from redray.transport.reactor import Reactor
 from redray.watcher import Watcher, is_connection_error
@@ -50,6 +54,8 @@ SNAPSHOT_WAIT_SECONDS = 0.2  # how long a beat waits for the reactor's fresh sna
 IDLE_WORKER_SECONDS = 10.0
 UNKNOWN_NODE_SECONDS = 3.0  # how long a request may name a node nobody has heard of
 INFEASIBLE_WARNING_SECONDS = 1.0  # a new node (or placement group) may make it fit meanwhile
+MAX_ENVS = 10_000  # distinct runtime envs a node remembers (beyond: no inheritance info)
+ENV_MARK = "\0runtime_env"  # the entry of a worker-pool key naming a runtime env to set up
 
 
 @dataclass
@@ -122,6 +128,7 @@ class Raylet:
         self.zygote_pid, zygote_sock = zygote
         self.redis_server = None
         self.control = None
+        self.jobs: JobSupervisor | None = None
         self.outage_limit = outage_limit()  # how long a Redis outage is ridden out
         health.consequence = (
             "This node keeps running its tasks and beats again with backoff; it stops if "
@@ -140,6 +147,12 @@ class Raylet:
         self._seal_waiters: dict[bytes, list[Callable[[bool], None]]] = {}
 
         self.gcs = Gcs(config["gcs_url"], config["cluster"])
+        self.envs = NodeEnvs(self.gcs, os.path.join(config["session_dir"], "runtime_resources"))
+        # Worker-pool keys of runtime envs needing setup: their resolved env, and once set
+        # up, how their workers start (reactor thread only).
+        self.env_of: dict[tuple, dict] = {}
+        self.prepared: dict[tuple, Prepared] = {}
+        self.preparing: set[tuple] = set()
         self.reactor = Reactor(self.token, name="redray-raylet")
         self.zygote = self.reactor.adopt(zygote_sock, self._on_zygote, self._on_zygote_lost)
         self.address = self.reactor.listen(
@@ -216,6 +229,15 @@ class Raylet:
         if self.config.get("head"):
             self.control = ControlLoop(self)
             self.control.start()
+        self.jobs = JobSupervisor(
+            self.node_id,
+            self.config["gcs_url"],
+            self.config["cluster"],
+            self.envs,
+            lambda resources: self.reactor.call_soon(self._hold, resources),
+            lambda resources: self.reactor.call_soon(self._release, resources),
+        )
+        self.jobs.start()
         self.reactor.call_later(IDLE_WORKER_SECONDS, self._reap_idle_workers)
         return {"node_id": self.node_id, "gcs_url": self.config["gcs_url"], **info}
 
@@ -227,6 +249,8 @@ class Raylet:
         self.stopping.set()
         if self.control is not None:
             self.control.stop()
+        if self.jobs is not None:
+            self.jobs.stop()
         self._gcs_jobs.put(None)
         pids = [w.pid for w in self.workers.values() if w.pid]
         _kill(self.zygote_pid)
@@ -317,7 +341,12 @@ class Raylet:
         worker_id = os.urandom(16)
         self.workers[worker_id] = _Worker(worker_id, env_key)
         self.starting[env_key] += 1
-        self.zygote.send(("spawn", worker_id, dict(env_key), self.address))
+        env_vars = dict(env_key)
+        env_vars.pop(ENV_MARK, None)
+        if env_key in self.env_of:  # what the worker's own tasks inherit
+            env_vars[packaging.WORKER_ENV_VAR] = json.dumps(self.env_of[env_key])
+        prepared = self.prepared.get(env_key)
+        self.zygote.send(("spawn", worker_id, env_vars, self.address, prepared))
 
     def _on_zygote(self, conn: Connection, message: tuple) -> None:
         if message[0] == "spawned":
@@ -413,7 +442,19 @@ class Raylet:
             conn.send(("reply", call_id, ("stale",)))
             return
         resources = scheduling.normalize(request["resources"])
-        env_vars = request.get("env_vars") or {}
+        runtime_env = request.get("runtime_env") or {}
+        env_vars = runtime_env.get("env_vars") or request.get("env_vars") or {}
+        env_key = tuple(sorted(env_vars.items()))
+        if env_spec.needs_setup(runtime_env):
+            env_key += ((ENV_MARK, env_spec.digest(env_spec.setup_part(runtime_env))),)
+            if env_key not in self.env_of and len(self.env_of) >= MAX_ENVS:
+                error = exceptions.RuntimeEnvSetupError(
+                    f"This node already serves {MAX_ENVS} distinct runtime envs."
+                )
+                conn.send(("reply", call_id, ("error", error)))
+                return
+        if runtime_env and (env_key in self.env_of or len(self.env_of) < MAX_ENVS):
+            self.env_of.setdefault(env_key, runtime_env)
         groups = {placement_group_of(r) for r in resources} - {None}
         if any(group in self.bundles.removed for group in groups):
             error = exceptions.TaskUnschedulableError(
@@ -443,7 +484,7 @@ class Raylet:
                 call_id,
                 resources,
                 env_vars,
-                tuple(sorted(env_vars.items())),
+                env_key,
                 request["name"],
                 actor=bool(request.get("actor")),
                 capture=bool(isinstance(strategy, dict) and strategy.get("capture")),
@@ -550,8 +591,37 @@ class Raylet:
             self.pending.remove(request)
             self._grant(request, worker)
         for env_key, needed in waiting_for_worker.items():
+            if env_key and env_key[-1][0] == ENV_MARK and env_key not in self.prepared:
+                self._prepare_env(env_key)
+                continue
             for _ in range(needed - self.starting[env_key]):
                 self._start_worker(env_key)
+
+    def _prepare_env(self, env_key: tuple) -> None:
+        """Set up a runtime env (off this thread); its requests wait meanwhile."""
+        if env_key in self.preparing:
+            return
+        self.preparing.add(env_key)
+        self.envs.prepare(
+            self.env_of[env_key],
+            lambda prepared, error: self.reactor.call_soon(
+                self._env_prepared, env_key, prepared, error
+            ),
+        )
+
+    def _env_prepared(self, env_key: tuple, prepared: Prepared | None, error: str | None) -> None:
+        """A runtime env is ready (its workers start), or failed: its waiting requests get
+        RuntimeEnvSetupError."""
+        self.preparing.discard(env_key)
+        if prepared is not None:
+            self.prepared[env_key] = prepared
+        else:
+            failed = [r for r in self.pending if r.env_key == env_key]
+            self.pending = [r for r in self.pending if r.env_key != env_key]
+            for request in failed:
+                reply = ("error", exceptions.RuntimeEnvSetupError(error))
+                request.conn.send(("reply", request.call_id, reply))
+        self._schedule()
 
     def _take_idle(self, request: _Request) -> _Worker | None:
         """An idle worker for the request's runtime env and kind of work (as Ray, a worker
@@ -619,6 +689,17 @@ class Raylet:
             self.available[name] = self.available.get(name, 0.0) + amount
         self.gpu_free.extend(lease.gpu_ids)
         lease.worker.lease = None
+
+    def _hold(self, resources: dict[str, float]) -> None:
+        """A job's entrypoint takes its resources (available may go below zero: tasks then
+        wait until theirs come back)."""
+        for name, amount in scheduling.normalize(resources).items():
+            self.available[name] = self.available.get(name, 0.0) - amount
+
+    def _release(self, resources: dict[str, float]) -> None:
+        for name, amount in scheduling.normalize(resources).items():
+            self.available[name] = self.available.get(name, 0.0) + amount
+        self._schedule()
 
     def _on_lease_return(self, conn: Connection, message: tuple) -> None:
         _, lease_id, kill = message

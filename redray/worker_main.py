@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import sys
 from typing import Any
 
 from redray.core import context
@@ -43,3 +45,22 @@ def _create_actor(executor: Executor, conn: Connection, message: tuple) -> None:
     from redray.core.actor_runtime import create_actor
 
     create_actor(executor, conn, message)
+
+
+def _main_from_fd(argv: list[str]) -> None:
+    """A worker started by exec (a runtime env with its own interpreter): its configuration
+    arrives pickled on the inherited pipe named by ``--config-fd``."""
+    from redray.node.worker_pool import die_with_parent
+
+    die_with_parent()
+    fd = int(argv[argv.index("--config-fd") + 1])
+    with os.fdopen(fd, "rb") as pipe:
+        config = pickle.loads(pipe.read())
+    main(config)
+
+
+if __name__ == "__main__":
+    try:
+        _main_from_fd(sys.argv)
+    finally:
+        os._exit(1)

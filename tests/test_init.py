@@ -66,7 +66,7 @@ def test_unknown_keyword_is_a_type_error_naming_it():
         ({"resources": {"CPU": 2}}, ValueError),
         ({"resources": {"GPU": 1}}, ValueError),
         ({"resources": ["custom"]}, TypeError),
-        ({"runtime_env": {"pip": ["x"]}}, ValueError),
+        ({"runtime_env": {"conda": "env"}}, ValueError),
         ({"runtime_env": "not a dict"}, TypeError),
         ({"_node_ip_address": "0.0.0.0"}, ValueError),
         ({"_node_ip_address": "not-an-ip"}, ValueError),
@@ -317,7 +317,7 @@ def test_init_arguments_win_over_the_job_config(isolated):
     [
         ({"default_actor_lifetime": "detached"}, ValueError),
         ({"jvm_options": ["-Xmx1g"]}, ValueError),
-        ({"runtime_env": {"pip": ["requests"]}}, ValueError),
+        ({"runtime_env": {"conda": "env"}}, ValueError),
         (None, TypeError),
     ],
 )

@@ -208,7 +208,7 @@ def test_calling_a_remote_function_directly_raises_type_error(ray_start):
         ({"enable_task_events": 1}, TypeError),
         ({"scheduling_strategy": "NOWHERE"}, ValueError),
         ({"scheduling_strategy": 3}, TypeError),
-        ({"runtime_env": {"pip": ["requests"]}}, ValueError),
+        ({"runtime_env": {"conda": "env"}}, ValueError),
         ({"runtime_env": {"env_vars": {"A": 1}}}, TypeError),
         ({"runtime_env": "env"}, TypeError),
         ({"name": 3}, TypeError),

@@ -170,6 +170,7 @@ class ActorManager:
         request = {
             "resources": info.get("placement_resources") or {},
             "env_vars": info.get("env_vars") or {},
+            "runtime_env": info.get("runtime_env"),
             "strategy": info.get("strategy"),
             "name": info.get("class_name", "actor"),
             "actor": True,

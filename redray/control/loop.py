@@ -27,6 +27,7 @@ from redray.control.actors import ActorManager
 from redray.control.placement import PlacementGroupManager
 from redray.control.tenure import HostNode, Tenure
 from redray.gcs import BadRequest, Fence, Gcs, NotLeaderError, Request
+from redray.jobs.scheduler import JobScheduler
 from redray.transport.connection import Connection
 from redray.watcher import Watcher, is_connection_error
 from redray.worker import CoreWorker
@@ -62,6 +63,9 @@ class ControlLoop:
 
     def start(self) -> None:
         threading.Thread(target=self._run, daemon=True, name="redray-control").start()
+        JobScheduler(
+            self.host.config["gcs_url"], self.host.config["cluster"], self.tenure, self.stopping
+        ).start()
 
     def stop(self) -> None:
         self.stopping.set()

@@ -18,6 +18,8 @@ from redray import exceptions
 from redray.core import serialization
 from redray.core.peers import Address, Peers
 from redray.gcs import Gcs
+from redray.runtime_env import packaging
+from redray.runtime_env import spec as env_spec
 from redray.transport.connection import Connection
 
 
@@ -74,6 +76,12 @@ class Jobs:
         if job is None:
             job = JobInfo(self.job_id, self._peers.address, self._namespace, self.log_to_driver)
         return job
+
+    def runtime_env_for(self, runtime_env: dict | None, job: JobInfo) -> dict | None:
+        """The resolved runtime env of a task or actor of job: its own merged over the one it
+        inherits (Ray's rules), packages uploaded once."""
+        merged = env_spec.merge(packaging.inherited_env(job.runtime_env), runtime_env)
+        return packaging.resolve_once(merged, self._gcs)
 
     @property
     def namespace(self) -> str:

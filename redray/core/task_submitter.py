@@ -31,6 +31,7 @@ from redray.core.peers import CONNECTION_LOST, Peers
 from redray.core.reference_table import Released
 from redray.core.serialization import error_payload, unpickle_error
 from redray.resources import bundle_resources
+from redray.runtime_env import spec as env_spec
 from redray.transport import protocol
 from redray.transport.connection import Connection
 
@@ -63,6 +64,8 @@ class TaskOptions:
     generator: str | None = None
     backpressure: int = -1
     _shape_key: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # job id -> these options in the job's runtime env (merged and resolved once)
+    _in_env: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def shape_key(self) -> tuple:
         """Tasks with equal keys can share leases (options are made once per function and
@@ -72,6 +75,7 @@ class TaskOptions:
             self._shape_key = (
                 tuple(sorted(self.resources.items())),
                 tuple(sorted((env.get("env_vars") or {}).items())),
+                env_spec.digest(env_spec.setup_part(env)) if env_spec.needs_setup(env) else None,
                 repr(self.strategy),
             )
         return self._shape_key
@@ -237,8 +241,8 @@ class TaskSubmitter:
         if parent is not None and options.strategy is None and actor is None:
             options = self._captured(options, running)
         job = self._jobs.current()
-        if job.runtime_env and options.runtime_env is None and actor is None:
-            options = dataclasses.replace(options, runtime_env=job.runtime_env)
+        if actor is None and (options.runtime_env is not None or job.runtime_env):
+            options = self._in_job_env(options, job)
         task = _Task(task_id, fn_key, options, wire_args, wire_kwargs, keep, return_ids, parent)
         task.actor = actor
         task.job = job
@@ -259,6 +263,20 @@ class TaskSubmitter:
             if parent is not None:
                 self._children.setdefault(parent, []).append(task_id)
         return task, refs, deps
+
+    def _in_job_env(self, options: TaskOptions, job: Any) -> TaskOptions:
+        """The options with the runtime env the task runs in: its own merged over the one it
+        inherits, packages uploaded (once per options and job)."""
+        cache = options._in_env
+        if cache is None:
+            cache = options._in_env = {}
+        in_env = cache.get(job.job_id)
+        if in_env is None:
+            env = self._jobs.runtime_env_for(options.runtime_env, job)
+            in_env = dataclasses.replace(options, runtime_env=env)
+            in_env._in_env = {job.job_id: in_env}
+            cache[job.job_id] = in_env
+        return in_env
 
     def _captured(self, options: TaskOptions, running: Any) -> TaskOptions:
         """Children of a task in a placement group that captures them run in it too."""
@@ -448,6 +466,7 @@ class TaskSubmitter:
         request = {
             "resources": options.resources,
             "env_vars": (options.runtime_env or {}).get("env_vars") or {},
+            "runtime_env": options.runtime_env,
             "strategy": options.strategy,
             "name": options.name,
             "spilled": spilled,

@@ -101,9 +101,9 @@ def _zygote_main(sock: socket.socket, worker_config: dict[str, Any]) -> None:
                 return  # the stream is unusable: the raylet sees the fork server gone
             for message in messages:
                 if message[0] == "spawn":
-                    _, worker_id, env_vars, raylet_address = message
+                    _, worker_id, env_vars, raylet_address, prepared = message
                     config = {**worker_config, "raylet_address": raylet_address}
-                    pid = _fork_worker(sock, wake_r, wake_w, config, worker_id, env_vars)
+                    pid = _fork_worker(sock, wake_r, wake_w, config, worker_id, env_vars, prepared)
                     sock.sendall(protocol.encode(("spawned", worker_id, pid)))
 
 
@@ -127,7 +127,12 @@ def _reap(sock: socket.socket) -> None:
         sock.sendall(protocol.encode(("exited", pid, status)))
 
 
-def _fork_worker(sock, wake_r, wake_w, config, worker_id: bytes, env_vars: dict) -> int:
+def _fork_worker(
+    sock, wake_r, wake_w, config, worker_id: bytes, env_vars: dict, prepared: Any = None
+) -> int:
+    """A new worker: a fork of this process, in the runtime env `prepared` describes (a
+    `redray.runtime_env.node.Prepared`, or None); one whose env has its own interpreter (a
+    virtualenv) execs it, reading its configuration from an inherited pipe."""
     pid = os.fork()
     if pid != 0:
         return pid
@@ -140,6 +145,8 @@ def _fork_worker(sock, wake_r, wake_w, config, worker_id: bytes, env_vars: dict)
         sock.close()
         die_with_parent()
         os.environ.update({k: str(v) for k, v in env_vars.items()})
+        if prepared is not None:
+            _enter_env(prepared, {**config, "worker_id": worker_id})
         random.seed()
         if "numpy" in sys.modules:
             sys.modules["numpy"].random.seed()
@@ -152,3 +159,19 @@ def _fork_worker(sock, wake_r, wake_w, config, worker_id: bytes, env_vars: dict)
         traceback.print_exc()
     finally:
         os._exit(1)
+
+
+def _enter_env(prepared: Any, config: dict) -> None:
+    """Move this new worker into its runtime env: its working_dir as cwd, its paths first on
+    sys.path, or (a virtualenv) exec that interpreter, which never returns."""
+    os.environ.update(prepared.environ(dict(os.environ)))
+    if prepared.cwd:
+        os.chdir(prepared.cwd)
+    if prepared.python:
+        read_end, write_end = os.pipe()
+        os.write(write_end, pickle.dumps(config))  # a few KB: fits the pipe's buffer
+        os.close(write_end)
+        os.set_inheritable(read_end, True)
+        argv = [prepared.python, "-m", "redray.worker_main", "--config-fd", str(read_end)]
+        os.execv(prepared.python, argv)
+    sys.path[:0] = [p for p in prepared.paths if p not in sys.path]
