@@ -62,7 +62,7 @@ class Pool:
                 "The 'context' argument is not supported by redray's Pool; pool processes "
                 "are actors started by the cluster."
             )
-        _connect(processes, ray_address)
+        connect(processes, ray_address)
         cpus = int(cluster_resources().get("CPU", 0))
         if processes is None:
             processes = cpus
@@ -260,7 +260,7 @@ def _chunks(items: Iterator[Any], chunksize: int, star: bool) -> Iterator[list]:
         yield chunk
 
 
-def _connect(processes: int | None, ray_address: str | None) -> None:
+def connect(processes: int | None, ray_address: str | None) -> None:
     """Connect as Ray's Pool does when this process is not connected yet."""
     if is_initialized():
         return
