@@ -16,21 +16,13 @@ pytestmark = [pytest.mark.usefixtures("ray_start"), pytest.mark.timeout(90)]
 register_ray()
 
 
-def where_am_i(_):
-    return os.getpid(), redray.get_runtime_context().get_actor_id()
+# The functions the pool runs are defined inside the tests (so pickled by value) or built
+# in: an actor that had to import this module to find them would import pytest for nothing.
 
 
-def total(array, offset):
-    return float(array.sum()) + offset, array.flags.writeable
-
-
-def parse(text):
-    return int(text)
-
-
+@pytest.mark.timeout(180)  # scikit-learn's import alone takes seconds in each actor
 def test_grid_search_on_the_cluster_finds_what_a_sequential_search_finds():
-    # Imported here, not at the top: the pool's actors import this module to find the
-    # functions the other tests run, and scikit-learn would add seconds to each of them.
+    # (imported here: scikit-learn takes seconds to import, which only this test needs)
     from sklearn.datasets import load_iris
     from sklearn.model_selection import GridSearchCV
     from sklearn.svm import SVC
@@ -46,6 +38,9 @@ def test_grid_search_on_the_cluster_finds_what_a_sequential_search_finds():
 
 
 def test_batches_run_in_pool_actors_sized_by_the_cluster():
+    def where_am_i(_):
+        return os.getpid(), redray.get_runtime_context().get_actor_id()
+
     with joblib.parallel_backend("ray"):
         assert joblib.effective_n_jobs(-1) == 2  # the cluster's CPUs
         assert joblib.effective_n_jobs(8) == 2
@@ -56,6 +51,9 @@ def test_batches_run_in_pool_actors_sized_by_the_cluster():
 
 
 def test_large_arrays_are_stored_once_and_read_in_place():
+    def total(array, offset):
+        return float(array.sum()) + offset, array.flags.writeable
+
     big = np.arange(300_000, dtype=np.float64)  # 2.4 MB: above the 1 MB threshold
     small = np.ones(10)
     with joblib.parallel_backend("ray", n_jobs=2):
@@ -71,8 +69,8 @@ def test_large_arrays_are_stored_once_and_read_in_place():
 def test_errors_and_generators_behave_as_with_joblibs_own_backends():
     with joblib.parallel_backend("ray", n_jobs=2):
         with pytest.raises(ValueError, match="invalid literal"):
-            joblib.Parallel()(joblib.delayed(parse)(text) for text in ["1", "two", "3"])
+            joblib.Parallel()(joblib.delayed(int)(text) for text in ["1", "two", "3"])
         lazily = joblib.Parallel(return_as="generator")(
-            joblib.delayed(parse)(str(i)) for i in range(6)
+            joblib.delayed(int)(str(i)) for i in range(6)
         )
         assert list(lazily) == list(range(6))
