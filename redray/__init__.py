@@ -36,9 +36,9 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # `redray.util`, `redray.actor` and `redray.job_config` as attributes (as `ray.util`),
-    # imported on first use.
-    if name in ("util", "actor", "job_config"):
+    # `redray.util`, `redray.actor`, `redray.job_config` and `redray.dag` as attributes (as
+    # `ray.util`), imported on first use.
+    if name in ("util", "actor", "job_config", "dag"):
         import importlib
 
         return importlib.import_module(f"redray.{name}")

@@ -17,6 +17,7 @@ from redray import options as opts
 from redray.core import context, serialization
 from redray.core.actor_runtime import TERMINATE, ActorExit
 from redray.core.task_submitter import TaskOptions
+from redray.dag.class_node import PARENT_CLASS_NODE_KEY, ClassMethodNode, ClassNode
 from redray.gcs import NAMED_ACTORS
 from redray.signatures import check_actor_creation, check_method
 
@@ -101,10 +102,11 @@ class ActorClass:
 
     def options(self, **actor_options: Any) -> _BoundActorClass:
         merged = {**self._options, **opts.validate(dict(actor_options), "actor", in_options=True)}
-        return _BoundActorClass(self, merged)
+        return _BoundActorClass(self, merged, actor_options)
 
-    def bind(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("Ray DAGs (.bind) are not supported by redray.")
+    def bind(self, *args: Any, **kwargs: Any) -> ClassNode:
+        """This actor as a node of a graph (`redray.dag`): each `execute` creates one."""
+        return ClassNode(self._cls, args, kwargs, {}, creator=self)
 
     def _export(self, worker: Any) -> str:
         if self._key is None:
@@ -200,15 +202,16 @@ class ActorClass:
 
 
 class _BoundActorClass:
-    def __init__(self, actor_class: ActorClass, options: dict[str, Any]):
+    def __init__(self, actor_class: ActorClass, options: dict[str, Any], given: dict[str, Any]):
         self._actor_class = actor_class
         self._options = options
+        self._given = given
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         return self._actor_class._create(args, kwargs, self._options)
 
-    def bind(self, *args: Any, **kwargs: Any) -> Any:
-        return self._actor_class.bind(*args, **kwargs)
+    def bind(self, *args: Any, **kwargs: Any) -> ClassNode:
+        return ClassNode(self._actor_class._cls, args, kwargs, self._given, creator=self)
 
 
 class ActorHandle:
@@ -305,19 +308,30 @@ class ActorMethod:
 
     def options(self, **call_options: Any) -> _BoundMethod:
         opts.validate(dict(call_options), "method")
-        return _BoundMethod(self, _call_options(self._handle, self._name, self._meta, call_options))
+        return _BoundMethod(
+            self, _call_options(self._handle, self._name, self._meta, call_options), call_options
+        )
 
-    def bind(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("Ray DAGs (.bind) are not supported by redray.")
+    def bind(self, *args: Any, **kwargs: Any) -> ClassMethodNode:
+        """A call on this actor as a node of a graph (`redray.dag`)."""
+        return _bind_method(self._handle, self._name, args, kwargs, {})
 
 
 class _BoundMethod:
-    def __init__(self, actor_method: ActorMethod, call_options: Any):
+    def __init__(self, actor_method: ActorMethod, call_options: Any, given: dict[str, Any]):
         self._method = actor_method
         self._call_options = call_options
+        self._given = given
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         return _submit(self._method._handle, self._method._name, args, kwargs, self._call_options)
+
+    def bind(self, *args: Any, **kwargs: Any) -> ClassMethodNode:
+        return _bind_method(self._method._handle, self._method._name, args, kwargs, self._given)
+
+
+def _bind_method(handle: ActorHandle, name: str, args: tuple, kwargs: dict, given: dict) -> Any:
+    return ClassMethodNode(name, args, kwargs, given, {PARENT_CLASS_NODE_KEY: handle})
 
 
 def _call_options(handle: ActorHandle, name: str, meta: dict, overrides: dict) -> Any:

@@ -11,6 +11,7 @@ from redray import options as opts
 from redray.core import context, serialization
 from redray.core.executor import CallLimit
 from redray.core.task_submitter import TaskOptions
+from redray.dag.function_node import FunctionNode
 from redray.signatures import Binder
 
 # A pickled function or class above these sizes (bytes) draws a warning / is refused (Ray's
@@ -55,10 +56,11 @@ class RemoteFunction:
     def options(self, **task_options: Any) -> _BoundOptions:
         """The same function with some options overridden for the next calls."""
         merged = {**self._options, **opts.validate(dict(task_options), "task", in_options=True)}
-        return _BoundOptions(self, self._build(merged))
+        return _BoundOptions(self, self._build(merged), task_options)
 
-    def bind(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("Ray DAGs (.bind) are not supported by redray.")
+    def bind(self, *args: Any, **kwargs: Any) -> FunctionNode:
+        """This task as a node of a graph (`redray.dag`), run by the graph's `execute`."""
+        return FunctionNode(self._function, args, kwargs, {}, submitter=self)
 
     def _build(self, options: dict[str, Any]) -> TaskOptions:
         retry = options.get("retry_exceptions", False)
@@ -112,12 +114,13 @@ class RemoteFunction:
 class _BoundOptions:
     """What `.options(...)` returns: `.remote()` with those options."""
 
-    def __init__(self, function: RemoteFunction, task_options: TaskOptions):
+    def __init__(self, function: RemoteFunction, task_options: TaskOptions, given: dict):
         self._function = function
         self._task_options = task_options
+        self._given = given
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         return self._function._submit(args, kwargs, self._task_options)
 
-    def bind(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function.bind(*args, **kwargs)
+    def bind(self, *args: Any, **kwargs: Any) -> FunctionNode:
+        return FunctionNode(self._function._function, args, kwargs, self._given, submitter=self)
