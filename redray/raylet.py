@@ -35,6 +35,7 @@ from redray.node import scheduling, worker_pool
 from redray.node.bundles import Bundles
 from redray.node.object_manager import ObjectManager
 from redray.node.redis_server import RedisServer
+from redray.objstore import files
 from redray.objstore.arena import SharedArena
 from redray.objstore.store import ObjectStore
 from redray.outage import OUTAGE_ENV, health, outage_limit
@@ -796,6 +797,9 @@ class Raylet:
     def _on_alloc(self, conn: Connection, message: tuple) -> None:
         """Reserve room for an object a local process writes: an arena offset or a file path."""
         _, call_id, oid, size, owner = message
+        if self.store.contains(oid):
+            conn.send(("reply", call_id, files.ALREADY_STORED))
+            return
         try:
             location = self.store.create(oid, size, owner)
         except (exceptions.ObjectStoreFullError, ValueError, TypeError) as exc:

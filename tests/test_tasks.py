@@ -1033,3 +1033,30 @@ def test_cluster_resources_have_the_store_and_memory_as_ray(ray_start):
         assert view["memory"] > 0
     assert {"CPU", "memory", "object_store_memory", "node:__internal_head__"} <= set(total)
     assert any(name.startswith("node:") and name != "node:__internal_head__" for name in total)
+
+
+class DiesWhilePickledOnce:
+    """Kills its process while being pickled as a task's return, on the first attempt only:
+    the task's earlier large return is already in the store by then."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        if not os.path.exists(self.marker):
+            mark(self.marker)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return (str, ("second",))
+
+
+@redray.remote(num_returns=2, max_retries=1)
+def large_then_dies(marker: str):
+    return b"x" * (1 << 20), DiesWhilePickledOnce(marker)
+
+
+def test_a_retry_after_a_death_between_two_returns_reuses_the_stored_one(ray_start, tmp_path):
+    """The first attempt stored its 1 MiB return and died writing the second: the retry
+    finds the first already in the store (same id, same value) and completes, as in Ray."""
+    first, second = large_then_dies.remote(str(tmp_path / "died"))
+    assert redray.get(second, timeout=60) == "second"
+    assert redray.get(first, timeout=60) == b"x" * (1 << 20)

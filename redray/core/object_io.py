@@ -443,6 +443,8 @@ class ObjectIO:
             raise exceptions.LocalRayletDiedError("the raylet is gone")
         if isinstance(reply, BaseException):
             raise reply
+        if reply == files.ALREADY_STORED:
+            return size
         # An arena offset, or the path of a file when the arena had no room for the object.
         serialized.write_to(files.region(self.arena(), reply, size, writable=True))
         self.raylet.send(("seal", oid))

@@ -5,6 +5,9 @@ objects) is created as a file in the store's spill directory instead, as Ray's p
 with its "fallback allocation": its creator maps the file and writes the value once, readers
 map it read-only and deserialize it zero-copy, exactly as with a region of the arena. Where
 an object lives is its *location*: an ``int`` offset into the arena, or a ``str`` file path.
+A creator asking for room for an object already sealed under that id (a retried task writing
+a return its dead first attempt had stored) is told ``ALREADY_STORED`` and writes nothing:
+objects are immutable, as in Ray's plasma.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 
 from redray.objstore.arena import SharedArena
 
+ALREADY_STORED = "already-stored"  # not a location: there is nothing to write
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # A new file only: never one planted in its place, nor through a symbolic link.
 _NEW_FILE = os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | _CLOEXEC
