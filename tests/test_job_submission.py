@@ -8,6 +8,7 @@ that lets a test hold the queue with one job).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -249,25 +250,35 @@ def test_bad_submissions_are_refused_at_the_call(client, cluster, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_a_job_whose_node_dies_fails_with_the_reason(cluster, client, tmp_path):
+def test_a_job_whose_node_dies_fails_with_the_reason_and_its_processes_end(
+    cluster, client, tmp_path
+):
+    """A SIGKILLed raylet runs no cleanup: the job's whole process group (here a shell and
+    a child it started) still ends with it, and the job is FAILED naming the dead node."""
     doomed = cluster.add_node("127.0.0.3", 0, resources={"doomed": 1})
     cluster.wait_nodes(3)
-    pid_file = tmp_path / "pid"
+    pid_file = tmp_path / "pids"
     sid = client.submit_job(
-        entrypoint=f"echo $$ > {pid_file}; exec sleep 60", entrypoint_resources={"doomed": 1}
+        entrypoint=f"sleep 60 & echo $$ $! > {pid_file}; wait",
+        entrypoint_resources={"doomed": 1},
     )
+    pids: list[int] = []
     try:
-        wait_status(client, sid, JobStatus.RUNNING)
+        wait_for(lambda: pid_file.exists() and len(pid_file.read_text().split()) == 2, 30)
+        pids = [int(p) for p in pid_file.read_text().split()]
         os.kill(doomed.process.pid, signal.SIGKILL)
+        wait_for(
+            lambda: not any(_alive(p) for p in pids),
+            10,
+            message="the job's processes outlived their SIGKILLed raylet",
+        )
         wait_status(client, sid, JobStatus.FAILED, timeout=30)
         info = client.get_job_info(sid)
         assert info.driver_node_id == doomed.info["node_id"] and "died" in info.message
     finally:
-        if pid_file.exists():  # the entrypoint outlives a SIGKILLed raylet: end it here
-            try:
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

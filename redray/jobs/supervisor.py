@@ -136,6 +136,7 @@ class JobSupervisor:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        watchdog = _watch_group(process)
         with self._lock:
             self._groups[sid] = process
         tail: list[bytes] = []
@@ -158,6 +159,7 @@ class JobSupervisor:
         finally:
             with self._lock:
                 self._groups.pop(sid, None)
+            _dismiss(watchdog)
         pump.join(OUTPUT_DRAIN_SECONDS)
         code = process.returncode
         if stopped:
@@ -225,6 +227,34 @@ class JobSupervisor:
                     log.warning("job %s: output lost (%s)", sid, exc)
         finally:
             process.stdout.close()
+
+
+def _watch_group(process: subprocess.Popen) -> subprocess.Popen | None:
+    """A tiny process that SIGKILLs the job's process group once this raylet is gone (a
+    SIGKILLed raylet runs no cleanup): it reads a pipe only this process holds open, and
+    the pipe's end is the raylet's death. None if it cannot start (the job runs anyway)."""
+    try:
+        return subprocess.Popen(
+            ["/bin/sh", "-c", f"read _; kill -s KILL -- -{process.pid} 2>/dev/null"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError:
+        log.warning("no watchdog for job process group %d", process.pid, exc_info=True)
+        return None
+
+
+def _dismiss(watchdog: subprocess.Popen | None) -> None:
+    """The job ended under supervision: its watchdog goes without killing anything (the
+    group id may be reused once its processes are gone)."""
+    if watchdog is None:
+        return
+    watchdog.kill()
+    watchdog.wait()
+    if watchdog.stdin is not None:
+        watchdog.stdin.close()
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
