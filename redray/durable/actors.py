@@ -27,15 +27,37 @@ READY_TIMEOUT_SECONDS = 60.0
 STOP_GRACE_SECONDS = 10.0
 
 
+def find_app(module: Any) -> Any:
+    """The app a module holds, found as ``celery -A`` does: its ``app`` or ``celery``
+    attribute, else any attribute that is an app, else the same in its ``celery``
+    submodule. None when there is none."""
+    for name in ("app", "celery"):
+        if hasattr(getattr(module, name, None), "durable_handlers"):
+            return getattr(module, name)
+    for value in vars(module).values():
+        if hasattr(value, "durable_handlers") and not isinstance(value, type):
+            return value
+    if hasattr(module, "__path__"):
+        try:
+            return find_app(importlib.import_module(module.__name__ + ".celery"))
+        except ImportError:
+            return None
+    return None
+
+
 def load_target(target: Any) -> Any:
     """A "module" or "module:attribute" string names the target in the consumer's process
-    (an app, a function, a class); anything else is the target itself."""
+    (an app found in the module, or the attribute: an app, a function, a class); anything
+    else is the target itself."""
     if not isinstance(target, str):
         return target
     module_name, _, attr = target.partition(":")
     module = importlib.import_module(module_name)
     if not attr:
-        return module
+        app = find_app(module)
+        if app is None:
+            raise LookupError(f"no app (an object with durable_handlers) in module {module_name!r}")
+        return app
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part)

@@ -79,7 +79,7 @@ class QueueClient:
         return self.gcs.redis
 
     # -- enqueueing ---------------------------------------------------------------------
-    def _enqueue_call(self, spec: JobSpec, now: int) -> tuple[str, list[str], list[Any]]:
+    def enqueue_call(self, spec: JobSpec, now: int) -> tuple[str, list[str], list[Any]]:
         keys = [self.keys.job(spec.job_id), self.keys.queues(), self.keys.delayed(spec.queue)]
         args = [
             self.keys.queue_prefix,
@@ -97,7 +97,7 @@ class QueueClient:
         """Write one job (one round trip). False when a job with its id exists already:
         de-duplicated, nothing written."""
         check_queue_name(spec.queue)
-        return bool(self.gcs.run_script(*self._enqueue_call(spec, now_ms())))
+        return bool(self.gcs.run_script(*self.enqueue_call(spec, now_ms())))
 
     def enqueue_many(self, specs: list[JobSpec], atomic: bool = False) -> list[bool]:
         """Write jobs in order, BATCH per round trip; atomic: all or none (one transaction,
@@ -105,7 +105,7 @@ class QueueClient:
         for spec in specs:
             check_queue_name(spec.queue)
         now = now_ms()
-        calls = [self._enqueue_call(spec, now) for spec in specs]
+        calls = [self.enqueue_call(spec, now) for spec in specs]
         if atomic:
             return [bool(r) for r in self._transaction(calls)]
         out: list[bool] = []
@@ -127,25 +127,33 @@ class QueueClient:
             spec.children = [*spec.children, nxt.job_id]
         for spec in specs[1:]:
             spec.waiting = True
-        self.enqueue_many(specs, atomic=True)
+        self.workflow(specs, [])
         return [spec.job_id for spec in specs]
 
-    def chord(self, header: list[JobSpec], callback: JobSpec, chord_id: str) -> None:
+    def chord(
+        self, header: list[JobSpec], callback: JobSpec, chord_id: str, pass_results: bool = True
+    ) -> None:
         """Enqueue a chord atomically: the callback parked until every header job has
         finished; the finish that completes the count releases it (once: members are counted
-        once each, re-runs included)."""
-        callback.waiting = True
+        once each, re-runs included). pass_results: the callback gets the list of the header's
+        results as its first argument."""
+        callback.options.pass_parent = pass_results
         callback.header = [spec.job_id for spec in header]
+        callback.waiting = bool(header)
         for spec in header:
             spec.chord = chord_id
-        calls = [(K.CHORD_CREATE, [self.keys.chord(chord_id)], [len(header), callback.job_id])]
+        chords = [(chord_id, len(header), callback.job_id)] if header else []
+        self.workflow([callback, *header], chords)
+
+    def workflow(self, specs: list[JobSpec], chords: list[tuple[str, int, str]]) -> None:
+        """Enqueue linked jobs (chains, groups, chords: ``children``, ``waiting``, ``chord``
+        and ``header`` already set) and register the chords (id, size, callback id), all in
+        one transaction."""
+        for spec in specs:
+            check_queue_name(spec.queue)
         now = now_ms()
-        calls += [self._enqueue_call(callback, now)]
-        calls += [self._enqueue_call(spec, now) for spec in header]
-        if not header:  # an empty header: the callback runs at once, on no results
-            callback.waiting = False
-            callback.header = []
-            calls = [self._enqueue_call(callback, now)]
+        calls = [(K.CHORD_CREATE, [self.keys.chord(c)], [size, cb]) for c, size, cb in chords]
+        calls += [self.enqueue_call(spec, now) for spec in specs]
         self._transaction(calls)
 
     # -- states and results ---------------------------------------------------------------

@@ -355,7 +355,7 @@ class Consumer:
             return
         try:
             args, kwargs = jobmod.loads(taken.payload)
-            if taken.header_results is not None:
+            if taken.header_results is not None and opts.pass_parent:
                 args = ([jobmod.loads(r) if r else None for r in taken.header_results], *args)
             elif opts.pass_parent and taken.parent_result is not None:
                 args = (jobmod.loads(taken.parent_result), *args)
