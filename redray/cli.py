@@ -37,6 +37,8 @@ import click
 import psutil
 import redis
 
+from redray.celery.cli import worker_command
+from redray.durable.cli import queue_cli
 from redray.gcs import DEFAULT_CLUSTER, URL_SCHEMES, Gcs
 from redray.node import launch as node
 
@@ -783,6 +785,10 @@ def status(address: str, cluster: str | None) -> None:
     finally:
         gcs.close()
     click.echo("\n".join(_status_lines(nodes, gcs.url, cluster)))
+
+
+cli.add_command(queue_cli)
+cli.add_command(worker_command)
 
 
 def main() -> None:

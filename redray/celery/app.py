@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from redray.celery.task import Task, _bind_request
+from redray.core import context
 from redray.durable import beat as beatmod
 from redray.durable import jobs as jobmod
 from redray.durable.actors import Consumers, consume
@@ -96,6 +97,7 @@ class Celery:
             self.conf["include"] = list(include)
         self.tasks: dict[str, Task] = {}
         self._client: QueueClient | None = None
+        self._client_for: Any = None
         self._lock = threading.Lock()
         self._warned = False
         _apps.append(self)
@@ -134,13 +136,17 @@ class Celery:
 
     @property
     def client(self) -> QueueClient:
-        """The durable queues of the broker's cluster (connected on first use)."""
-        if self._client is None:
-            with self._lock:
-                if self._client is None:
-                    self._warn_unknown()
-                    self._client = QueueClient(connect(self.conf.get("broker_url")))
-        return self._client
+        """The durable queues of the broker's cluster (connected on first use; without a
+        broker URL, those of the cluster this process is connected to now)."""
+        with self._lock:
+            broker = self.conf.get("broker_url")
+            current = context.current
+            where = broker if broker or current is None else (current.gcs.url, current.gcs.cluster)
+            if self._client is None or where != self._client_for:
+                self._warn_unknown()
+                self._client = QueueClient(connect(broker))
+                self._client_for = where
+            return self._client
 
     @property
     def result_ttl(self) -> float:
@@ -244,6 +250,7 @@ class Celery:
         heartbeat_ttl: float = 10.0,
         resources: dict[str, float] | None = None,
         app_path: str | None = None,
+        sys_path: list[str] | None = None,
     ) -> Consumers:
         """Start ``concurrency`` consumer actors (as ``celery worker -c``) taking the jobs
         of queues (default: the default queue). The consumers import the app by app_path
@@ -260,6 +267,7 @@ class Celery:
             num_consumers=concurrency,
             concurrency=threads,
             resources=resources,
+            sys_path=sys_path,
         )
 
     def main_module(self) -> str:

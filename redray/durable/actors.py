@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -113,7 +114,11 @@ class ConsumerActor:
         concurrency: int,
         init_args: tuple = (),
         init_kwargs: dict | None = None,
+        sys_path: list[str] | None = None,
     ):
+        for path in reversed(sys_path or []):
+            if path not in sys.path:
+                sys.path.insert(0, path)
         self.client = QueueClient(Gcs(address, cluster))
         lookup, wrap = handlers_for(load_target(target), init_args, init_kwargs or {})
         consumer_settings = ConsumerSettings(**settings)
@@ -193,6 +198,7 @@ def consume(
     init_args: tuple = (),
     init_kwargs: dict | None = None,
     wait_ready: bool = True,
+    sys_path: list[str] | None = None,
 ) -> Consumers:
     """Start num_consumers consumer actors on the cluster (any node that fits)."""
     if not isinstance(num_consumers, int) or num_consumers < 1:
@@ -215,6 +221,7 @@ def consume(
             concurrency,
             tuple(init_args),
             init_kwargs or {},
+            list(sys_path or []),
         )
         for _ in range(num_consumers)
     ]

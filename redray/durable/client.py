@@ -250,7 +250,7 @@ class QueueClient:
         for stream in streams:
             pipe.xlen(stream)
         for stream in streams:
-            pipe.execute_command("XPENDING", stream, K.GROUP)
+            pipe.xpending(stream, K.GROUP)
         pipe.zcard(self.keys.delayed(queue))
         pipe.xlen(self.keys.dlq(queue))
         pipe.hkeys(self.keys.consumers(queue))
@@ -318,11 +318,11 @@ class QueueClient:
         for stream in self.keys.streams(queue):
             entries = self.redis.xrange(stream)
             pending = (
-                self.redis.execute_command("XPENDING", stream, K.GROUP, "-", "+", 1 << 30)
+                self.redis.xpending_range(stream, K.GROUP, "-", "+", len(entries))
                 if entries
                 else []
             )
-            running = {_text(p[0]) for p in pending}
+            running = {_text(p["message_id"]) for p in pending}
             ids = [eid for eid, _ in entries if _text(eid) not in running]
             job_ids = [_text(f.get(b"id")) for eid, f in entries if _text(eid) not in running]
             if ids:
