@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -102,7 +103,9 @@ class Consumer:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
         self.streams = self.keys.streams(queue)
         self._stopping = threading.Event()
-        self._connected_since: float | None = None
+        # Since when Redis has answered without a break; a fresh consumer may reclaim at
+        # once, one that was cut off waits a TTL (its peers may have been cut off too).
+        self._connected_since: float | None = -math.inf
         self._next_reclaim = 0.0
         self._rng = random.Random()
         self._unfinished: list[Taken] = []
@@ -165,15 +168,20 @@ class Consumer:
                     self._connected_since = None
                     registered = False
                     logger.warning("queue %s: Redis unreachable (%s); retrying", self.queue, exc)
-                    self._stopping.wait(pause * (0.5 + self._rng.random()))
-                    pause = min(BACKOFF_MAX_SECONDS, pause * 2)
-                except redis.ResponseError as exc:
-                    if "NOGROUP" in str(exc):  # Redis lost the stream: the next read makes it
-                        continue
-                    raise
+                    pause = self._pause(pause)
+                except Exception:
+                    # A bug or a Redis error reply must not silently end the consumer: the
+                    # actor would live on without consuming.
+                    logger.exception("queue %s: consumer step failed; retrying", self.queue)
+                    pause = self._pause(pause)
         finally:
             self._stopping.set()
             self._leave()
+
+    def _pause(self, pause: float) -> float:
+        """Wait a jittered pause (or until stopped); the next, doubled up to the cap."""
+        self._stopping.wait(pause * (0.5 + self._rng.random()))
+        return min(BACKOFF_MAX_SECONDS, pause * 2)
 
     def _leave(self) -> None:
         """Hand back jobs taken and not run, and forget this consumer."""
@@ -306,7 +314,12 @@ class Consumer:
         while self._unfinished and not self._stopping.is_set():
             taken = self._unfinished[0]
             started = time.perf_counter()
-            self._run_one(taken)
+            try:
+                self._run_one(taken)
+            except REDIS_ERRORS:
+                raise
+            except Exception as exc:  # finding or decoding the job failed, not the job
+                self._fail(taken, exc, traceback.format_exc())
             self._unfinished.pop(0)
             quick = time.perf_counter() - started < 0.001
             if not (quick and self._unfinished and len(self._pending_finish) < 64):
