@@ -56,8 +56,8 @@ class QueueCluster:
             try:
                 client.config_set("appendfsync", "always")
                 break
-            except redis.BusyLoadingError:
-                if time.monotonic() > deadline:
+            except (redis.BusyLoadingError, redis.ResponseError) as exc:
+                if "loading" not in str(exc).lower() or time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
         client.close()
