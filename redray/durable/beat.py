@@ -205,13 +205,7 @@ class Beat:
             self._thread.join(5)
         if release:
             try:
-                self.client.redis.eval(
-                    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-                    "return redis.call('DEL', KEYS[1]) end return 0",
-                    1,
-                    self._lease_keys[0],
-                    self.holder,
-                )
+                self.client.gcs.run_script(K.BEAT_RELEASE, self._lease_keys[:1], [self.holder])
             except (redis.RedisError, GcsUnavailableError):
                 pass
 

@@ -502,6 +502,13 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return epoch
 """
 
+# Give the beat lease up if still held by ARGV[1] (a standby takes it on its next tick).
+# KEYS: lease.
+BEAT_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # Fire one periodic entry for one due time, fenced: only the lease holder at its epoch
 # fires, and a due time is fired once (the entry's last fired time only moves forward), so
 # a scheduler that stalled past its lease, or a second one, cannot fire it again.
