@@ -236,3 +236,7 @@ class Queue:
 
     def purge(self) -> int:
         return self.client.purge(self.name)
+
+    def close(self) -> None:
+        """Close this handle's connections to Redis (consumers it started run on)."""
+        self.client.gcs.close()
