@@ -206,9 +206,11 @@ class Consumer:
             return
         now = time.monotonic()
         ttl = self.settings.heartbeat_ttl
-        if now >= self._next_reclaim and now - (self._connected_since or now) >= ttl:
+        if now >= self._next_reclaim:
             self._next_reclaim = now + ttl / 2
-            self._unfinished = self._reclaim()
+            self._unfinished = self._orphans()
+            if not self._unfinished and now - (self._connected_since or now) >= ttl:
+                self._unfinished = self._reclaim()
             if self._unfinished:
                 return
         taken, next_due, rate_wait = self._fetch()
@@ -245,6 +247,28 @@ class Consumer:
         jobs, next_due, rate_wait = reply
         due = int(float(next_due)) if next_due not in (b"", "", None) else None
         return self._decode(jobs), due, int(rate_wait)
+
+    def _orphans(self) -> list[Taken]:
+        """Jobs pending for this consumer that it does not know it holds: a take whose
+        reply was lost (Redis died, or the client retried a timed-out call after the
+        script had run). Called when everything taken so far is finished and written, so
+        every entry still pending for this consumer is one of those; they are taken again.
+        Without this a live consumer would hold them for ever (its heartbeat keeps peers
+        away)."""
+        read = self.client.redis.xreadgroup(
+            K.GROUP, self.name, {stream: "0" for stream in self.streams}, count=1000
+        )
+        entries = [
+            (_text(stream), _text(eid), _text((fields or {}).get(b"id", b"")))
+            for stream, items in read or []
+            for eid, fields in items
+        ]
+        if not entries:
+            return []
+        logger.warning(
+            "queue %s: taking back %d jobs whose take was lost", self.queue, len(entries)
+        )
+        return self._take(entries)
 
     def _reclaim(self) -> list[Taken]:
         reply = self.client.gcs.run_script(
