@@ -37,6 +37,8 @@ import click
 import psutil
 import redis
 
+from redray.celery.cli import worker_command
+from redray.durable.cli import queue_cli
 from redray.gcs import DEFAULT_CLUSTER, URL_SCHEMES, Gcs
 from redray.jobs.cli import job_cli
 from redray.node import launch as node
@@ -787,6 +789,8 @@ def status(address: str, cluster: str | None) -> None:
 
 
 cli.add_command(job_cli)
+cli.add_command(queue_cli)
+cli.add_command(worker_command)
 
 
 def main() -> None:

@@ -861,6 +861,28 @@ class Gcs:
             raise
         return replies if before else replies[0]
 
+    def run_script(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one of a subpackage's Lua scripts (cached by SHA) and return its reply: the
+        hook through which capabilities with their own key modules (redray/durable/keys.py)
+        reach Redis with this client's timeouts and retries."""
+        return self._eval(source, keys, list(args))
+
+    def run_scripts(self, calls: list[tuple[str, list[str], list[Any]]]) -> list[Any]:
+        """Run several (source, keys, args) scripts in one round trip, in order; their
+        replies. A script not cached on the server yet is loaded and the batch sent again,
+        so the scripts must be safe to run twice (idempotent)."""
+        from redis.exceptions import NoScriptError
+
+        if not calls:
+            return []
+        commands = [self._script_commands(source, keys, list(args)) for source, keys, args in calls]
+        try:
+            return self._round_trip(*commands)
+        except NoScriptError:
+            for source in {source for source, _, _ in calls}:
+                self.redis.script_load(source)
+            return self._round_trip(*commands)
+
     def _fence_keys(self) -> list[str]:
         return [self.key(LEADER), self.key(LEADER_EPOCH)]
 

@@ -9,14 +9,24 @@ What it measures
                   ``redray.get`` of all refs.
     redray sync   The latency-bound variant: submit one, wait for it, repeat
                   (``--sync-jobs`` calls; 0 skips the row).
+    durable       redray's durable queue (``redray.durable.Queue``): the same private
+                  cluster, 2 consumer actors, N ``queue.enqueue()`` calls (one round trip
+                  to Redis each, the job kept there until its result is stored), then
+                  waiting for every job's state to be SUCCESS (batched reads of the job
+                  states). This is the row to compare with Celery, RQ and Dramatiq: each
+                  job survives the death of any process. ``durable batch`` enqueues the
+                  N jobs with ``enqueue_many`` (500 per round trip) instead.
     celery        Redis broker and Redis result backend, ``celery worker --pool=prefork
-                  --concurrency=2`` in a subprocess, N ``noop.delay()`` calls, then
-                  ``ResultSet(...).get()`` (the Redis backend's native join, fed by pub/sub).
-    rq            Two ``rq worker`` processes (RQ's default forking worker), N
-                  ``queue.enqueue()`` calls, then polling the queue's finished-job registry
-                  (one ZCARD every few ms) until all N are there. RQ forks a work-horse per
-                  job, so it is slow: it runs ``min(--jobs, --rq-jobs)`` jobs (default
-                  1000), and the table says so.
+                  --concurrency=2 -O fair --without-mingle --without-gossip`` in a
+                  subprocess, N ``noop.delay()`` calls, then ``ResultSet(...).get()`` (the
+                  Redis backend's native join, fed by pub/sub).
+    rq            Two ``rq worker -w rq.worker.SimpleWorker`` processes (no fork per job),
+                  N ``queue.enqueue()`` calls, then polling the queue's finished-job
+                  registry (one ZCARD every few ms) until all N are there. It runs
+                  ``min(--jobs, --rq-jobs)`` jobs, and the table says so.
+    dramatiq      Its Redis broker and the Redis results backend, ``dramatiq --processes 2
+                  --threads 1`` in a subprocess, N ``noop.send()`` calls, then each
+                  message's ``get_result(block=True)``.
 
     Celery and RQ run against a redis-server this script starts on a free port (a fresh one
     for each system; ``redray.node.redis_server.RedisServer``: the redis-server on PATH, else the
@@ -29,16 +39,17 @@ What it measures
 
     Each row's notes give the submit phase's share of its seconds (first to last submit).
     The "vs redray" column is the system's jobs/s divided by the redray (batch) row's, so
-    Celery at 0.05x means redray pushes 20x as many jobs per second.
+    Celery at 0.05x means redray pushes 20x as many jobs per second. The summary line also
+    gives the durable row against Celery, RQ and Dramatiq.
 
 How to run it (from the repository root)
-    python scripts/queuebench.py                       # redray, Celery and RQ if importable
+    python scripts/queuebench.py                 # redray, durable, Celery, RQ, Dramatiq
     python scripts/queuebench.py --jobs 20000 --rq-jobs 2000
-    python scripts/queuebench.py --only redray --only celery --json
+    python scripts/queuebench.py --only durable --only celery --json
 
-Celery and RQ are optional: ``pip install celery rq`` into the same interpreter (neither
-changes redray's dependencies: redis, click and numpy stay as they are). A system that is
-not importable is listed as skipped.
+Celery, RQ and Dramatiq are optional: ``pip install celery rq dramatiq`` into the same
+interpreter (none of them is a dependency of redray). A system that is not importable is
+listed as skipped.
 """
 
 from __future__ import annotations
@@ -66,7 +77,7 @@ from types import ModuleType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("redray", "celery", "rq")
+SYSTEMS = ("redray", "durable", "celery", "rq", "dramatiq")
 WORKERS = 2
 POLL_INTERVAL = 0.005
 _PR_SET_PDEATHSIG = 1
@@ -85,6 +96,29 @@ app.conf.update(broker_connection_retry_on_startup=True)
 
 
 @app.task
+def noop():
+    return None
+'''
+
+DRAMATIQ_MODULE = "queuebench_dramatiq_tasks"
+DRAMATIQ_SOURCE = '''\
+"""No-op Dramatiq actor for scripts/queuebench.py (written into a temporary directory)."""
+
+import os
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.results import Results
+from dramatiq.results.backends import RedisBackend
+
+URL = os.environ["QUEUEBENCH_REDIS_URL"]
+backend = RedisBackend(url=URL)
+broker = RedisBroker(url=URL)
+broker.add_middleware(Results(backend=backend))
+dramatiq.set_broker(broker)
+
+
+@dramatiq.actor(store_results=True, max_retries=0)
 def noop():
     return None
 '''
@@ -309,6 +343,102 @@ def time_redray_sync(redray: ModuleType, noop: Any, jobs: int) -> Row:
     return Row("redray sync", jobs, time.perf_counter() - start, "submit one, wait one")
 
 
+def noop_job() -> None:
+    return None
+
+
+def bench_durable(settings: Settings) -> list[Row]:
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    import redray
+    from redray.durable import Queue
+
+    redray.init(num_cpus=WORKERS)
+    try:
+        queue = Queue(f"queuebench-{os.getpid()}", prefetch=16)
+        consumers = queue.consume(noop_job, num_consumers=WORKERS)
+        try:
+            durable_batch(queue, settings.warmup, settings.timeout, one_by_one=True)
+            submit, seconds = durable_batch(queue, settings.jobs, settings.timeout, True)
+            rows = [
+                Row(
+                    "durable",
+                    settings.jobs,
+                    seconds,
+                    f"{WORKERS} consumer actors; enqueue() each ({submit:.3f} s), wait states",
+                )
+            ]
+            submit, seconds = durable_batch(queue, settings.jobs, settings.timeout, False)
+            rows.append(
+                Row(
+                    "durable batch",
+                    settings.jobs,
+                    seconds,
+                    f"enqueue_many ({submit:.3f} s), wait states",
+                )
+            )
+            return rows
+        finally:
+            consumers.stop()
+            queue.purge()
+    finally:
+        redray.shutdown()
+
+
+def durable_batch(queue: Any, jobs: int, timeout: float, one_by_one: bool) -> tuple[float, float]:
+    start = time.perf_counter()
+    if one_by_one:
+        ids = [queue.enqueue(noop_job).id for _ in range(jobs)]
+    else:
+        ids = [job.id for job in queue.enqueue_many([queue.spec(noop_job) for _ in range(jobs)])]
+    submitted = time.perf_counter()
+    queue.client.wait(ids, timeout=timeout)
+    return submitted - start, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- Dramatiq
+
+
+def bench_dramatiq(settings: Settings) -> list[Row]:
+    with redis_server() as url, task_module(DRAMATIQ_MODULE, DRAMATIQ_SOURCE, url) as (path, mod):
+        command = [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            DRAMATIQ_MODULE,
+            "--processes",
+            str(WORKERS),
+            "--threads",
+            "1",
+        ]
+        try:
+            with workers([command], worker_env(path, url), path) as procs:
+                dramatiq_batch(
+                    mod.noop, mod.backend, settings.warmup, settings.timeout, procs, path
+                )
+                submit, seconds = dramatiq_batch(
+                    mod.noop, mod.backend, settings.jobs, settings.timeout, procs, path
+                )
+        finally:
+            mod.broker.close()
+        note = f"{WORKERS} processes x 1 thread; send() each ({submit:.3f} s), get_result()"
+        return [Row("dramatiq", settings.jobs, seconds, note)]
+
+
+def dramatiq_batch(
+    noop: Any, backend: Any, jobs: int, timeout: float, procs: list[subprocess.Popen], logs: Path
+) -> tuple[float, float]:
+    start = time.perf_counter()
+    messages = [noop.send() for _ in range(jobs)]
+    submitted = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    for message in messages:
+        check_alive(procs, logs)
+        remaining = max(1, int((deadline - time.monotonic()) * 1000))
+        message.get_result(backend=backend, block=True, timeout=remaining)
+    return submitted - start, time.perf_counter() - start
+
+
 # --------------------------------------------------------------------------- Celery
 
 
@@ -323,6 +453,10 @@ def bench_celery(settings: Settings) -> list[Row]:
             "worker",
             "--pool=prefork",
             f"--concurrency={WORKERS}",
+            "-O",
+            "fair",
+            "--without-mingle",
+            "--without-gossip",
             "--loglevel=WARNING",
             "--hostname",
             f"queuebench-{os.getpid()}@%h",
@@ -334,7 +468,10 @@ def bench_celery(settings: Settings) -> list[Row]:
                 submit, seconds = celery_batch(mod.noop, settings.jobs, settings.timeout)
         finally:
             mod.app.close()
-        note = f"prefork, concurrency {WORKERS}; delay() each ({submit:.3f} s), ResultSet.get()"
+        note = (
+            f"prefork, concurrency {WORKERS}, -O fair, no mingle/gossip; delay() each "
+            f"({submit:.3f} s), ResultSet.get()"
+        )
         return [Row("celery", settings.jobs, seconds, note)]
 
 
@@ -376,6 +513,7 @@ def bench_rq(settings: Settings) -> list[Row]:
         finished = FinishedJobRegistry(queue=queue)
         failed = FailedJobRegistry(queue=queue)
         command = [sys.executable, "-m", "rq.cli", "worker", "-u", url, "-q", RQ_QUEUE]
+        command += ["-w", "rq.worker.SimpleWorker"]
         try:
             with workers([command] * WORKERS, worker_env(path, url), path) as procs:
                 wait_until(
@@ -392,7 +530,7 @@ def bench_rq(settings: Settings) -> list[Row]:
                 )
         finally:
             connection.close()
-        note = f"{WORKERS} rq workers (forking); enqueue() each ({submit:.3f} s), poll registry"
+        note = f"{WORKERS} rq SimpleWorkers; enqueue() each ({submit:.3f} s), poll registry"
         if jobs < settings.jobs:
             note = f"capped at --rq-jobs {settings.rq_jobs}; " + note
         return [Row("rq", jobs, seconds, note)]
@@ -431,13 +569,15 @@ def rq_batch(
 
 BENCHES: dict[str, Callable[[Settings], list[Row]]] = {
     "redray": bench_redray,
+    "durable": bench_durable,
     "celery": bench_celery,
     "rq": bench_rq,
+    "dramatiq": bench_dramatiq,
 }
 
 
 def missing_module(system: str) -> str:
-    if system == "redray":
+    if system in ("redray", "durable"):
         return ""
     return "" if importlib.util.find_spec(system) else f"not importable: pip install {system}"
 
@@ -456,7 +596,7 @@ def run_system(system: str, settings: Settings) -> list[Row]:
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
-    for name in ("redray", "celery", "rq", "redis"):
+    for name in ("redray", "celery", "rq", "dramatiq", "redis"):
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -497,10 +637,17 @@ def format_table(rows: list[Row]) -> str:
 
 def summary(rows: list[Row]) -> str:
     reference = reference_rate(rows)
+    durable = next((row.rate for row in rows if row.system == "durable"), 0.0)
+    others = ("celery", "rq", "dramatiq")
     parts = [
         f"redray is {reference / row.rate:.1f}x {row.system}"
         for row in rows
-        if reference and row.rate and row.system in ("celery", "rq")
+        if reference and row.rate and row.system in others
+    ]
+    parts += [
+        f"durable is {durable / row.rate:.1f}x {row.system}"
+        for row in rows
+        if durable and row.rate and row.system in others
     ]
     return "; ".join(parts)
 
@@ -529,7 +676,8 @@ def as_json(rows: list[Row], settings: Settings) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="N no-op jobs through 2 worker processes: redray vs Celery vs RQ."
+        description="N no-op jobs through 2 worker processes: redray (in-memory and durable) "
+        "vs Celery vs RQ vs Dramatiq."
     )
     parser.add_argument("--jobs", type=int, default=5000, help="jobs per system (5000)")
     parser.add_argument(
