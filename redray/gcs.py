@@ -859,6 +859,15 @@ class Gcs:
             raise
         return replies if before else replies[0]
 
+    def eval_script(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a capability's Lua script (cached by SHA) with the cluster's client and
+        timeouts: subpackages keep their scripts and key templates in their own module."""
+        return self._eval(source, keys, args)
+
+    def round_trip(self, *commands: tuple) -> list[Any]:
+        """Send commands in one write and read their raw replies (see _round_trip)."""
+        return self._round_trip(*commands)
+
     def _fence_keys(self) -> list[str]:
         return [self.key(LEADER), self.key(LEADER_EPOCH)]
 

@@ -38,6 +38,7 @@ from redray.objstore.arena import SharedArena
 from redray.objstore.store import ObjectStore
 from redray.outage import OUTAGE_ENV, health, outage_limit
 from redray.resources import placement_group_of
+from redray.state.events import TaskEventSink
 from redray.transport.connection import Connection
 from redray.transport.reactor import Reactor
 from redray.watcher import Watcher, is_connection_error
@@ -140,6 +141,7 @@ class Raylet:
         self._seal_waiters: dict[bytes, list[Callable[[bool], None]]] = {}
 
         self.gcs = Gcs(config["gcs_url"], config["cluster"])
+        self.task_events = TaskEventSink(self.gcs, self.node_id, self.stopping)
         self.reactor = Reactor(self.token, name="redray-raylet")
         self.zygote = self.reactor.adopt(zygote_sock, self._on_zygote, self._on_zygote_lost)
         self.address = self.reactor.listen(
@@ -179,6 +181,7 @@ class Raylet:
             "resources": self._on_resources,
             "shutdown": lambda conn, message: self.reactor.call_soon(self.stop),
             "hello_client": lambda conn, message: None,
+            "task_events": self._on_task_events,
         }
 
     # -- start / stop -----------------------------------------------------------------------
@@ -210,6 +213,7 @@ class Raylet:
             self._start_worker(())
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
         threading.Thread(target=self._gcs_writer, daemon=True, name="gcs-writer").start()
+        self.task_events.start()
         Watcher(
             self.gcs, {gcs_schema.WORKER_CHANNEL: self._on_death_event}, self.stopping.is_set
         ).start()
@@ -259,7 +263,7 @@ class Raylet:
     def _on_register(self, conn: Connection, message: tuple) -> None:
         _, call_id, mode, worker_id, pid, address, job_id = message
         self.clients[conn] = worker_id
-        conn.info.update(mode=mode, worker_id=worker_id, pins=Counter())
+        conn.info.update(mode=mode, worker_id=worker_id, pins=Counter(), pid=pid)
         if mode == "worker":
             worker = self.workers.get(worker_id)
             if worker is None:
@@ -812,6 +816,14 @@ class Raylet:
     def _on_free(self, conn: Connection, message: tuple) -> None:
         for oid in message[1]:
             self.store.delete(oid)
+
+    def _on_task_events(self, conn: Connection, message: tuple) -> None:
+        """A process's task events since its last shipment (written by the sink's thread)."""
+        if os.environ.get("TE_DEBUG") == "2":
+            return
+        worker_id = conn.info.get("worker_id")
+        process = {"worker_id": worker_id.hex() if worker_id else "", "pid": conn.info.get("pid")}
+        self.task_events.ingest(process, message[1], message[2])
 
     def _on_store_stats(self, conn: Connection, message: tuple) -> None:
         conn.send(("reply", message[1], self.store.stats()))

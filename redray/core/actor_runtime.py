@@ -77,6 +77,7 @@ def create_actor(executor: Executor, conn: Connection, message: tuple) -> None:
         os._exit(0)
     finally:
         _task_context.reset(token)
+        executor.running.pop(ctx.task_id, None)  # (the actor's context, not a call)
     runtime.start()
     conn.send(("reply", call_id, ("ok", os.getpid())))
 
@@ -197,7 +198,7 @@ class ActorRuntime:
             return
         self.request_exit("its last reference is gone", graceful=True, cause=message[1])
         # Behind the calls already queued for the main thread: they run first.
-        self.executor.post(conn, ("actor_task", None, TERMINATE, None, (), {}, 0, None, None))
+        self.executor.post(conn, ("actor_task", None, TERMINATE, None, (), {}, 0, None, None, 0))
 
     def _call_done(self) -> None:
         with self._idle:
@@ -251,6 +252,7 @@ class ActorRuntime:
             message[1], message[3], self.spec["job"].job_id, self.grant, conn
         )
         ctx.prefix = self.context.prefix
+        ctx.attempt = message[9]
         return ctx
 
     def execute(self, conn: Connection, message: tuple) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ from redray.core.reference_table import Released
 from redray.core.serialization import unpickle_error
 from redray.core.task_submitter import TaskSubmitter
 from redray.gcs import Gcs
+from redray.state import events as task_events
 from redray.transport.connection import Connection
 from redray.watcher import is_connection_error
 
@@ -250,6 +252,10 @@ class ActorSubmitter:
                         continue
                     state.inflight[task.task_id] = task
                     self._jobs.introduce(conn, task.job)
+                    if task.reported and self._tasks.events is not None:
+                        self._tasks.events.add(
+                            (task_events.PUSHED, task.task_id, task.attempt, time.time())
+                        )
                     conn.send(
                         (
                             "actor_task",
@@ -261,6 +267,7 @@ class ActorSubmitter:
                             len(task.return_ids),
                             task.job.job_id,
                             task.options.concurrency_group,
+                            task.attempt,
                         )
                     )
         if failed:
@@ -297,6 +304,7 @@ class ActorSubmitter:
                 if task.task_id in state.pending:
                     if task.retries_left > 0:
                         task.retries_left -= 1
+                    tasks.record_retry(task, first)
                     state.queue.appendleft(task)
             self._pump(state)
             return
@@ -372,6 +380,7 @@ class ActorSubmitter:
         for task in reversed(retry):
             if task.retries_left > 0:
                 task.retries_left -= 1
+            self._tasks.record_retry(task, exceptions.ActorDiedError("the actor died", state.hex))
             state.queue.appendleft(task)
         return [t for t in lost if t not in retry]
 
