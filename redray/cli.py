@@ -39,6 +39,7 @@ import redis
 
 from redray.gcs import DEFAULT_CLUSTER, URL_SCHEMES, Gcs
 from redray.node import launch as node
+from redray.state import cli as state_cli
 
 MIN_OBJECT_STORE_MEMORY = 1 << 20
 LOG_TAIL_LINES = 20
@@ -783,6 +784,10 @@ def status(address: str, cluster: str | None) -> None:
     finally:
         gcs.close()
     click.echo("\n".join(_status_lines(nodes, gcs.url, cluster)))
+
+
+for _command in state_cli.COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ from redray.objstore.store import ObjectStore
 from redray.outage import OUTAGE_ENV, health, outage_limit
 from redray.resources import placement_group_of
 from redray.state.events import TaskEventSink
+from redray.state.node_service import NodeStateService
 from redray.transport.connection import Connection
 from redray.transport.reactor import Reactor
 from redray.watcher import Watcher, is_connection_error
@@ -66,6 +67,7 @@ class _Worker:
     dead: bool = False
     gpu: bool | None = None  # ran GPU work (True) or CPU-only work (False); None: neither yet
     retiring: bool = False  # reached a function's max_calls: ended once its lease ends
+    launched: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -142,6 +144,7 @@ class Raylet:
 
         self.gcs = Gcs(config["gcs_url"], config["cluster"])
         self.task_events = TaskEventSink(self.gcs, self.node_id, self.stopping)
+        self.state_service = NodeStateService(self)
         self.reactor = Reactor(self.token, name="redray-raylet")
         self.zygote = self.reactor.adopt(zygote_sock, self._on_zygote, self._on_zygote_lost)
         self.address = self.reactor.listen(
@@ -182,6 +185,7 @@ class Raylet:
             "shutdown": lambda conn, message: self.reactor.call_soon(self.stop),
             "hello_client": lambda conn, message: None,
             "task_events": self._on_task_events,
+            **self.state_service.handlers,
         }
 
     # -- start / stop -----------------------------------------------------------------------
@@ -354,6 +358,7 @@ class Raylet:
         if worker.dead:
             return
         worker.dead = True
+        self.state_service.worker_died(worker)
         # Also when its sockets outlive it (held by a forked child): the exit is what counts.
         self._announce_death(worker.worker_id)
         self.workers.pop(worker.worker_id, None)
@@ -819,8 +824,6 @@ class Raylet:
 
     def _on_task_events(self, conn: Connection, message: tuple) -> None:
         """A process's task events since its last shipment (written by the sink's thread)."""
-        if os.environ.get("TE_DEBUG") == "2":
-            return
         worker_id = conn.info.get("worker_id")
         process = {"worker_id": worker_id.hex() if worker_id else "", "pid": conn.info.get("pid")}
         self.task_events.ingest(process, message[1], message[2])
@@ -1110,6 +1113,7 @@ def main() -> None:
         )
         config["gcs_url"] = redis_server.url
     worker_config = {
+        "log_dir": os.path.join(config["session_dir"], "logs"),
         "token": bytes.fromhex(config["token"]),
         "gcs_url": config["gcs_url"],
         "cluster": config["cluster"],

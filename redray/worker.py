@@ -38,6 +38,7 @@ from redray.core.task_submitter import TaskSubmitter
 from redray.gcs import Gcs
 from redray.outage import OUTAGE_ENV, health, outage_limit
 from redray.state import events as task_events
+from redray.state import objects as state_objects
 from redray.transport.connection import Connection
 from redray.transport.reactor import Reactor, ReactorStoppedError
 from redray.watcher import Watcher, is_connection_error
@@ -154,6 +155,7 @@ class CoreWorker:
         self.node_id: str = node["node_id"]
         self.objects.attach(self.raylet, node)
         self.submitter.attach(self.raylet)
+        self.peers.handle("state_objects", self._on_state_objects)
         if task_events.enabled():
             recorder = task_events.TaskEventRecorder(
                 self.reactor.call_later, self._ship_task_events, _describe_error
@@ -161,10 +163,14 @@ class CoreWorker:
             recorder.pending_state = self.submitter.pending_state
             self.submitter.events = recorder
 
+    def _on_state_objects(self, conn: Connection, message: tuple) -> None:
+        """The raylet gathers the objects of its processes for the state API (bounded)."""
+        conn.send(
+            ("reply", message[1], state_objects.process_objects(self.refs, self.mode, message[2]))
+        )
+
     def _ship_task_events(self, events: list, dropped: int) -> None:
         """(reactor thread) This process's task events go to its raylet, which writes them."""
-        if os.environ.get("TE_DEBUG") == "1":
-            return
         self.raylet.send(("task_events", events, dropped))
 
     def flush_task_events(self) -> None:

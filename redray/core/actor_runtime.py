@@ -60,6 +60,7 @@ def create_actor(executor: Executor, conn: Connection, message: tuple) -> None:
     executor._apply_grant(placement)  # GPU ids: visible to the constructor already
     ctx = executor.task_context(actor_id[:14], f"{name}.__init__", job.job_id, placement, None)
     ctx.prefix = f"({name} pid={os.getpid()})"
+    executor.running.pop(ctx.task_id, None)  # the actor's own context, not a call
     runtime = ActorRuntime(executor, actor_id, spec, conn, restarts, ctx)
     executor.actor = runtime
     jobs.job_id = job.job_id
@@ -77,7 +78,6 @@ def create_actor(executor: Executor, conn: Connection, message: tuple) -> None:
         os._exit(0)
     finally:
         _task_context.reset(token)
-        executor.running.pop(ctx.task_id, None)  # (the actor's context, not a call)
     runtime.start()
     conn.send(("reply", call_id, ("ok", os.getpid())))
 

@@ -595,9 +595,11 @@ class TaskStream:
 
 
 def send_log(peers: Peers, ctx: TaskContext, fd: int, text: str, fallback: Any) -> None:
-    """Send printed text to the job's driver: on the task's connection when that is the driver."""
+    """Write printed text to this worker's log file (`fallback`: its stdout or stderr, where
+    `redray logs` reads it) and send it to the job's driver: on the task's connection when
+    that is the driver."""
+    fallback.write(text)
     if not ctx.log_to_driver:
-        fallback.write(text)
         return
     entry = ("log", [(fd, ctx.prefix, text)])
     driver = ctx.driver
@@ -606,12 +608,11 @@ def send_log(peers: Peers, ctx: TaskContext, fd: int, text: str, fallback: Any) 
         conn.send(entry)
         return
     if driver is None:
-        fallback.write(text)
         return
     try:
         peers.peer(tuple(driver)).send(entry)
     except OSError:
-        fallback.write(text)
+        pass
 
 
 def _flush_streams() -> None:

@@ -140,6 +140,7 @@ def _fork_worker(sock, wake_r, wake_w, config, worker_id: bytes, env_vars: dict)
         sock.close()
         die_with_parent()
         os.environ.update({k: str(v) for k, v in env_vars.items()})
+        _log_to_files(config.get("log_dir"), worker_id)
         random.seed()
         if "numpy" in sys.modules:
             sys.modules["numpy"].random.seed()
@@ -152,3 +153,18 @@ def _fork_worker(sock, wake_r, wake_w, config, worker_id: bytes, env_vars: dict)
         traceback.print_exc()
     finally:
         os._exit(1)
+
+
+def _log_to_files(log_dir: str | None, worker_id: bytes) -> None:
+    """Point this worker's stdout and stderr at its own files in the node's log directory
+    (`worker-<id>-<pid>.out/.err`, Ray's names), where `redray logs` finds them."""
+    if not log_dir:
+        return
+    stem = os.path.join(log_dir, f"worker-{worker_id.hex()}-{os.getpid()}")
+    for fd, suffix in ((1, "out"), (2, "err")):
+        try:
+            target = os.open(f"{stem}.{suffix}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError:
+            continue
+        os.dup2(target, fd)
+        os.close(target)
