@@ -266,7 +266,7 @@ class TaskSubmitter:
         actor = task.actor
         if task.lease is not None or (actor is not None and task.task_id in actor.inflight):
             return "SUBMITTED_TO_WORKER"
-        return "PENDING_ARGS_AVAIL"
+        return "PENDING_ARGS_AVAIL" if task.unresolved else "PENDING_NODE_ASSIGNMENT"
 
     def record_retry(self, task: _Task, failure: Any) -> None:
         """A task or call is tried again: its attempt failed with `failure` (an error payload

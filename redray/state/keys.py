@@ -284,23 +284,26 @@ def remove_metrics(gcs: Gcs, process: str) -> None:
     )
 
 
-def read_metrics_raw(gcs: Gcs, stale_after: float) -> list[tuple[dict[str, str], dict[str, Any]]]:
-    """(labels, {metric name: record}) of every process that flushed within stale_after s;
-    entries of processes gone longer are dropped from the process index on the way."""
+def read_metrics_raw(gcs: Gcs) -> list[tuple[dict[str, str], dict[str, Any]]]:
+    """(labels, {metric name: record}) of every process whose metrics have not expired;
+    expired processes are dropped from the process index on the way."""
     index = gcs.key(METRICS_PROCESSES)
-    gcs.redis.zremrangebyscore(index, "-inf", time.time() - stale_after)
     processes = [p.decode() for p in gcs.redis.zrange(index, 0, -1)]
     if not processes:
         return []
     replies = gcs.round_trip(*(("HGETALL", gcs.key(METRICS_PROCESS, process=p)) for p in processes))
     out = []
-    for reply in replies:
+    gone = []
+    for process, reply in zip(processes, replies, strict=True):
         if isinstance(reply, list):
             it = iter(reply)
             reply = dict(zip(it, it, strict=False))
         if not reply:
+            gone.append(process)
             continue
         fields = {k.decode(): json.loads(v) for k, v in reply.items()}
         labels = fields.pop("__labels__", {})
         out.append((labels, fields))
+    if gone:
+        gcs.redis.zrem(index, *gone)
     return out

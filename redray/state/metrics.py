@@ -142,7 +142,7 @@ class MetricsRegistry:
             "pid": str(os.getpid()),
             "Component": "driver" if worker.mode == "driver" else "core_worker",
         }
-        ttl = max(10.0, report_interval() * 5)
+        ttl = max(1.0, report_interval() * 5)
         keys.write_metrics(worker.gcs, worker.worker_id.hex(), labels, metrics, ttl)
         return True
 
@@ -154,9 +154,8 @@ def read_metrics(gcs: Gcs) -> list[dict[str, Any]]:
     """Every live process's metrics: one entry per (metric, process) with its `labels`
     (NodeId, WorkerId, JobId, pid, Component) and series, as the Prometheus exporter
     needs them. Processes that stopped writing expire within a few report intervals."""
-    stale_after = max(10.0, report_interval() * 5)
     out = []
-    for labels, metrics in keys.read_metrics_raw(gcs, stale_after):
+    for labels, metrics in keys.read_metrics_raw(gcs):
         for name, record in sorted(metrics.items()):
             out.append({"name": name, "labels": labels, **record})
     return out
