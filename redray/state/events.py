@@ -298,126 +298,202 @@ class TaskEventSink:
 
 
 STATE_RANK = keys.STATE_RANK
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch:
     """The attempts described by events (in arrival order), ready to write: see
-    keys.write_task_events. The end of an attempt never reported before (neither pending
-    by its owner nor running by its worker) is complete: nothing of it is stored yet."""
-    records: dict[tuple[bytes, int], list] = {}  # (task, attempt) -> [rank, state, fields, partial]
-    resources_json: dict[int, str] = {}
-
-    def describe(fields: dict, name: str, job_id: str, actor_id: Any, parent: Any, resources: Any):
-        fields["name"] = fields["func_or_class_name"] = name
-        fields["job_id"] = job_id
-        if actor_id:
-            fields["type"] = "ACTOR_TASK"
-            fields["actor_id"] = actor_id.hex()
-        else:
-            fields["type"] = "NORMAL_TASK"
-        if parent:
-            fields["parent_task_id"] = parent.hex()
-        if resources:
-            text = resources_json.get(id(resources))
-            if text is None:
-                text = resources_json[id(resources)] = json.dumps(resources)
-            fields["required_resources"] = text
-
+    keys.write_task_events. An attempt that finished without being reported before
+    (neither pending by its owner nor running by its worker) is complete: nothing of it is
+    stored yet, and it takes the short path (its JSON written out, no merge in Redis)."""
+    by_attempt: dict[tuple[bytes, int], Any] = {}
     for process, events in batches:
         for event in events:
-            kind = event[0]
             key = (event[1], event[2])
-            record = records.get(key)
-            if record is None:
-                record = records[key] = [0, "", {"ts": {}}, kind < FINISHED]
-            fields = record[2]
-            ts = fields["ts"]
-            if kind >= FINISHED:
-                (_, _, _, created, pushed, ended, name, job_id, actor_id, parent, resources, run,
-                 error, reported) = event  # fmt: skip
-                if reported:
-                    record[3] = True
-                fields["creation_time_ms"] = ts["PENDING_ARGS_AVAIL"] = int(created * 1000)
-                if pushed:
-                    ts["SUBMITTED_TO_WORKER"] = int(pushed * 1000)
-                describe(fields, name, job_id, actor_id, parent, resources)
-                if run is not None:
-                    started, reported, run_node, worker_id, pid = run
-                    if started:
-                        fields["start_time_ms"] = ts["RUNNING"] = int(started * 1000)
-                    fields["node_id"] = run_node
-                    fields["worker_id"] = worker_id
-                    fields["worker_pid"] = pid
-                    if reported:
-                        record[3] = True
-                end_ms = int(ended * 1000)
-                fields["end_time_ms"] = end_ms
-                if kind == FAILED:
-                    ts["FAILED"] = end_ms
-                    fields["error_type"], message = error
-                    fields["error_message"] = message[:MAX_ERROR_MESSAGE]
-                    state = "FAILED"
-                else:
-                    ts["FINISHED"] = end_ms
-                    state = "FINISHED"
-            elif kind == PENDING:
-                _, _, _, created, name, job_id, actor_id, parent, resources, state = event
-                fields["creation_time_ms"] = ts["PENDING_ARGS_AVAIL"] = int(created * 1000)
-                describe(fields, name, job_id, actor_id, parent, resources)
-            elif kind == PUSHED:
-                ts["SUBMITTED_TO_WORKER"] = int(event[3] * 1000)
-                state = "SUBMITTED_TO_WORKER"
-            else:  # RUNNING
-                _, _, _, started, name, job_id = event
-                fields["start_time_ms"] = ts["RUNNING"] = int(started * 1000)
-                fields["name"] = fields["func_or_class_name"] = name
-                fields["job_id"] = job_id
-                fields["node_id"] = node_id
-                fields["worker_id"] = process.get("worker_id", "")
-                fields["worker_pid"] = process.get("pid")
-                state = "RUNNING"
-            rank = STATE_RANK[state]
-            if rank > record[0]:
-                record[0], record[1] = rank, state
+            seen = by_attempt.get(key)
+            if seen is None:
+                by_attempt[key] = (process, event)
+            elif type(seen) is list:
+                seen.append((process, event))
+            else:
+                by_attempt[key] = [seen, (process, event)]
     batch = keys.TaskEventBatch()
-    groups = batch.groups
-    dumps = json.dumps
-    for (task_id, attempt), (rank, state, fields, partial) in records.items():
-        task_hex = task_id.hex()
-        entry = f"{task_hex}:{attempt}"
-        fields["task_id"] = task_hex
-        fields["attempt_number"] = attempt
-        fields["rank"] = rank
-        fields["state"] = state
-        ts = fields["ts"]
-        score = fields.get("creation_time_ms") or min(ts.values())
-        blob = dumps(fields, separators=(",", ":"))
-        if partial:
-            batch.partial.append((entry, score, rank, state, blob))
-        else:
-            batch.complete.append((entry, blob))
-            _group(groups, "state:" + state, score, entry)
-        _group(groups, "all", score, entry)
-        job_id = fields.get("job_id")
-        if job_id:
-            _group(groups, "job_id:" + job_id, score, entry)
-            batch.jobs.add(job_id)
-        name = fields.get("name")
-        if name:
-            _group(groups, "name:" + name, score, entry)
-        node = fields.get("node_id")
-        if node:
-            _group(groups, "node_id:" + node, score, entry)
-        actor = fields.get("actor_id")
-        if actor:
-            _group(groups, "actor_id:" + actor, score, entry)
+    complete = batch.complete
+    members = batch.members
+    statics: dict[tuple, tuple] = {}  # what tasks of one function share: JSON and indexes
+    nodes: dict[str, list[str]] = {}
+    resources_json: dict[int, str] = {}
+    for (task_id, attempt), seen in by_attempt.items():
+        if type(seen) is tuple:
+            event = seen[1]
+            run = event[11] if event[0] == FINISHED else None
+            if run and not run[1] and not event[13] and not event[9]:
+                # The common case: finished, never reported, not a nested task.
+                name, job_id, actor_id, resources = event[6], event[7], event[8], event[10]
+                static = statics.get((name, job_id, actor_id, id(resources)))
+                if static is None:
+                    static = statics[(name, job_id, actor_id, id(resources))] = _static(
+                        batch, name, job_id, actor_id, resources
+                    )
+                text, shared = static
+                entry = f"{task_id.hex()}:{attempt}"
+                created = int(event[3] * 1000)
+                pushed = int(event[4] * 1000) if event[4] else created
+                complete.append(
+                    f'{entry}\t{{{text},"task_id":"{entry[: -len(str(attempt)) - 1]}",'
+                    f'"attempt_number":{attempt},"creation_time_ms":{created},'
+                    f'"submitted_time_ms":{pushed},"start_time_ms":{int(run[0] * 1000)},'
+                    f'"end_time_ms":{int(event[5] * 1000)},"node_id":"{run[2]}",'
+                    f'"worker_id":"{run[3]}","worker_pid":{int(run[4])},"state":"FINISHED",'
+                    f'"rank":{_FINISHED_RANK}}}'
+                )
+                member = f"{created} {entry}"
+                for group in shared:
+                    group.append(member)
+                node_group = nodes.get(run[2])
+                if node_group is None:
+                    node_group = nodes[run[2]] = members("node_id:" + run[2])
+                node_group.append(member)
+                continue
+        _merge_slow(batch, task_id, attempt, seen, node_id, resources_json)
     return batch
 
 
-def _group(groups: dict[str, list], name: str, score: float, entry: str) -> None:
-    members = groups.get(name)
-    if members is None:
-        groups[name] = [score, entry]
+_FINISHED_RANK = keys.STATE_RANK["FINISHED"]
+
+
+def _static(batch: keys.TaskEventBatch, name, job_id, actor_id, resources) -> tuple:
+    """The JSON fields and index lists shared by the finished tasks of one function."""
+    fields: dict[str, Any] = {
+        "name": name,
+        "job_id": job_id,
+        "type": "ACTOR_TASK" if actor_id else "NORMAL_TASK",
+    }
+    shared = [
+        batch.members("all"),
+        batch.members("job_id:" + job_id),
+        batch.members("name:" + name),
+    ]
+    batch.jobs.add(job_id)
+    if actor_id:
+        fields["actor_id"] = actor_id.hex()
+        shared.append(batch.members("actor_id:" + fields["actor_id"]))
+    if resources:
+        fields["required_resources"] = json.dumps(resources)
+    return _ENCODE(fields)[1:-1], shared
+
+
+def _merge_slow(
+    batch: keys.TaskEventBatch,
+    task_id: bytes,
+    attempt: int,
+    seen: Any,
+    node_id: str,
+    resources_json: dict[int, str],
+) -> None:
+    """An attempt whose events need merging (here, and with what Redis holds)."""
+    entry = f"{task_id.hex()}:{attempt}"
+    only = type(seen) is tuple
+    if only and seen[1][0] >= FINISHED and not seen[1][13] and not (seen[1][11] and seen[1][11][1]):
+        fields = _ended(seen[1], resources_json)  # ended, never reported: complete
+        partial = False
     else:
-        members.append(score)
-        members.append(entry)
+        fields = {}
+        rank = 0
+        for process, event in (seen,) if only else seen:
+            state = _apply(fields, event, process, node_id, resources_json)
+            if STATE_RANK[state] > rank:
+                rank = STATE_RANK[state]
+                fields["state"] = state
+        partial = True
+    fields["task_id"] = task_id.hex()
+    fields["attempt_number"] = attempt
+    state = fields["state"]
+    rank = fields["rank"] = STATE_RANK[state]
+    score = fields.get("creation_time_ms") or fields.get("start_time_ms") or 0
+    blob = _ENCODE(fields)
+    member = f"{score} {entry}"
+    if partial:
+        batch.partial.append((entry, score, rank, state, blob))
+    else:
+        batch.complete.append(f"{entry}\t{blob}")
+        if state != "FINISHED":  # (finished: most of `all`, found by reading it)
+            batch.members("state:" + state).append(member)
+    batch.members("all").append(member)
+    for column in ("job_id", "name", "node_id", "actor_id"):
+        value = fields.get(column)
+        if value:
+            batch.members(f"{column}:{value}").append(member)
+    if fields.get("job_id"):
+        batch.jobs.add(fields["job_id"])
+
+
+def _ended(event: tuple, resources_json: dict[int, str]) -> dict[str, Any]:
+    """The fields of an attempt from its end event alone."""
+    (kind, _, _, created, pushed, ended, name, job_id, actor_id, parent, resources, run, error,
+     _) = event  # fmt: skip
+    fields: dict[str, Any] = {
+        "name": name,
+        "job_id": job_id,
+        "type": "ACTOR_TASK" if actor_id else "NORMAL_TASK",
+        "creation_time_ms": int(created * 1000),
+        "end_time_ms": int(ended * 1000),
+    }
+    if pushed:
+        fields["submitted_time_ms"] = int(pushed * 1000)
+    if actor_id:
+        fields["actor_id"] = actor_id.hex()
+    if parent:
+        fields["parent_task_id"] = parent.hex()
+    if resources:
+        text = resources_json.get(id(resources))
+        if text is None:
+            text = resources_json[id(resources)] = json.dumps(resources)
+        fields["required_resources"] = text
+    if run is not None:
+        if run[0]:
+            fields["start_time_ms"] = int(run[0] * 1000)
+        fields["node_id"] = run[2]
+        fields["worker_id"] = run[3]
+        fields["worker_pid"] = run[4]
+    if kind == FAILED:
+        fields["state"] = "FAILED"
+        fields["error_type"] = error[0]
+        fields["error_message"] = error[1][:MAX_ERROR_MESSAGE]
+    else:
+        fields["state"] = "FINISHED"
+    return fields
+
+
+def _apply(
+    fields: dict[str, Any], event: tuple, process: dict, node_id: str, resources_json: dict
+) -> str:
+    """Merge one event into an attempt's fields; the state it reports."""
+    kind = event[0]
+    if kind >= FINISHED:
+        fields.update(_ended(event, resources_json))
+        return fields["state"]
+    if kind == PENDING:
+        _, _, _, created, name, job_id, actor_id, parent, resources, state = event
+        fields["creation_time_ms"] = int(created * 1000)
+        fields["name"] = name
+        fields["job_id"] = job_id
+        fields["type"] = "ACTOR_TASK" if actor_id else "NORMAL_TASK"
+        if actor_id:
+            fields["actor_id"] = actor_id.hex()
+        if parent:
+            fields["parent_task_id"] = parent.hex()
+        if resources:
+            fields["required_resources"] = json.dumps(resources)
+        return state
+    if kind == PUSHED:
+        fields["submitted_time_ms"] = int(event[3] * 1000)
+        return "SUBMITTED_TO_WORKER"
+    _, _, _, started, name, job_id = event  # RUNNING, from the worker
+    fields["start_time_ms"] = int(started * 1000)
+    fields["name"] = name
+    fields["job_id"] = job_id
+    fields["node_id"] = node_id
+    fields["worker_id"] = process.get("worker_id", "")
+    fields["worker_pid"] = process.get("pid")
+    return "RUNNING"

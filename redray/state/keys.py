@@ -58,29 +58,31 @@ TERMINAL_STATES = ("FINISHED", "FAILED")
 
 # KEYS[1]: the task-events prefix ("<cluster prefix>te:").
 # ARGV: max tasks kept, max per job, events lost before Redis (to count), then
-#   n complete entries: id, blob (every event of the attempt was in this batch: no merge);
-#   n partial entries: id, score, rank, state, blob (merged into what is stored);
-#   n index groups: name, count, then count x (score, id) (ZADD as they are);
-#   n jobs touched (their caps are checked).
-_WRITE_TASK_EVENTS = """
+#   complete entries (every event of the attempt was in this batch: nothing to merge), as one
+#     string "id\tjson\n..." (JSON never holds a raw tab or newline);
+#   n partial entries, then n x (id, score, rank, state, json), merged into what is stored;
+#   n index groups, then n x (name, "score id score id ..."), added as they are;
+#   n jobs touched (their caps are checked), the jobs; and the sweep's budget.
+_WRITE_TASK_EVENTS = r"""
 local p = KEYS[1]
 local data = p .. 'data'
 local max_total = tonumber(ARGV[1])
 local max_job = tonumber(ARGV[2])
 local lost = tonumber(ARGV[3])
-local i = 4
 local added = 0
 
-local n = tonumber(ARGV[i]); i = i + 1
-if n > 0 then
-  local args = {}
-  for j = 1, n do
-    args[#args + 1] = ARGV[i]; args[#args + 1] = ARGV[i + 1]; i = i + 2
-  end
-  added = added + redis.call('HSET', data, unpack(args))
+local function flush_hset(args)
+  if #args > 0 then added = added + redis.call('HSET', data, unpack(args)) end
 end
+local args = {}
+for id, blob in string.gmatch(ARGV[4], '([^\t\n]+)\t([^\n]+)') do
+  args[#args + 1] = id; args[#args + 1] = blob
+  if #args >= 4000 then flush_hset(args); args = {} end
+end
+flush_hset(args)
 
-n = tonumber(ARGV[i]); i = i + 1
+local i = 5
+local n = tonumber(ARGV[i]); i = i + 1
 for j = 1, n do
   local id, score, rank, state, blob = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4]
   i = i + 5
@@ -88,18 +90,13 @@ for j = 1, n do
   if not old then
     redis.call('HSET', data, id, blob)
     added = added + 1
-    if rank > 0 then redis.call('ZADD', p .. 'i:state:' .. state, score, id) end
+    redis.call('ZADD', p .. 'i:state:' .. state, score, id)
   else
     local rec = cjson.decode(old)
     local new = cjson.decode(blob)
     local old_rank = tonumber(rec.rank) or 0
     for k, v in pairs(new) do
-      if k == 'ts' then
-        rec.ts = rec.ts or {}
-        for s, t in pairs(v) do rec.ts[s] = t end
-      elseif k ~= 'rank' and k ~= 'state' then
-        rec[k] = v
-      end
+      if k ~= 'rank' and k ~= 'state' then rec[k] = v end
     end
     if rank > old_rank then
       if rec.state then redis.call('ZREM', p .. 'i:state:' .. rec.state, id) end
@@ -113,14 +110,15 @@ end
 n = tonumber(ARGV[i]); i = i + 1
 local names = {}
 for j = 1, n do
-  local name, count = ARGV[i], tonumber(ARGV[i + 1])
-  i = i + 2
-  local args = {}
-  for k = 1, count do
-    args[#args + 1] = ARGV[i]; args[#args + 1] = ARGV[i + 1]; i = i + 2
+  local key = p .. 'i:' .. ARGV[i]
+  names[#names + 1] = ARGV[i]
+  local members = {}
+  for score, id in string.gmatch(ARGV[i + 1], '(%S+) (%S+)') do
+    members[#members + 1] = score; members[#members + 1] = id
+    if #members >= 4000 then redis.call('ZADD', key, unpack(members)); members = {} end
   end
-  redis.call('ZADD', p .. 'i:' .. name, unpack(args))
-  names[#names + 1] = name
+  if #members > 0 then redis.call('ZADD', key, unpack(members)) end
+  i = i + 2
 end
 if #names > 0 then redis.call('SADD', p .. 'indexes', unpack(names)) end
 
@@ -130,8 +128,8 @@ if over > 0 then
   local victims = redis.call('ZRANGE', p .. 'i:all', 0, over - 1, 'WITHSCORES')
   local ids = {}
   for j = 1, #victims, 2 do ids[#ids + 1] = victims[j] end
-  for j = 1, #ids, 5000 do
-    redis.call('HDEL', data, unpack(ids, j, math.min(j + 4999, #ids)))
+  for j = 1, #ids, 4000 do
+    redis.call('HDEL', data, unpack(ids, j, math.min(j + 3999, #ids)))
   end
   redis.call('ZREMRANGEBYRANK', p .. 'i:all', 0, over - 1)
   redis.call('SET', p .. 'cutoff', victims[#victims])
@@ -191,11 +189,18 @@ def entry_id(task_id: str, attempt: int) -> str:
 class TaskEventBatch:
     """What one write stores: see _WRITE_TASK_EVENTS for each part."""
 
-    complete: list[tuple[str, str]] = field(default_factory=list)  # (id, blob)
+    complete: list[str] = field(default_factory=list)  # "id\tjson" each
     partial: list[tuple[str, float, int, str, str]] = field(default_factory=list)
-    groups: dict[str, list[Any]] = field(default_factory=dict)  # index name -> [score, id, ...]
+    groups: dict[str, list[str]] = field(default_factory=dict)  # index -> ["score id", ...]
     jobs: set[str] = field(default_factory=set)
     lost: int = 0
+
+    def members(self, index: str) -> list[str]:
+        """The list to append "score id" members of `index` to."""
+        found = self.groups.get(index)
+        if found is None:
+            found = self.groups[index] = []
+        return found
 
 
 def write_task_events(gcs: Gcs, batch: TaskEventBatch, max_tasks: int, max_per_job: int) -> int:
@@ -203,16 +208,14 @@ def write_task_events(gcs: Gcs, batch: TaskEventBatch, max_tasks: int, max_per_j
     returns how many attempts were new."""
     if not (batch.complete or batch.partial or batch.lost):
         return 0
-    args: list[Any] = [max_tasks, max_per_job, batch.lost, len(batch.complete)]
-    for entry, blob in batch.complete:
-        args += (entry, blob)
-    args.append(len(batch.partial))
+    packed = "\n".join(batch.complete)
+    args: list[Any] = [max_tasks, max_per_job, batch.lost, packed, len(batch.partial)]
     for partial in batch.partial:
         args += partial
-    args.append(len(batch.groups))
-    for name, members in batch.groups.items():
-        args += (name, len(members) // 2)
-        args += members
+    groups = {name: members for name, members in batch.groups.items() if members}
+    args.append(len(groups))
+    for name, members in groups.items():
+        args += (name, " ".join(members))
     args.append(len(batch.jobs))
     args += batch.jobs
     args.append(SWEEP_KEYS_PER_WRITE)

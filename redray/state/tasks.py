@@ -13,6 +13,8 @@ from redray.state.schema import ListResult, TaskState
 
 PAGE = 1000
 _INDEX_COLUMNS = {"state", "job_id", "name", "node_id", "actor_id"}
+# Finished attempts are most of what is stored: found by reading `all`, not indexed apart.
+_UNINDEXED = {("state", "FINISHED")}
 _INT_FIELDS = ("worker_pid", "creation_time_ms", "start_time_ms", "end_time_ms")
 
 
@@ -21,8 +23,7 @@ def task_state(record: dict[str, Any], detail: bool = True) -> TaskState:
     resources = record.get("required_resources")
     if isinstance(resources, str):
         resources = json.loads(resources)
-    stamps = record.get("ts") or {}
-    events = [{"state": s, "created_ms": t} for s, t in sorted(stamps.items(), key=lambda i: i[1])]
+    events = _events(record)
     state = TaskState(
         task_id=record.get("task_id", ""),
         attempt_number=int(record.get("attempt_number", 0)),
@@ -31,7 +32,7 @@ def task_state(record: dict[str, Any], detail: bool = True) -> TaskState:
         job_id=record.get("job_id"),
         actor_id=record.get("actor_id"),
         type=record.get("type"),
-        func_or_class_name=record.get("func_or_class_name"),
+        func_or_class_name=record.get("name"),
         parent_task_id=record.get("parent_task_id"),
         node_id=record.get("node_id"),
         worker_id=record.get("worker_id"),
@@ -53,6 +54,25 @@ def task_state(record: dict[str, Any], detail: bool = True) -> TaskState:
         label_selector=None,
     )
     return state if detail else TaskState.brief(state)
+
+
+_EVENT_TIMES = (
+    ("PENDING_ARGS_AVAIL", "creation_time_ms"),
+    ("SUBMITTED_TO_WORKER", "submitted_time_ms"),
+    ("RUNNING", "start_time_ms"),
+)
+
+
+def _events(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray's `events` (state changes with their times) from a stored attempt's times."""
+    events = [
+        {"state": state, "created_ms": record[key]}
+        for state, key in _EVENT_TIMES
+        if record.get(key)
+    ]
+    if record.get("state") in ("FINISHED", "FAILED") and record.get("end_time_ms"):
+        events.append({"state": record["state"], "created_ms": record["end_time_ms"]})
+    return events
 
 
 def dropped_warnings(gcs: Gcs, job_id: str | None = None) -> list[str]:
@@ -99,7 +119,7 @@ def list_tasks(
     candidates = [
         keys.index_key(gcs, k, filters_mod.normalized(k, v))
         for k, p, v in checked
-        if p == "=" and k in _INDEX_COLUMNS
+        if p == "=" and k in _INDEX_COLUMNS and (k, filters_mod.normalized(k, v)) not in _UNINDEXED
     ]
     if candidates:
         sizes = keys.index_sizes(gcs, candidates)
