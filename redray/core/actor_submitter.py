@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +37,6 @@ from redray.core.reference_table import Released
 from redray.core.serialization import unpickle_error
 from redray.core.task_submitter import TaskSubmitter
 from redray.gcs import Gcs
-from redray.state import events as task_events
 from redray.transport.connection import Connection
 from redray.watcher import is_connection_error
 
@@ -252,10 +250,6 @@ class ActorSubmitter:
                         continue
                     state.inflight[task.task_id] = task
                     self._jobs.introduce(conn, task.job)
-                    if task.reported and self._tasks.events is not None:
-                        self._tasks.events.add(
-                            (task_events.PUSHED, task.task_id, task.attempt, time.time())
-                        )
                     conn.send(
                         (
                             "actor_task",

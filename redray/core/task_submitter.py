@@ -445,10 +445,6 @@ class TaskSubmitter:
         task.pushed = time.monotonic()
         lease.inflight[task.task_id] = task
         lease.idle_since = None
-        if task.reported:
-            events = self.events
-            if events is not None:
-                events.add((task_events.PUSHED, task.task_id, task.attempt, time.time()))
         message = (
             "task",
             task.task_id,

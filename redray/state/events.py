@@ -400,8 +400,10 @@ def _merge_slow(
     else:
         fields = {}
         rank = 0
+        ended = False
         for process, event in (seen,) if only else seen:
             state = _apply(fields, event, process, node_id, resources_json)
+            ended = ended or event[0] >= FINISHED
             if STATE_RANK[state] > rank:
                 rank = STATE_RANK[state]
                 fields["state"] = state
@@ -414,7 +416,7 @@ def _merge_slow(
     blob = _ENCODE(fields)
     member = f"{score} {entry}"
     if partial:
-        batch.partial.append((entry, score, rank, state, blob))
+        batch.partial.append((entry, score, rank, state, blob, "r" if ended else "m"))
     else:
         batch.complete.append(f"{entry}\t{blob}")
         if state != "FINISHED":  # (finished: most of `all`, found by reading it)

@@ -60,7 +60,9 @@ TERMINAL_STATES = ("FINISHED", "FAILED")
 # ARGV: max tasks kept, max per job, events lost before Redis (to count), then
 #   complete entries (every event of the attempt was in this batch: nothing to merge), as one
 #     string "id\tjson\n..." (JSON never holds a raw tab or newline);
-#   n partial entries, then n x (id, score, rank, state, json), merged into what is stored;
+#   n partial entries, then n x (id, score, rank, state, json, mode): mode "r" (the attempt's
+#     end, which carries all there is to know of it) replaces what is stored, mode "m" (a
+#     report of pending or running work) is merged into it without moving its state back;
 #   n index groups, then n x (name, "score id score id ..."), added as they are;
 #   n jobs touched (their caps are checked), the jobs; and the sweep's budget.
 _WRITE_TASK_EVENTS = r"""
@@ -83,11 +85,18 @@ flush_hset(args)
 
 local i = 5
 local n = tonumber(ARGV[i]); i = i + 1
+local live = {'PENDING_ARGS_AVAIL', 'PENDING_NODE_ASSIGNMENT', 'SUBMITTED_TO_WORKER', 'RUNNING'}
 for j = 1, n do
-  local id, score, rank, state, blob = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4]
-  i = i + 5
-  local old = redis.call('HGET', data, id)
-  if not old then
+  local id, score, rank, state, blob, mode = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  i = i + 6
+  local old = nil
+  if mode == 'm' then old = redis.call('HGET', data, id) end
+  if mode == 'r' then
+    -- The end of an attempt: it says all its owner and worker knew; what was stored goes.
+    added = added + redis.call('HSET', data, id, blob)
+    for _, s in ipairs(live) do redis.call('ZREM', p .. 'i:state:' .. s, id) end
+    if state ~= 'FINISHED' then redis.call('ZADD', p .. 'i:state:' .. state, score, id) end
+  elseif not old then
     redis.call('HSET', data, id, blob)
     added = added + 1
     redis.call('ZADD', p .. 'i:state:' .. state, score, id)
@@ -101,7 +110,9 @@ for j = 1, n do
     if rank > old_rank then
       if rec.state then redis.call('ZREM', p .. 'i:state:' .. rec.state, id) end
       rec.rank = rank; rec.state = state
-      redis.call('ZADD', p .. 'i:state:' .. state, tonumber(rec.creation_time_ms) or score, id)
+      if state ~= 'FINISHED' then
+        redis.call('ZADD', p .. 'i:state:' .. state, tonumber(rec.creation_time_ms) or score, id)
+      end
     end
     redis.call('HSET', data, id, cjson.encode(rec))
   end
@@ -190,7 +201,7 @@ class TaskEventBatch:
     """What one write stores: see _WRITE_TASK_EVENTS for each part."""
 
     complete: list[str] = field(default_factory=list)  # "id\tjson" each
-    partial: list[tuple[str, float, int, str, str]] = field(default_factory=list)
+    partial: list[tuple[str, float, int, str, str, str]] = field(default_factory=list)
     groups: dict[str, list[str]] = field(default_factory=dict)  # index -> ["score id", ...]
     jobs: set[str] = field(default_factory=set)
     lost: int = 0
