@@ -101,7 +101,8 @@ def test_each_retry_is_an_attempt_with_its_own_state(ray_start, tmp_path):
 
     assert redray.get(flaky.options(name="flaky").remote(counter)) == "third time"
     attempts = wait_tasks(
-        lambda ts: len(ts) == 3 and ts[0].state == "FINISHED", ("name", "=", "flaky")
+        lambda ts: {t.attempt_number: t.state for t in ts}.get(2) == "FINISHED",
+        ("name", "=", "flaky"),
     )
     by_attempt = {t.attempt_number: t for t in attempts}
     assert [by_attempt[n].state for n in (0, 1, 2)] == ["FAILED", "FAILED", "FINISHED"]
@@ -123,7 +124,8 @@ def test_a_killed_worker_fails_the_attempt_and_the_retry_finishes(ray_start, tmp
 
     assert redray.get(dies_once.options(name="dies_once").remote(counter)) == "survived"
     attempts = wait_tasks(
-        lambda ts: len(ts) == 2 and ts[0].state == "FINISHED", ("name", "=", "dies_once")
+        lambda ts: {t.attempt_number: t.state for t in ts}.get(1) == "FINISHED",
+        ("name", "=", "dies_once"),
     )
     by_attempt = {t.attempt_number: t for t in attempts}
     assert by_attempt[0].state == "FAILED" and by_attempt[0].error_type == "WORKER_DIED"

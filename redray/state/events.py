@@ -413,17 +413,18 @@ def _merge_slow(
     rank = fields["rank"] = STATE_RANK[state]
     score = fields.get("creation_time_ms") or fields.get("start_time_ms") or 0
     blob = _ENCODE(fields)
-    if partial:
-        batch.partial.append((entry, score, rank, state, blob, "r" if ended else "m"))
+    if partial:  # (its indexes: in Redis, which knows whether the attempt is new there)
+        columns = [fields.get(c) or "" for c in ("job_id", "name", "node_id", "actor_id")]
+        batch.partial.append((entry, score, rank, state, blob, "r" if ended else "m", *columns))
     else:
         batch.complete.append(f"{entry}\t{blob}")
         if state != "FINISHED":  # (finished: most of `all`, found by reading it)
             batch.add_scored("state:" + state, score, entry)
-    batch.members("all").append(entry)
-    for column in ("job_id", "name", "node_id", "actor_id"):
-        value = fields.get(column)
-        if value:
-            batch.members(f"{column}:{value}").append(entry)
+        batch.members("all").append(entry)
+        for column in ("job_id", "name", "node_id", "actor_id"):
+            value = fields.get(column)
+            if value:
+                batch.members(f"{column}:{value}").append(entry)
     if fields.get("job_id"):
         batch.jobs.add(fields["job_id"])
 

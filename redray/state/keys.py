@@ -38,6 +38,7 @@ DATA = "te:data"
 INDEX = "te:i:{name}"
 INDEXES = "te:indexes"
 SWEEP_CURSOR = "te:sweep"
+WRITE_CHUNK = 5000  # attempts per script call
 DROPPED = "te:dropped"
 INDEXED_COLUMNS = ("state", "job_id", "name", "node_id", "actor_id")
 METRICS_PROCESS = "metrics:p:{process}"
@@ -61,9 +62,10 @@ TERMINAL_STATES = ("FINISHED", "FAILED")
 # ARGV: max tasks kept, max per job, events lost before Redis (to count), then
 #   complete entries (every event of the attempt was in this batch: nothing to merge), as one
 #     string "id\tjson\n..." (JSON never holds a raw tab or newline);
-#   n partial entries, then n x (id, score, rank, state, json, mode): mode "r" (the attempt's
-#     end, which carries all there is to know of it) replaces what is stored, mode "m" (a
-#     report of pending or running work) is merged into it without moving its state back;
+#   n partial entries, then n x (id, score, rank, state, json, mode, job, name, node, actor):
+#     mode "r" (the attempt's end, which carries all there is to know of it) replaces what is
+#     stored, mode "m" (a report of pending or running work) is merged into it without moving
+#     its state back; the entry joins the list indexes of its columns when it is new;
 #   n list indexes, then n x (name, "id id ..."), appended (newest last);
 #   n scored indexes, then n x (name, "score id score id ..."), added;
 #   n jobs touched (their caps are checked), the jobs.
@@ -85,23 +87,42 @@ if #args > 0 then added = added + redis.call('HSET', data, unpack(args)) end
 local i = 5
 local n = tonumber(ARGV[i]); i = i + 1
 local live = {'PENDING_ARGS_AVAIL', 'PENDING_NODE_ASSIGNMENT', 'SUBMITTED_TO_WORKER', 'RUNNING'}
+local columns = {'job_id', 'name', 'node_id', 'actor_id'}
+local pushed = {}
+local function push(column, value, id)
+  if value ~= '' then
+    local name = column .. ':' .. value
+    redis.call('RPUSH', p .. 'i:' .. name, id)
+    pushed[name] = true
+  end
+end
 for j = 1, n do
   local id, score, rank, state, blob, mode = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-  i = i + 6
+  local values = {ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]}
+  i = i + 10
   local old = nil
   if mode == 'm' then old = redis.call('HGET', data, id) end
   if mode == 'r' then
     -- The end of an attempt: it says all its owner and worker knew; what was stored goes.
-    added = added + redis.call('HSET', data, id, blob)
+    if redis.call('HSET', data, id, blob) == 1 then
+      added = added + 1
+      redis.call('RPUSH', p .. 'i:all', id)
+      for c = 1, 4 do push(columns[c], values[c], id) end
+    else
+      push('node_id', values[3], id)  -- (a report of pending work has no node)
+    end
     for _, s in ipairs(live) do redis.call('ZREM', p .. 'i:state:' .. s, id) end
     if state ~= 'FINISHED' then redis.call('ZADD', p .. 'i:state:' .. state, score, id) end
   elseif not old then
     redis.call('HSET', data, id, blob)
     added = added + 1
+    redis.call('RPUSH', p .. 'i:all', id)
+    for c = 1, 4 do push(columns[c], values[c], id) end
     redis.call('ZADD', p .. 'i:state:' .. state, score, id)
   else
     local rec = cjson.decode(old)
     local new = cjson.decode(blob)
+    if not rec.node_id and new.node_id then push('node_id', new.node_id, id) end
     local old_rank = tonumber(rec.rank) or 0
     for k, v in pairs(new) do
       if k ~= 'rank' and k ~= 'state' then rec[k] = v end
@@ -142,14 +163,19 @@ for j = 1, n do
   if #members > 0 then redis.call('ZADD', key, unpack(members)) end
   i = i + 2
 end
+for name, _ in pairs(pushed) do names[#names + 1] = name end
 if #names > 0 then redis.call('SADD', p .. 'indexes', unpack(names)) end
 
 -- Drop the oldest entries of a list index (kept in the order they came) until `over` stored
--- attempts are gone; entries already gone are skipped. Returns how many were dropped.
+-- attempts are gone; entries already gone are skipped. Returns how many were dropped. At
+-- most `budget` entries are looked at per write (the next write goes on).
+local budget = 20000
 local function drop_oldest(key, over)
   local dropped = 0
-  while over > 0 do
-    local ids = redis.call('LPOP', key, math.min(over, 1000))
+  while over > 0 and budget > 0 do
+    local take = math.min(over, 1000, budget)
+    budget = budget - take
+    local ids = redis.call('LPOP', key, take)
     if not ids then break end
     for _, id in ipairs(ids) do
       if redis.call('HDEL', data, id) == 1 then dropped = dropped + 1; over = over - 1 end
@@ -226,7 +252,7 @@ class TaskEventBatch:
     """What one write stores: see _WRITE_TASK_EVENTS for each part."""
 
     complete: list[str] = field(default_factory=list)  # "id\tjson" each
-    partial: list[tuple[str, float, int, str, str, str]] = field(default_factory=list)
+    partial: list[tuple] = field(default_factory=list)
     groups: dict[str, list[str]] = field(default_factory=dict)  # list index -> ids
     scored: dict[str, list[str]] = field(default_factory=dict)  # state index -> "score id"s
     jobs: set[str] = field(default_factory=set)
@@ -244,8 +270,37 @@ class TaskEventBatch:
 
 
 def write_task_events(gcs: Gcs, batch: TaskEventBatch, max_tasks: int, max_per_job: int) -> int:
-    """Store a batch of attempts, keep the indexes, apply the caps (one script call);
-    returns how many attempts were new."""
+    """Store a batch of attempts, keep the indexes, apply the caps (one script call per
+    WRITE_CHUNK attempts, so no call runs long); returns how many attempts were new."""
+    if len(batch.complete) + len(batch.partial) > WRITE_CHUNK:
+        return sum(
+            _write(gcs, part, max_tasks, max_per_job) for part in _chunks(batch, WRITE_CHUNK)
+        )
+    return _write(gcs, batch, max_tasks, max_per_job)
+
+
+def _chunks(batch: TaskEventBatch, size: int) -> list[TaskEventBatch]:
+    """A batch cut in parts of at most `size` attempts (the index members follow theirs)."""
+    parts: list[TaskEventBatch] = []
+    owner: dict[str, TaskEventBatch] = {}
+    for items, kind in ((batch.complete, "complete"), (batch.partial, "partial")):
+        for start in range(0, len(items), size):
+            part = TaskEventBatch(jobs=set(batch.jobs))
+            getattr(part, kind).extend(items[start : start + size])
+            for item in getattr(part, kind):
+                owner[item.split("\t", 1)[0] if kind == "complete" else item[0]] = part
+            parts.append(part)
+    for name, members in batch.groups.items():
+        for entry in members:
+            owner[entry].members(name).append(entry)
+    for name, members in batch.scored.items():
+        for member in members:
+            owner[member.split(" ", 1)[1]].scored.setdefault(name, []).append(member)
+    parts[-1].lost = batch.lost
+    return parts
+
+
+def _write(gcs: Gcs, batch: TaskEventBatch, max_tasks: int, max_per_job: int) -> int:
     if not (batch.complete or batch.partial or batch.lost):
         return 0
     args: list[Any] = [max_tasks, max_per_job, batch.lost, "\n".join(batch.complete)]
