@@ -42,6 +42,7 @@ from redray.durable.cli import queue_cli
 from redray.gcs import DEFAULT_CLUSTER, URL_SCHEMES, Gcs
 from redray.jobs.cli import job_cli
 from redray.node import launch as node
+from redray.state import cli as state_cli
 
 MIN_OBJECT_STORE_MEMORY = 1 << 20
 LOG_TAIL_LINES = 20
@@ -791,6 +792,8 @@ def status(address: str, cluster: str | None) -> None:
 cli.add_command(job_cli)
 cli.add_command(queue_cli)
 cli.add_command(worker_command)
+for _command in state_cli.COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

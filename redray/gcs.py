@@ -883,6 +883,10 @@ class Gcs:
                 self.redis.script_load(source)
             return self._round_trip(*commands)
 
+    def round_trip(self, *commands: tuple) -> list[Any]:
+        """Send commands in one write and read their raw replies (see _round_trip)."""
+        return self._round_trip(*commands)
+
     def _fence_keys(self) -> list[str]:
         return [self.key(LEADER), self.key(LEADER_EPOCH)]
 

@@ -43,6 +43,8 @@ from redray.resources import placement_group_of
 from redray.runtime_env import packaging
 from redray.runtime_env import spec as env_spec
 from redray.runtime_env.node import NodeEnvs, Prepared
+from redray.state.events import TaskEventSink
+from redray.state.node_service import NodeStateService
 from redray.transport.connection import Connection
 from redray.transport.reactor import Reactor
 from redray.watcher import Watcher, is_connection_error
@@ -72,6 +74,7 @@ class _Worker:
     dead: bool = False
     gpu: bool | None = None  # ran GPU work (True) or CPU-only work (False); None: neither yet
     retiring: bool = False  # reached a function's max_calls: ended once its lease ends
+    launched: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -154,6 +157,8 @@ class Raylet:
         self.env_of: dict[tuple, dict] = {}
         self.prepared: dict[tuple, Prepared] = {}
         self.preparing: set[tuple] = set()
+        self.task_events = TaskEventSink(self.gcs, self.node_id, self.stopping)
+        self.state_service = NodeStateService(self)
         self.reactor = Reactor(self.token, name="redray-raylet")
         self.zygote = self.reactor.adopt(zygote_sock, self._on_zygote, self._on_zygote_lost)
         self.address = self.reactor.listen(
@@ -193,6 +198,8 @@ class Raylet:
             "resources": self._on_resources,
             "shutdown": lambda conn, message: self.reactor.call_soon(self.stop),
             "hello_client": lambda conn, message: None,
+            "task_events": self._on_task_events,
+            **self.state_service.handlers,
         }
 
     # -- start / stop -----------------------------------------------------------------------
@@ -224,6 +231,7 @@ class Raylet:
             self._start_worker(())
         threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat").start()
         threading.Thread(target=self._gcs_writer, daemon=True, name="gcs-writer").start()
+        self.task_events.start()
         Watcher(
             self.gcs, {gcs_schema.WORKER_CHANNEL: self._on_death_event}, self.stopping.is_set
         ).start()
@@ -284,7 +292,7 @@ class Raylet:
     def _on_register(self, conn: Connection, message: tuple) -> None:
         _, call_id, mode, worker_id, pid, address, job_id = message
         self.clients[conn] = worker_id
-        conn.info.update(mode=mode, worker_id=worker_id, pins=Counter())
+        conn.info.update(mode=mode, worker_id=worker_id, pins=Counter(), pid=pid)
         if mode == "worker":
             worker = self.workers.get(worker_id)
             if worker is None:
@@ -380,6 +388,7 @@ class Raylet:
         if worker.dead:
             return
         worker.dead = True
+        self.state_service.worker_died(worker)
         # Also when its sockets outlive it (held by a forked child): the exit is what counts.
         self._announce_death(worker.worker_id)
         self.workers.pop(worker.worker_id, None)
@@ -898,6 +907,12 @@ class Raylet:
         for oid in message[1]:
             self.store.delete(oid)
 
+    def _on_task_events(self, conn: Connection, message: tuple) -> None:
+        """A process's task events since its last shipment (written by the sink's thread)."""
+        worker_id = conn.info.get("worker_id")
+        process = {"worker_id": worker_id.hex() if worker_id else "", "pid": conn.info.get("pid")}
+        self.task_events.ingest(process, message[1], message[2])
+
     def _on_store_stats(self, conn: Connection, message: tuple) -> None:
         conn.send(("reply", message[1], self.store.stats()))
 
@@ -1183,6 +1198,7 @@ def main() -> None:
         )
         config["gcs_url"] = redis_server.url
     worker_config = {
+        "log_dir": os.path.join(config["session_dir"], "logs"),
         "token": bytes.fromhex(config["token"]),
         "gcs_url": config["gcs_url"],
         "cluster": config["cluster"],

@@ -33,9 +33,12 @@ from redray.core.ownership import Ownership
 from redray.core.peers import CONNECTION_LOST, SHUTDOWN_REASON, Address, Peers
 from redray.core.placement_groups import PlacementGroups
 from redray.core.reference_table import ReferenceTable
+from redray.core.serialization import unpickle_error
 from redray.core.task_submitter import TaskSubmitter
 from redray.gcs import Gcs
 from redray.outage import OUTAGE_ENV, health, outage_limit
+from redray.state import events as task_events
+from redray.state import objects as state_objects
 from redray.transport.connection import Connection
 from redray.transport.reactor import Reactor, ReactorStoppedError
 from redray.watcher import Watcher, is_connection_error
@@ -152,6 +155,32 @@ class CoreWorker:
         self.node_id: str = node["node_id"]
         self.objects.attach(self.raylet, node)
         self.submitter.attach(self.raylet)
+        self.peers.handle("state_objects", self._on_state_objects)
+        if task_events.enabled():
+            recorder = task_events.TaskEventRecorder(
+                self.reactor.call_later, self._ship_task_events, _describe_error
+            )
+            recorder.pending_state = self.submitter.pending_state
+            self.submitter.events = recorder
+
+    def _on_state_objects(self, conn: Connection, message: tuple) -> None:
+        """The raylet gathers the objects of its processes for the state API (bounded)."""
+        conn.send(
+            ("reply", message[1], state_objects.process_objects(self.refs, self.mode, message[2]))
+        )
+
+    def _ship_task_events(self, events: list, dropped: int) -> None:
+        """(reactor thread) This process's task events go to its raylet, which writes them."""
+        self.raylet.send(("task_events", events, dropped))
+
+    def flush_task_events(self) -> None:
+        """Ship the task events recorded so far now (before leaving, or for a reader that
+        wants its own tasks' latest states)."""
+        recorder = self.submitter.events
+        if recorder is not None and not self.raylet.closed:
+            events, dropped = recorder.take()
+            if events or dropped:
+                self.raylet.send(("task_events", events, dropped))
 
     # -- what the API asks of the process ---------------------------------------------------
     @property
@@ -239,6 +268,10 @@ class CoreWorker:
         get ReactorStoppedError (a RaySystemError)."""
         self.gcs.ride_out = 0.0  # leaving: what still needs Redis does not wait for it
         self.drain_background()
+        try:
+            self.flush_task_events()
+        except Exception:
+            log.debug("shipping the last task events failed", exc_info=True)
         self.peers.shutting_down = True
         try:
             self.submitter.shutdown()
@@ -262,3 +295,9 @@ class CoreWorker:
             self._background_thread.join(timeout=5)
         self.gcs.close()  # (also ends the watcher's wait for a message)
         self.watcher.join(timeout=5)
+
+
+def _describe_error(payload: Any) -> tuple[str, str]:
+    """(Ray's error type, message) of a failed task's error payload."""
+    error = unpickle_error(payload[1])
+    return task_events.error_type_of(error), str(error)

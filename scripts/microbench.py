@@ -28,6 +28,7 @@ How to run it (from the repository root)
     python scripts/microbench.py --quick --vs ray    # redray vs Ray, one table
     python scripts/microbench.py --only "actor calls" --only "init" --json
     python scripts/microbench.py --list              # row names
+    python scripts/microbench.py --quick --task-events-cost --only "tasks sync"
 
 With ``--vs ray`` each backend runs in its own subprocess of this script (``--backend X
 --json-out FILE``), one after the other, so the two runtimes never share a process; the
@@ -798,15 +799,17 @@ def child_command(python: str, backend: str, out: str, args: argparse.Namespace)
     return cmd
 
 
-def run_child(python: str, backend: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_child(
+    python: str, backend: str, args: argparse.Namespace, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run one backend in its own process; its stdout/stderr go to our stderr."""
-    log(f"=== {backend} ({python}) ===")
+    log(f"=== {backend} ({python}) {' '.join(f'{k}={v}' for k, v in (env or {}).items())} ===")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, f"{backend}.json")
         proc = subprocess.run(
             child_command(python, backend, out, args),
             stdout=sys.stderr,
-            env=backend_env(backend),
+            env={**backend_env(backend), **(env or {})},
             check=False,
         )
         if os.path.exists(out):
@@ -947,6 +950,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ray-python", default=sys.executable, help="interpreter for the Ray side of --vs"
     )
+    p.add_argument(
+        "--task-events-cost",
+        action="store_true",
+        help="run redray with task events on and off (alternating, twice each), one table",
+    )
     p.add_argument("--quick", action="store_true", help="short durations for a smoke run")
     p.add_argument("--sleep", type=float, help="pause before each row (Ray: 10 s)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per row (Ray: 1)")
@@ -993,8 +1001,51 @@ def main_vs(args: argparse.Namespace) -> None:
         print_comparison(ours, theirs)
 
 
+def main_task_events_cost(args: argparse.Namespace) -> None:
+    """The cost of recording task events: each row with REDRAY_TASK_EVENTS=1 and =0, in
+    fresh processes, in the order on, off, off, on (so a drifting machine load affects both
+    sides alike); each side's trials are pooled."""
+    runs: dict[str, list[dict[str, Any]]] = {"1": [], "0": []}
+    for setting in ("1", "0", "0", "1"):
+        runs[setting].append(
+            run_child(sys.executable, "redray", args, {"REDRAY_TASK_EVENTS": setting})
+        )
+
+    def pooled(reports: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        merged: dict[str, dict[str, Any]] = {}
+        for rep in reports:
+            for row in rep["rows"]:
+                if row["error"] or row["name"] in merged and merged[row["name"]]["error"]:
+                    merged[row["name"]] = row
+                    continue
+                if row["name"] not in merged:
+                    merged[row["name"]] = {**row, "_means": [row["mean"]]}
+                else:
+                    merged[row["name"]]["_means"].append(row["mean"])
+        for row in merged.values():
+            means = row.pop("_means", None)
+            if means:
+                row["mean"] = sum(means) / len(means)
+                row["std"] = (sum((m - row["mean"]) ** 2 for m in means) / len(means)) ** 0.5
+        return merged
+
+    on, off = pooled(runs["1"]), pooled(runs["0"])
+    table = [
+        [name, fmt_cell(on[name]), fmt_cell(off.get(name)), fmt_ratio(on[name], off.get(name))]
+        for name in on
+    ]
+    print(header_line(runs["1"][0]))
+    print(render_table(["row", "events on", "events off", "on/off"], table))
+    print("on/off: ops/s with task events recorded over ops/s without (1.00x: no cost)")
+    if args.json or args.json_out:
+        write_json({"on": runs["1"], "off": runs["0"]}, args.json_out or "-")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.task_events_cost:
+        main_task_events_cost(args)
+        return
     if args.list:
         print("\n".join(all_row_names(max(1, multiprocessing.cpu_count() // 2))))
         return

@@ -60,6 +60,7 @@ def create_actor(executor: Executor, conn: Connection, message: tuple) -> None:
     executor._apply_grant(placement)  # GPU ids: visible to the constructor already
     ctx = executor.task_context(actor_id[:14], f"{name}.__init__", job.job_id, placement, None)
     ctx.prefix = f"({name} pid={os.getpid()})"
+    executor.running.pop(ctx.task_id, None)  # the actor's own context, not a call
     runtime = ActorRuntime(executor, actor_id, spec, conn, restarts, ctx)
     executor.actor = runtime
     jobs.job_id = job.job_id
@@ -197,7 +198,7 @@ class ActorRuntime:
             return
         self.request_exit("its last reference is gone", graceful=True, cause=message[1])
         # Behind the calls already queued for the main thread: they run first.
-        self.executor.post(conn, ("actor_task", None, TERMINATE, None, (), {}, 0, None, None))
+        self.executor.post(conn, ("actor_task", None, TERMINATE, None, (), {}, 0, None, None, 0))
 
     def _call_done(self) -> None:
         with self._idle:
@@ -251,6 +252,7 @@ class ActorRuntime:
             message[1], message[3], self.spec["job"].job_id, self.grant, conn
         )
         ctx.prefix = self.context.prefix
+        ctx.attempt = message[9]
         return ctx
 
     def execute(self, conn: Connection, message: tuple) -> None:

@@ -262,6 +262,7 @@ class ActorSubmitter:
                             len(task.return_ids) if stream is None else stream.wire(),
                             task.job.job_id,
                             task.options.concurrency_group,
+                            task.attempt,
                         )
                     )
         if failed:
@@ -298,6 +299,7 @@ class ActorSubmitter:
                 if task.task_id in state.pending:
                     if task.retries_left > 0:
                         task.retries_left -= 1
+                    tasks.record_retry(task, first)
                     state.queue.appendleft(task)
             self._pump(state)
             return
@@ -373,6 +375,7 @@ class ActorSubmitter:
         for task in reversed(retry):
             if task.retries_left > 0:
                 task.retries_left -= 1
+            self._tasks.record_retry(task, exceptions.ActorDiedError("the actor died", state.hex))
             state.queue.appendleft(task)
         return [t for t in lost if t not in retry]
 

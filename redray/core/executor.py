@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from redray.core.peers import Peers
 from redray.core.serialization import error_payload, loads
 from redray.core.task_submitter import TaskSubmitter
 from redray.core.yielding import GeneratorRunner, return_count
+from redray.state import events as task_events
 from redray.transport.connection import Connection
 from redray.transport.reactor import Waiter
 
@@ -54,6 +56,9 @@ class TaskContext:
         "prefix",
         "function",
         "lent",
+        "attempt",
+        "started",
+        "reported",
     )
 
     def __init__(self, task_id, name, job_id, grant, conn, driver=None, log_to_driver=True):
@@ -67,6 +72,9 @@ class TaskContext:
         self.prefix = f"({name} pid={_PID})"
         self.function: Any = None  # what runs: get_runtime_context().get_task_function_name()
         self.lent: list | None = None  # refs in its return values, kept until the reply is sent
+        self.attempt = 0  # the attempt number its owner gave it (for task events)
+        self.started = 0.0  # when it started (wall clock)
+        self.reported = False  # reported as running (task events: it ran an interval)
 
 
 _PID = os.getpid()  # for log prefixes, without a system call per task
@@ -119,6 +127,13 @@ class Executor:
         self._calls: collections.Counter = collections.Counter()  # of functions with max_calls
         self._retired = False  # a function reached its max_calls: this process runs no more
         self.generators = GeneratorRunner(self)
+        # Calls running here (any thread), by task id: reported as running once they ran
+        # an interval (task events), and their start goes back with their reply.
+        self.running: dict[bytes, TaskContext] = {}
+        node_id = getattr(context.current, "node_id", "") if context.current else ""
+        self._process = (node_id, peers.address[2].hex(), os.getpid())
+        if tasks.events is not None:
+            tasks.events.running = self.running_events
         peers.handle("task", self._on_task)
         peers.handle("steal", self._on_steal)
         peers.handle("actor_create", self._on_message)
@@ -268,7 +283,7 @@ class Executor:
                 continue  # a cancellation that arrived just after its task ended
 
     def execute(self, conn: Connection, message: tuple) -> None:
-        _, task_id, fn_key, name, args, kwargs, num_returns, grant, job_id = message
+        _, task_id, fn_key, name, args, kwargs, num_returns, grant, job_id, attempt = message
         with self._waiting_lock:
             if task_id in self._stolen:
                 self._stolen.discard(task_id)
@@ -282,6 +297,7 @@ class Executor:
         if grant != self._applied_grant:
             self._apply_grant(grant)
         ctx = self.task_context(task_id, name, job_id, grant, conn)
+        ctx.attempt = attempt
         with self._waiting_lock:  # from waiting to running in one step, as cancels see it
             self._waiting.discard(task_id)
             cancelled = self._cancelled.pop(task_id, True) is None
@@ -329,16 +345,47 @@ class Executor:
         return True
 
     def task_context(self, task_id, name, job_id, grant, conn) -> TaskContext:
-        """The context of a task of job_id, whose paths are made importable here first."""
+        """The context of a task of job_id, whose paths are made importable here first;
+        the task counts as running from now (see `running_events`)."""
         job = self.jobs.jobs.get(job_id)
         if job is None:
-            return TaskContext(task_id, name, job_id, grant, conn)
-        if job_id not in self._paths_added:
-            self._paths_added.add(job_id)
-            for path in job.paths:
-                if path not in sys.path:
-                    sys.path.append(path)
-        return TaskContext(task_id, name, job_id, grant, conn, job.driver, job.log_to_driver)
+            ctx = TaskContext(task_id, name, job_id, grant, conn)
+        else:
+            if job_id not in self._paths_added:
+                self._paths_added.add(job_id)
+                for path in job.paths:
+                    if path not in sys.path:
+                        sys.path.append(path)
+            ctx = TaskContext(task_id, name, job_id, grant, conn, job.driver, job.log_to_driver)
+        ctx.started = time.time()
+        self.running[task_id] = ctx
+        events = self.tasks.events
+        if events is not None:
+            events.arm()
+        return ctx
+
+    def running_events(self) -> tuple[list[tuple], bool]:
+        """(reactor thread, task events) RUNNING events of the calls running here for an
+        interval and not reported yet; and whether anything runs."""
+        running = list(self.running.values())
+        if not running:
+            return [], False
+        since = time.time() - self.tasks.events.interval
+        events = []
+        for ctx in running:
+            if not ctx.reported and ctx.started <= since:
+                ctx.reported = True
+                events.append(
+                    (
+                        task_events.RUNNING,
+                        ctx.task_id,
+                        ctx.attempt,
+                        ctx.started,
+                        ctx.name,
+                        ctx.job_id,
+                    )
+                )
+        return events, True
 
     def invoke(self, ctx: TaskContext, fn: Any, args: tuple, kwargs: dict, num_returns: int):
         """Run fn for a task or actor call; the payloads of its returns (or of its error).
@@ -415,11 +462,17 @@ class Executor:
         """Send a task's or call's results to its caller, with the borrows its arguments
         left here; then let go of the refs its return values lent."""
         borrowed = self.ownership.take_task_borrows()
-        self.peers.route_to(conn).send(("done", task_id, payloads, borrowed))
+        self.running.pop(task_id, None)
+        if self.tasks.events is None:  # (task events off: its owner records nothing either)
+            self.peers.route_to(conn).send(("done", task_id, payloads, borrowed))
+        else:
+            run = (ctx.started, ctx.reported, *self._process)
+            self.peers.route_to(conn).send(("done", task_id, payloads, borrowed, run))
         ctx.lent = None
 
     def refuse(self, conn: Connection, task_id: bytes, error: BaseException, num_returns: Any):
         """Answer a task or call that will not run here with `error` for each return."""
+        self.running.pop(task_id, None)
         self.peers.route_to(conn).send(("done", task_id, error_payloads(error, num_returns), []))
 
     def _apply_grant(self, grant: Any) -> None:
@@ -556,9 +609,11 @@ class TaskStream:
 
 
 def send_log(peers: Peers, ctx: TaskContext, fd: int, text: str, fallback: Any) -> None:
-    """Send printed text to the job's driver: on the task's connection when that is the driver."""
+    """Write printed text to this worker's log file (`fallback`: its stdout or stderr, where
+    `redray logs` reads it) and send it to the job's driver: on the task's connection when
+    that is the driver."""
+    fallback.write(text)
     if not ctx.log_to_driver:
-        fallback.write(text)
         return
     entry = ("log", [(fd, ctx.prefix, text)])
     driver = ctx.driver
@@ -567,12 +622,11 @@ def send_log(peers: Peers, ctx: TaskContext, fd: int, text: str, fallback: Any) 
         conn.send(entry)
         return
     if driver is None:
-        fallback.write(text)
         return
     try:
         peers.peer(tuple(driver)).send(entry)
     except OSError:
-        fallback.write(text)
+        pass
 
 
 def _flush_streams() -> None:

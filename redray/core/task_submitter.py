@@ -32,6 +32,8 @@ from redray.core.reference_table import Released
 from redray.core.serialization import error_payload, unpickle_error
 from redray.resources import bundle_resources
 from redray.runtime_env import spec as env_spec
+from redray.state import events as task_events
+from redray.state.events import TaskEventRecorder
 from redray.transport import protocol
 from redray.transport.connection import Connection
 
@@ -101,6 +103,10 @@ class _Task:
         "job",
         "pushed",
         "stream",
+        "attempt",
+        "created",
+        "reported",
+        "run",
     )
 
     def __init__(self, task_id, fn_key, options, args, kwargs, keep, return_ids, parent):
@@ -122,6 +128,10 @@ class _Task:
         self.job: Any = None  # the JobInfo the task belongs to
         self.pushed = 0.0  # when it was sent to its worker
         self.stream: ItemStream | None = None  # a generator task's items
+        self.attempt = 0  # Ray's attempt_number: 0, then one more per retry
+        self.created = time.time()  # when this attempt was submitted
+        self.reported = False  # its owner reported this attempt as pending (task events)
+        self.run: tuple | None = None  # how its worker ran it (from the reply)
 
 
 class _Lease:
@@ -199,6 +209,8 @@ class TaskSubmitter:
         # Grants whose worker is being connected to: True once the raylet wants them back.
         self._connecting: dict[tuple[Connection, int], bool] = {}
         self._lineage: dict[bytes, _Task] = {}  # tasks whose stored returns may need rebuilding
+        # Where task state changes are recorded for the state API (None: not recorded).
+        self.events: TaskEventRecorder | None = None
         peers.handle("done", self._on_done)
         peers.handle("stolen", self._on_stolen)
         peers.handle("lease_reclaim", self._on_reclaim)
@@ -262,6 +274,10 @@ class TaskSubmitter:
             self._tasks[task_id] = task
             if parent is not None:
                 self._children.setdefault(parent, []).append(task_id)
+        events = self.events
+        if events is not None:
+            events.new.append(task)
+            events.arm()
         return task, refs, deps
 
     def _in_job_env(self, options: TaskOptions, job: Any) -> TaskOptions:
@@ -277,6 +293,35 @@ class TaskSubmitter:
             in_env._in_env = {job.job_id: in_env}
             cache[job.job_id] = in_env
         return in_env
+
+    def pending_state(self, task: _Task) -> str | None:
+        """(reactor thread, task events) The state to report a task in, once it has been
+        pending for an interval: None when it has finished meanwhile. Marks it reported
+        first, so its end is recorded as following this report (see `finish`)."""
+        task.reported = True
+        if task.task_id not in self._tasks:
+            return None
+        actor = task.actor
+        if task.lease is not None or (actor is not None and task.task_id in actor.inflight):
+            return "SUBMITTED_TO_WORKER"
+        return "PENDING_ARGS_AVAIL" if task.unresolved else "PENDING_NODE_ASSIGNMENT"
+
+    def record_retry(self, task: _Task, failure: Any) -> None:
+        """A task or call is tried again: its attempt failed with `failure` (an error payload
+        or exception), and a new attempt starts."""
+        events = self.events
+        if events is not None:
+            if isinstance(failure, BaseException):
+                failure = [task_events.error_type_of(failure), str(failure)]
+            events.add(task_events.done_event(task, failure))
+        task.attempt += 1
+        task.created = time.time()
+        task.reported = False
+        task.run = None
+        task.pushed = 0.0
+        if events is not None:
+            events.new.append(task)
+            events.arm()
 
     def _captured(self, options: TaskOptions, running: Any) -> TaskOptions:
         """Children of a task in a placement group that captures them run in it too."""
@@ -449,6 +494,7 @@ class TaskSubmitter:
             len(task.return_ids) if stream is None else stream.wire(),
             lease.grant,
             task.job.job_id,
+            task.attempt,
         )
         self._jobs.introduce(lease.conn, task.job)
         return protocol.encode(message)
@@ -639,9 +685,11 @@ class TaskSubmitter:
 
     # -- results ----------------------------------------------------------------------------
     def _on_done(self, conn: Connection, message: tuple) -> None:
-        _, task_id, results, borrowed = message
+        task_id, results, borrowed = message[1], message[2], message[3]
         with self._lock:
             task = self._tasks.get(task_id)
+            if task is not None and len(message) > 4:
+                task.run = message[4]
             lease = task.lease if task is not None else None
             if lease is not None:
                 lease.inflight.pop(task_id, None)
@@ -657,6 +705,7 @@ class TaskSubmitter:
         first = results[0] if results else None
         if first is not None and first[0] == "e" and self.should_retry_error(task, first):
             task.retries_left -= 1 if task.retries_left > 0 else 0
+            self.record_retry(task, first)
             with self._lock:
                 self._requeue(task)
                 self._dispatch(task.shape)
@@ -706,6 +755,14 @@ class TaskSubmitter:
                         pass
                     if not siblings:
                         del self._children[task.parent]
+        events = self.events
+        if events is not None:  # (after the pop: see pending_state)
+            first = results[0] if results else None
+            events.add(
+                task_events.done_event(
+                    task, first if first is not None and first[0] == "e" else None
+                )
+            )
         for rid, payload in zip(task.return_ids, results, strict=False):
             if payload[0] in ("v", "s") and payload[-1]:
                 nested = ownership.pin_nested(payload[-1], registered=True)
@@ -756,6 +813,7 @@ class TaskSubmitter:
             elif task.retries_left != 0:
                 if task.retries_left > 0:
                     task.retries_left -= 1
+                self.record_retry(task, exceptions.WorkerCrashedError())
                 with self._lock:
                     self._requeue(task)
             else:
@@ -841,6 +899,7 @@ class TaskSubmitter:
             self._tasks[task.task_id] = task
             task.retries_left = task.options.max_retries
             task.cancelled = False
+        self.record_retry(task, exceptions.ObjectLostError(object_id.hex()))
         log.warning("re-running %s to rebuild a lost object", task.options.name)
         self._objects.forget_values(task.return_ids)
         if self._resolve_args(task) is not None:

@@ -145,6 +145,7 @@ def _fork_worker(
         sock.close()
         die_with_parent()
         os.environ.update({k: str(v) for k, v in env_vars.items()})
+        _log_to_files(config.get("log_dir"), worker_id)
         if prepared is not None:
             _enter_env(prepared, {**config, "worker_id": worker_id})
         random.seed()
@@ -175,3 +176,18 @@ def _enter_env(prepared: Any, config: dict) -> None:
         argv = [prepared.python, "-m", "redray.worker_main", "--config-fd", str(read_end)]
         os.execv(prepared.python, argv)
     sys.path[:0] = [p for p in prepared.paths if p not in sys.path]
+
+
+def _log_to_files(log_dir: str | None, worker_id: bytes) -> None:
+    """Point this worker's stdout and stderr at its own files in the node's log directory
+    (`worker-<id>-<pid>.out/.err`, Ray's names), where `redray logs` finds them."""
+    if not log_dir:
+        return
+    stem = os.path.join(log_dir, f"worker-{worker_id.hex()}-{os.getpid()}")
+    for fd, suffix in ((1, "out"), (2, "err")):
+        try:
+            target = os.open(f"{stem}.{suffix}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError:
+            continue
+        os.dup2(target, fd)
+        os.close(target)

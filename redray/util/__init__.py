@@ -46,10 +46,10 @@ def __getattr__(name: str) -> Any:
         from redray.util.actor_pool import ActorPool
 
         return ActorPool
-    if name == "queue":
+    if name in ("queue", "state", "metrics"):
         import importlib
 
-        return importlib.import_module("redray.util.queue")
+        return importlib.import_module(f"redray.util.{name}")
     raise AttributeError(f"module 'redray.util' has no attribute {name!r}")
 
 

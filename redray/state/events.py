@@ -1,0 +1,500 @@
+"""Task events: each process records its tasks' state changes; raylets write them to Redis.
+
+What a task or actor call costs its owner is one event, when it ends: its submission, push,
+start (reported by the executing worker with the reply it sends anyway), end, worker, node
+and error, all in one tuple. Work still pending or running after one report interval is
+also reported as it is then: owners report their tasks still pending (and then their push),
+workers the calls they have been running that long, so `list_tasks(filters=[("state", "=",
+"RUNNING")])` shows them. A process appends events to a bounded buffer (counting what it had
+to drop); a timer ships the buffer to the process's raylet every interval over the
+connection it already has, one message per interval. Each raylet merges what its processes
+sent into one record per task attempt and writes them with one script call per interval
+from its own thread (see keys.write_task_events): the task hot path never waits on Redis.
+
+Settings (environment of the processes and of `redray start`/`redray node`):
+- REDRAY_TASK_EVENTS=0 (or Ray's RAY_task_events_report_interval_ms=0): record nothing;
+- REDRAY_TASK_EVENTS_INTERVAL_MS / RAY_task_events_report_interval_ms: how often (100);
+- REDRAY_TASK_EVENTS_BUFFER: events a process holds before dropping (100,000);
+- REDRAY_TASK_EVENTS_MAX_TASKS / RAY_task_events_max_num_task_in_gcs: attempts kept in Redis
+  for the cluster (100,000); REDRAY_TASK_EVENTS_MAX_TASKS_PER_JOB: per job (100,000).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redray.state import keys
+
+log = logging.getLogger(__name__)
+
+# Event kinds (the first item of an event tuple).
+# (PENDING, task_id, attempt, created, name, job_id, actor_id, parent, resources, state)
+PENDING = 0
+PUSHED = 1  # (PUSHED, task_id, attempt, time)
+RUNNING = 2  # (RUNNING, task_id, attempt, started, name, job_id) from the executing worker
+# (FINISHED|FAILED, task_id, attempt, created, pushed, ended, name, job_id, actor_id, parent,
+#  resources, run, error, reported): run is what the worker replied (started, reported
+#  running, node_id, worker_id, pid) or None; error an error payload (tuple) or
+#  [error_type, message]; reported: the owner reported the attempt pending before.
+FINISHED = 4
+FAILED = 5
+WALL_OFFSET = time.time() - time.monotonic()  # monotonic + WALL_OFFSET: wall-clock time
+
+# Ray's ErrorType names for redray's exception classes (by class name, most specific first).
+_ERROR_TYPES = {
+    "TaskCancelledError": "TASK_CANCELLED",
+    "WorkerCrashedError": "WORKER_DIED",
+    "ActorDiedError": "ACTOR_DIED",
+    "ActorUnavailableError": "ACTOR_UNAVAILABLE",
+    "RayActorError": "ACTOR_DIED",
+    "ObjectLostError": "OBJECT_LOST",
+    "OwnerDiedError": "OWNER_DIED",
+    "LocalRayletDiedError": "LOCAL_RAYLET_DIED",
+    "NodeDiedError": "NODE_DIED",
+    "OutOfMemoryError": "OUT_OF_MEMORY",
+    "RayTaskError": "TASK_EXECUTION_EXCEPTION",
+}
+MAX_ERROR_MESSAGE = 4096
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        raw = os.environ.get(name)
+        if raw is not None and raw.strip():
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    return default
+
+
+def enabled() -> bool:
+    """Whether this process records task events (read once, at process start)."""
+    if os.environ.get("REDRAY_TASK_EVENTS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return report_interval() > 0
+
+
+def report_interval() -> float:
+    """Seconds between shipments of a process's events."""
+    ms = _env_int(("REDRAY_TASK_EVENTS_INTERVAL_MS", "RAY_task_events_report_interval_ms"), 100)
+    return ms / 1000.0
+
+
+def buffer_capacity() -> int:
+    return max(1, _env_int(("REDRAY_TASK_EVENTS_BUFFER",), 100_000))
+
+
+def max_tasks() -> int:
+    return max(
+        1,
+        _env_int(("REDRAY_TASK_EVENTS_MAX_TASKS", "RAY_task_events_max_num_task_in_gcs"), 100_000),
+    )
+
+
+def max_tasks_per_job() -> int:
+    return max(1, _env_int(("REDRAY_TASK_EVENTS_MAX_TASKS_PER_JOB",), 100_000))
+
+
+def error_type_of(error: BaseException) -> str:
+    for cls in type(error).__mro__:
+        found = _ERROR_TYPES.get(cls.__name__)
+        if found is not None:
+            return found
+    return type(error).__name__
+
+
+class TaskEventRecorder:
+    """A process's buffer of task events (any thread appends; the reactor thread ships).
+
+    `ship(events, dropped)` runs on the reactor thread at most once per interval with what
+    was recorded since; `describe_error(payload)` turns a failure's pickled error into
+    (error_type, message) there, off the task's path. `pending()` and `running()` (reactor
+    thread, each tick) return the work to report as still pending or running."""
+
+    def __init__(
+        self,
+        call_later: Callable[[float, Callable], None],
+        ship: Callable[[list, int], None],
+        describe_error: Callable[[Any], tuple[str, str]],
+        interval: float | None = None,
+        capacity: int | None = None,
+    ):
+        self._call_later = call_later
+        self._ship = ship
+        self._describe_error = describe_error
+        self.interval = report_interval() if interval is None else interval
+        self.capacity = buffer_capacity() if capacity is None else capacity
+        self._events: collections.deque = collections.deque()
+        self._armed = False
+        self.dropped = 0  # since the last shipment
+        # Tasks submitted since the last tick, and those of the tick before (reported as
+        # pending at the next tick if still not finished: they are one interval old then).
+        self.new: list = []
+        self._aging: list = []
+        self.pending_state: Callable[[Any], str | None] | None = None
+        self.running: Callable[[], tuple[list[tuple], bool]] | None = None
+
+    def arm(self) -> None:
+        """Make sure a tick comes (any thread; cheap when one is due)."""
+        if not self._armed:
+            self._armed = True
+            self._call_later(self.interval, self.tick)
+
+    def add(self, event: tuple) -> None:
+        events = self._events
+        if len(events) >= self.capacity:
+            self.dropped += 1
+            return
+        events.append(event)
+        if not self._armed:
+            self._armed = True
+            self._call_later(self.interval, self.tick)
+
+    def take(self) -> tuple[list, int]:
+        """Everything recorded so far, failures described; and how many were dropped."""
+        events = self._events
+        taken = [events.popleft() for _ in range(len(events))]
+        dropped, self.dropped = self.dropped, 0
+        for i, event in enumerate(taken):
+            if event[0] == FAILED and type(event[12]) is tuple:  # an error payload
+                try:
+                    described = list(self._describe_error(event[12]))
+                except Exception as exc:  # an error that cannot be unpickled here
+                    described = [type(exc).__name__, f"(error not readable here: {exc})"]
+                taken[i] = (*event[:12], described, *event[13:])
+        return taken, dropped
+
+    def tick(self) -> None:
+        """(reactor thread) Report what has been pending or running for an interval, then
+        ship what was recorded; come again while anything may need reporting."""
+        self._armed = False
+        try:
+            if self.pending_state is not None:
+                aging, self._aging, self.new = self._aging, self.new, []
+                for task in aging:
+                    state = self.pending_state(task)
+                    if state is not None:
+                        self.add(pending_event(task, state))
+            busy = False
+            if self.running is not None:
+                events, busy = self.running()
+                for event in events:
+                    self.add(event)
+            events, dropped = self.take()
+            if events or dropped:
+                try:
+                    self._ship(events, dropped)
+                except Exception:
+                    log.debug("shipping task events failed", exc_info=True)
+            if self._aging or self.new or self._events or busy:
+                self.arm()
+        except Exception:
+            self.arm()
+            raise
+
+
+def pending_event(task: Any, state: str) -> tuple:
+    actor = task.actor
+    options = task.options
+    return (
+        PENDING,
+        task.task_id,
+        task.attempt,
+        task.created,
+        options.name,
+        task.job.job_id,
+        actor.actor_id if actor is not None else None,
+        task.parent,
+        options.resources,
+        state,
+    )
+
+
+def done_event(task: Any, error: Any) -> tuple:
+    """The event of a task attempt that ended (error: an error payload, [type, message],
+    or None when it succeeded)."""
+    actor = task.actor
+    options = task.options
+    pushed = task.pushed + WALL_OFFSET if task.pushed else None
+    return (
+        FINISHED if error is None else FAILED,
+        task.task_id,
+        task.attempt,
+        task.created,
+        pushed,
+        time.time(),
+        options.name,
+        task.job.job_id,
+        actor.actor_id if actor is not None else None,
+        task.parent,
+        options.resources,
+        task.run,
+        error,
+        task.reported,
+    )
+
+
+class TaskEventSink:
+    """A raylet's side: events its processes shipped, merged per attempt and written to
+    Redis every interval by the sink's own thread (bounded: past `capacity` buffered events
+    new ones are counted as lost)."""
+
+    def __init__(self, gcs: Any, node_id: str, stopping: threading.Event):
+        self.gcs = gcs
+        self.node_id = node_id
+        self.interval = report_interval()
+        self.capacity = buffer_capacity() * 4
+        self.max_tasks = max_tasks()
+        self.max_per_job = max_tasks_per_job()
+        self._stopping = stopping
+        self._lock = threading.Lock()
+        self._batches: list[tuple[dict, list]] = []
+        self._buffered = 0
+        self._lost = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="task-events")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def ingest(self, process: dict, events: list, dropped: int) -> None:
+        """(reactor thread) A process's shipment; `process`: worker_id (hex) and pid."""
+        with self._lock:
+            self._lost += dropped
+            if self._buffered + len(events) > self.capacity:
+                self._lost += len(events)
+                return
+            self._buffered += len(events)
+            self._batches.append((process, events))
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval):
+            self.flush()
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batches, self._batches = self._batches, []
+            lost, self._lost = self._lost, 0
+            self._buffered = 0
+        if not batches and not lost:
+            return
+        batch = merge(batches, self.node_id)
+        batch.lost = lost
+        try:
+            keys.write_task_events(self.gcs, batch, self.max_tasks, self.max_per_job)
+        except Exception as exc:
+            # Redis away (or refusing): these are lost, and counted once it is back.
+            with self._lock:
+                self._lost += lost + sum(len(events) for _, events in batches)
+            log.warning("writing task events failed: %s", exc)
+
+
+STATE_RANK = keys.STATE_RANK
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch:
+    """The attempts described by events (in arrival order), ready to write: see
+    keys.write_task_events. An attempt that finished without being reported before
+    (neither pending by its owner nor running by its worker) is complete: nothing of it is
+    stored yet, and it takes the short path (its JSON written out, no merge in Redis)."""
+    by_attempt: dict[tuple[bytes, int], Any] = {}
+    for process, events in batches:
+        for event in events:
+            key = (event[1], event[2])
+            seen = by_attempt.get(key)
+            if seen is None:
+                by_attempt[key] = (process, event)
+            elif type(seen) is list:
+                seen.append((process, event))
+            else:
+                by_attempt[key] = [seen, (process, event)]
+    batch = keys.TaskEventBatch()
+    complete = batch.complete
+    members = batch.members
+    statics: dict[tuple, tuple] = {}  # what tasks of one function share: JSON and indexes
+    nodes: dict[str, list[str]] = {}
+    resources_json: dict[int, str] = {}
+    for (task_id, attempt), seen in by_attempt.items():
+        if type(seen) is tuple:
+            event = seen[1]
+            run = event[11] if event[0] == FINISHED else None
+            if run and not run[1] and not event[13] and not event[9]:
+                # The common case: finished, never reported, not a nested task.
+                name, job_id, actor_id, resources = event[6], event[7], event[8], event[10]
+                static = statics.get((name, job_id, actor_id, id(resources)))
+                if static is None:
+                    static = statics[(name, job_id, actor_id, id(resources))] = _static(
+                        batch, name, job_id, actor_id, resources
+                    )
+                text, shared = static
+                entry = f"{task_id.hex()}:{attempt}"
+                created = int(event[3] * 1000)
+                pushed = int(event[4] * 1000) if event[4] else created
+                complete.append(
+                    f'{entry}\t{{{text},"task_id":"{entry[: -len(str(attempt)) - 1]}",'
+                    f'"attempt_number":{attempt},"creation_time_ms":{created},'
+                    f'"submitted_time_ms":{pushed},"start_time_ms":{int(run[0] * 1000)},'
+                    f'"end_time_ms":{int(event[5] * 1000)},"node_id":"{run[2]}",'
+                    f'"worker_id":"{run[3]}","worker_pid":{int(run[4])},"state":"FINISHED",'
+                    f'"rank":{_FINISHED_RANK}}}'
+                )
+                for group in shared:
+                    group.append(entry)
+                node_group = nodes.get(run[2])
+                if node_group is None:
+                    node_group = nodes[run[2]] = members("node_id:" + run[2])
+                node_group.append(entry)
+                continue
+        _merge_slow(batch, task_id, attempt, seen, node_id, resources_json)
+    return batch
+
+
+_FINISHED_RANK = keys.STATE_RANK["FINISHED"]
+
+
+def _static(batch: keys.TaskEventBatch, name, job_id, actor_id, resources) -> tuple:
+    """The JSON fields and index lists shared by the finished tasks of one function."""
+    fields: dict[str, Any] = {
+        "name": name,
+        "job_id": job_id,
+        "type": "ACTOR_TASK" if actor_id else "NORMAL_TASK",
+    }
+    shared = [
+        batch.members("all"),
+        batch.members("job_id:" + job_id),
+        batch.members("name:" + name),
+    ]
+    batch.jobs.add(job_id)
+    if actor_id:
+        fields["actor_id"] = actor_id.hex()
+        shared.append(batch.members("actor_id:" + fields["actor_id"]))
+    if resources:
+        fields["required_resources"] = json.dumps(resources)
+    return _ENCODE(fields)[1:-1], shared
+
+
+def _merge_slow(
+    batch: keys.TaskEventBatch,
+    task_id: bytes,
+    attempt: int,
+    seen: Any,
+    node_id: str,
+    resources_json: dict[int, str],
+) -> None:
+    """An attempt whose events need merging (here, and with what Redis holds)."""
+    entry = f"{task_id.hex()}:{attempt}"
+    only = type(seen) is tuple
+    if only and seen[1][0] >= FINISHED and not seen[1][13] and not (seen[1][11] and seen[1][11][1]):
+        fields = _ended(seen[1], resources_json)  # ended, never reported: complete
+        partial = False
+    else:
+        fields = {}
+        rank = 0
+        ended = False
+        for process, event in (seen,) if only else seen:
+            state = _apply(fields, event, process, node_id, resources_json)
+            ended = ended or event[0] >= FINISHED
+            if STATE_RANK[state] > rank:
+                rank = STATE_RANK[state]
+                fields["state"] = state
+        partial = True
+    fields["task_id"] = task_id.hex()
+    fields["attempt_number"] = attempt
+    state = fields["state"]
+    rank = fields["rank"] = STATE_RANK[state]
+    score = fields.get("creation_time_ms") or fields.get("start_time_ms") or 0
+    blob = _ENCODE(fields)
+    if partial:  # (its indexes: in Redis, which knows whether the attempt is new there)
+        columns = [fields.get(c) or "" for c in ("job_id", "name", "node_id", "actor_id")]
+        batch.partial.append((entry, score, rank, state, blob, "r" if ended else "m", *columns))
+    else:
+        batch.complete.append(f"{entry}\t{blob}")
+        if state != "FINISHED":  # (finished: most of `all`, found by reading it)
+            batch.add_scored("state:" + state, score, entry)
+        batch.members("all").append(entry)
+        for column in ("job_id", "name", "node_id", "actor_id"):
+            value = fields.get(column)
+            if value:
+                batch.members(f"{column}:{value}").append(entry)
+    if fields.get("job_id"):
+        batch.jobs.add(fields["job_id"])
+
+
+def _ended(event: tuple, resources_json: dict[int, str]) -> dict[str, Any]:
+    """The fields of an attempt from its end event alone."""
+    (kind, _, _, created, pushed, ended, name, job_id, actor_id, parent, resources, run, error,
+     _) = event  # fmt: skip
+    fields: dict[str, Any] = {
+        "name": name,
+        "job_id": job_id,
+        "type": "ACTOR_TASK" if actor_id else "NORMAL_TASK",
+        "creation_time_ms": int(created * 1000),
+        "end_time_ms": int(ended * 1000),
+    }
+    if pushed:
+        fields["submitted_time_ms"] = int(pushed * 1000)
+    if actor_id:
+        fields["actor_id"] = actor_id.hex()
+    if parent:
+        fields["parent_task_id"] = parent.hex()
+    if resources:
+        text = resources_json.get(id(resources))
+        if text is None:
+            text = resources_json[id(resources)] = json.dumps(resources)
+        fields["required_resources"] = text
+    if run is not None:
+        if run[0]:
+            fields["start_time_ms"] = int(run[0] * 1000)
+        fields["node_id"] = run[2]
+        fields["worker_id"] = run[3]
+        fields["worker_pid"] = run[4]
+    if kind == FAILED:
+        fields["state"] = "FAILED"
+        fields["error_type"] = error[0]
+        fields["error_message"] = error[1][:MAX_ERROR_MESSAGE]
+    else:
+        fields["state"] = "FINISHED"
+    return fields
+
+
+def _apply(
+    fields: dict[str, Any], event: tuple, process: dict, node_id: str, resources_json: dict
+) -> str:
+    """Merge one event into an attempt's fields; the state it reports."""
+    kind = event[0]
+    if kind >= FINISHED:
+        fields.update(_ended(event, resources_json))
+        return fields["state"]
+    if kind == PENDING:
+        _, _, _, created, name, job_id, actor_id, parent, resources, state = event
+        fields["creation_time_ms"] = int(created * 1000)
+        fields["name"] = name
+        fields["job_id"] = job_id
+        fields["type"] = "ACTOR_TASK" if actor_id else "NORMAL_TASK"
+        if actor_id:
+            fields["actor_id"] = actor_id.hex()
+        if parent:
+            fields["parent_task_id"] = parent.hex()
+        if resources:
+            fields["required_resources"] = json.dumps(resources)
+        return state
+    if kind == PUSHED:
+        fields["submitted_time_ms"] = int(event[3] * 1000)
+        return "SUBMITTED_TO_WORKER"
+    _, _, _, started, name, job_id = event  # RUNNING, from the worker
+    fields["start_time_ms"] = int(started * 1000)
+    fields["name"] = name
+    fields["job_id"] = job_id
+    fields["node_id"] = node_id
+    fields["worker_id"] = process.get("worker_id", "")
+    fields["worker_pid"] = process.get("pid")
+    return "RUNNING"
