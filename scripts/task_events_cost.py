@@ -85,7 +85,11 @@ redray.shutdown()
 def run(setting: str, calls: int) -> dict:
     env = dict(os.environ, REDRAY_TASK_EVENTS=setting, PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(calls)], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, "-c", CHILD, str(calls)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
@@ -100,7 +104,9 @@ def main() -> None:
     for setting in ("1", "0", "0", "1"):
         runs[setting].append(run(setting, args.calls))
     print(f"{args.calls} calls per workload; CPU of driver + cluster, mean of 2 runs each")
-    print(f"{'workload':<18} {'CPU us/call on':>15} {'off':>8} {'on/off':>7}   {'calls/s on':>10} {'off':>8}")
+    print(
+        f"{'workload':<18} {'CPU us/call on':>15} {'off':>8} {'on/off':>7}   {'calls/s on':>10} {'off':>8}"
+    )
     for name in runs["1"][0]:
         on = [r[name] for r in runs["1"]]
         off = [r[name] for r in runs["0"]]
