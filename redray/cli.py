@@ -891,6 +891,7 @@ def status(address: str, cluster: str | None) -> None:
 
 for _command in state_cli.COMMANDS:
     cli.add_command(_command)
+cli.add_command(dashboard_cli.dashboard_token)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ serving both until `redray stop`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import urllib.request
@@ -14,7 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import wait_for
+from conftest import REPO, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_cli import redray_cli
 
@@ -212,8 +213,22 @@ def test_redray_start_serves_the_dashboard_and_node_metrics_until_stop(tmp_path:
         with urllib.request.urlopen(dashboard.group(1) + "/api/overview", timeout=20) as page:
             assert b'"state":"ALIVE"' in page.read()
         pids = [int(dashboard.group(2)), int(exporter.group(2))]
+        token = redray_cli("dashboard-token", tmpdir=tmp_path).stdout.strip()
+        assert re.fullmatch(r"[0-9a-f]{64}", token)
     finally:
         stopped = redray_cli("stop", tmpdir=tmp_path)
     assert "Stopped 1 redray node(s)" in stopped.stdout
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_the_shipped_grafana_dashboard_queries_exported_metrics(cluster):
+    dashboard = json.loads((REPO / "docs" / "grafana_dashboard.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b((?:ray|redray)_[a-z_]+)\{", target["expr"])
+    }
+    exported = {s.name for family in scrape(cluster["url"]).values() for s in family}
+    assert queried and queried <= exported, queried - exported
