@@ -101,7 +101,8 @@ def test_each_retry_is_an_attempt_with_its_own_state(ray_start, tmp_path):
 
     assert redray.get(flaky.options(name="flaky").remote(counter)) == "third time"
     attempts = wait_tasks(
-        lambda ts: len(ts) == 3 and ts[0].state == "FINISHED", ("name", "=", "flaky")
+        lambda ts: {t.attempt_number: t.state for t in ts}.get(2) == "FINISHED",
+        ("name", "=", "flaky"),
     )
     by_attempt = {t.attempt_number: t for t in attempts}
     assert [by_attempt[n].state for n in (0, 1, 2)] == ["FAILED", "FAILED", "FINISHED"]
@@ -123,7 +124,8 @@ def test_a_killed_worker_fails_the_attempt_and_the_retry_finishes(ray_start, tmp
 
     assert redray.get(dies_once.options(name="dies_once").remote(counter)) == "survived"
     attempts = wait_tasks(
-        lambda ts: len(ts) == 2 and ts[0].state == "FINISHED", ("name", "=", "dies_once")
+        lambda ts: {t.attempt_number: t.state for t in ts}.get(1) == "FINISHED",
+        ("name", "=", "dies_once"),
     )
     by_attempt = {t.attempt_number: t for t in attempts}
     assert by_attempt[0].state == "FAILED" and by_attempt[0].error_type == "WORKER_DIED"
@@ -198,6 +200,7 @@ def test_running_filter_among_ten_thousand_finished_tasks_answers_from_its_index
 RETENTION_DRIVER = """
 import json, time, warnings, redray
 from redray.util.state import list_tasks
+CAP = {cap!r}
 redray.init(num_cpus=1)
 
 @redray.remote
@@ -205,28 +208,37 @@ def tick(i):
     return i
 
 for start in range(0, 120, 30):
-    redray.get([tick.remote(i) for i in range(start, start + 30)])
-    time.sleep(0.3)  # separate batches: the oldest are the first ones
+    refs = [tick.remote(i) for i in range(start, start + 30)]
+    redray.get(refs)
+last = int(refs[-1].task_id().hex()[-12:], 16)
 deadline = time.time() + 20
 while time.time() < deadline:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         found = list_tasks(limit=1000, raise_on_missing_output=False, detail=True)
-    dropped = [str(w.message) for w in caught if "cluster's cap" in str(w.message)]
+    dropped = [str(w.message) for w in caught if CAP in str(w.message)]
     if len(found) == 50 and dropped and dropped[0].startswith("70 "):
         break  # (events reach Redis a little after the tasks end)
     time.sleep(0.1)
-ids = sorted(t.creation_time_ms for t in found)
+counters = sorted(int(t.task_id[-12:], 16) for t in found)
 print(json.dumps({"kept": len(found), "warnings": [str(w.message) for w in caught],
-                  "newest_kept": max(ids) if ids else None}))
+                  "kept_are_the_newest": counters == list(range(last - 49, last + 1))}))
 """
 
 
-def test_retention_keeps_the_newest_and_reports_what_it_dropped():
-    proc = run_driver(RETENTION_DRIVER, env={"REDRAY_TASK_EVENTS_MAX_TASKS": "50"}, timeout=60)
+@pytest.mark.parametrize(
+    ("setting", "cap"),
+    [
+        ("REDRAY_TASK_EVENTS_MAX_TASKS", "cluster's cap"),
+        ("REDRAY_TASK_EVENTS_MAX_TASKS_PER_JOB", "per-job cap"),
+    ],
+)
+def test_retention_keeps_the_newest_and_reports_what_it_dropped(setting, cap):
+    driver = RETENTION_DRIVER.replace("{cap!r}", repr(cap))
+    proc = run_driver(driver, env={setting: "50"}, timeout=60)
     result = last_json(proc.stdout)
-    assert result["kept"] == 50
-    (warning,) = [w for w in result["warnings"] if "cluster's cap" in w]
+    assert result["kept"] == 50 and result["kept_are_the_newest"]
+    (warning,) = [w for w in result["warnings"] if cap in w]
     assert int(warning.split()[0]) == 70
 
 

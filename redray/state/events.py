@@ -347,13 +347,12 @@ def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch
                     f'"worker_id":"{run[3]}","worker_pid":{int(run[4])},"state":"FINISHED",'
                     f'"rank":{_FINISHED_RANK}}}'
                 )
-                member = f"{created} {entry}"
                 for group in shared:
-                    group.append(member)
+                    group.append(entry)
                 node_group = nodes.get(run[2])
                 if node_group is None:
                     node_group = nodes[run[2]] = members("node_id:" + run[2])
-                node_group.append(member)
+                node_group.append(entry)
                 continue
         _merge_slow(batch, task_id, attempt, seen, node_id, resources_json)
     return batch
@@ -414,18 +413,18 @@ def _merge_slow(
     rank = fields["rank"] = STATE_RANK[state]
     score = fields.get("creation_time_ms") or fields.get("start_time_ms") or 0
     blob = _ENCODE(fields)
-    member = f"{score} {entry}"
-    if partial:
-        batch.partial.append((entry, score, rank, state, blob, "r" if ended else "m"))
+    if partial:  # (its indexes: in Redis, which knows whether the attempt is new there)
+        columns = [fields.get(c) or "" for c in ("job_id", "name", "node_id", "actor_id")]
+        batch.partial.append((entry, score, rank, state, blob, "r" if ended else "m", *columns))
     else:
         batch.complete.append(f"{entry}\t{blob}")
         if state != "FINISHED":  # (finished: most of `all`, found by reading it)
-            batch.members("state:" + state).append(member)
-    batch.members("all").append(member)
-    for column in ("job_id", "name", "node_id", "actor_id"):
-        value = fields.get(column)
-        if value:
-            batch.members(f"{column}:{value}").append(member)
+            batch.add_scored("state:" + state, score, entry)
+        batch.members("all").append(entry)
+        for column in ("job_id", "name", "node_id", "actor_id"):
+            value = fields.get(column)
+            if value:
+                batch.members(f"{column}:{value}").append(entry)
     if fields.get("job_id"):
         batch.jobs.add(fields["job_id"])
 

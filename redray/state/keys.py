@@ -2,16 +2,19 @@
 
 Task events (one entry per task attempt, written by raylets in batches):
 - ``te:data``: hash ``<task_id>:<attempt>`` -> JSON of its TaskState fields (Ray's names),
-  with ``rank`` (how far it got: late events never move it back) and ``ts`` (state -> ms);
-- ``te:i:all``, ``te:i:state:<STATE>``, ``te:i:job_id:<job>``, ``te:i:name:<name>``,
-  ``te:i:node_id:<node>``, ``te:i:actor_id:<actor>``: sorted sets of entries by creation
-  time (ms), so a filter on any of these columns reads its index instead of scanning;
-  ``te:indexes`` lists them (without the prefix);
-- retention: past ``max_tasks`` the oldest entries are deleted from ``te:data`` and
-  ``te:i:all``; ``te:cutoff`` holds the creation time below which entries are gone, and the
-  other indexes are swept down to it a few keys per write (readers skip what is gone);
-- ``te:dropped``: counters of what was not kept: ``retention`` (past the cluster's cap),
-  ``job_cap`` (past a job's cap) and ``job:<job>``, ``buffer`` (lost before reaching Redis).
+  with ``rank`` (how far it got: late reports never move it back);
+- ``te:i:all``, ``te:i:job_id:<job>``, ``te:i:name:<name>``, ``te:i:node_id:<node>``,
+  ``te:i:actor_id:<actor>``: lists of entries in the order they were stored (newest last;
+  an entry reported before it ended may appear twice), so a filter on one of these columns
+  reads its index instead of scanning; appending to a list costs Redis a fraction of a
+  sorted-set insert, which matters at tens of thousands of tasks per second;
+- ``te:i:state:<STATE>``: sorted sets (by creation time) of the attempts pending, running or
+  failed: entries move between them as attempts advance. Finished attempts, most of what is
+  stored, are found by reading ``te:i:all``;
+- ``te:indexes``: the index names; ``te:dropped``: counters of what was not kept:
+  ``retention`` (past the cluster's cap: the oldest stored go), ``job_cap`` and ``job:<job>``
+  (past a job's cap), ``buffer`` (lost before reaching Redis). Indexes lose the entries of
+  dropped attempts a few keys per write; readers skip entries no longer stored.
 
 User metrics (one hash per process, removed with the process):
 - ``metrics:p:<process>``: field ``<name>`` -> JSON {type, description, tag_keys, boundaries,
@@ -34,13 +37,12 @@ from redray.gcs import Gcs
 DATA = "te:data"
 INDEX = "te:i:{name}"
 INDEXES = "te:indexes"
-CUTOFF = "te:cutoff"
 SWEEP_CURSOR = "te:sweep"
+WRITE_CHUNK = 5000  # attempts per script call
 DROPPED = "te:dropped"
 INDEXED_COLUMNS = ("state", "job_id", "name", "node_id", "actor_id")
 METRICS_PROCESS = "metrics:p:{process}"
 METRICS_PROCESSES = "metrics:procs"
-SWEEP_KEYS_PER_WRITE = 64
 
 # States in the order an attempt goes through them (Ray's TaskStatus names); an event never
 # moves an attempt back to an earlier one (events of one attempt come from several processes).
@@ -60,11 +62,13 @@ TERMINAL_STATES = ("FINISHED", "FAILED")
 # ARGV: max tasks kept, max per job, events lost before Redis (to count), then
 #   complete entries (every event of the attempt was in this batch: nothing to merge), as one
 #     string "id\tjson\n..." (JSON never holds a raw tab or newline);
-#   n partial entries, then n x (id, score, rank, state, json, mode): mode "r" (the attempt's
-#     end, which carries all there is to know of it) replaces what is stored, mode "m" (a
-#     report of pending or running work) is merged into it without moving its state back;
-#   n index groups, then n x (name, "score id score id ..."), added as they are;
-#   n jobs touched (their caps are checked), the jobs; and the sweep's budget.
+#   n partial entries, then n x (id, score, rank, state, json, mode, job, name, node, actor):
+#     mode "r" (the attempt's end, which carries all there is to know of it) replaces what is
+#     stored, mode "m" (a report of pending or running work) is merged into it without moving
+#     its state back; the entry joins the list indexes of its columns when it is new;
+#   n list indexes, then n x (name, "id id ..."), appended (newest last);
+#   n scored indexes, then n x (name, "score id score id ..."), added;
+#   n jobs touched (their caps are checked), the jobs.
 _WRITE_TASK_EVENTS = r"""
 local p = KEYS[1]
 local data = p .. 'data'
@@ -73,36 +77,52 @@ local max_job = tonumber(ARGV[2])
 local lost = tonumber(ARGV[3])
 local added = 0
 
-local function flush_hset(args)
-  if #args > 0 then added = added + redis.call('HSET', data, unpack(args)) end
-end
 local args = {}
 for id, blob in string.gmatch(ARGV[4], '([^\t\n]+)\t([^\n]+)') do
   args[#args + 1] = id; args[#args + 1] = blob
-  if #args >= 4000 then flush_hset(args); args = {} end
+  if #args >= 4000 then added = added + redis.call('HSET', data, unpack(args)); args = {} end
 end
-flush_hset(args)
+if #args > 0 then added = added + redis.call('HSET', data, unpack(args)) end
 
 local i = 5
 local n = tonumber(ARGV[i]); i = i + 1
 local live = {'PENDING_ARGS_AVAIL', 'PENDING_NODE_ASSIGNMENT', 'SUBMITTED_TO_WORKER', 'RUNNING'}
+local columns = {'job_id', 'name', 'node_id', 'actor_id'}
+local pushed = {}
+local function push(column, value, id)
+  if value ~= '' then
+    local name = column .. ':' .. value
+    redis.call('RPUSH', p .. 'i:' .. name, id)
+    pushed[name] = true
+  end
+end
 for j = 1, n do
   local id, score, rank, state, blob, mode = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-  i = i + 6
+  local values = {ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]}
+  i = i + 10
   local old = nil
   if mode == 'm' then old = redis.call('HGET', data, id) end
   if mode == 'r' then
     -- The end of an attempt: it says all its owner and worker knew; what was stored goes.
-    added = added + redis.call('HSET', data, id, blob)
+    if redis.call('HSET', data, id, blob) == 1 then
+      added = added + 1
+      redis.call('RPUSH', p .. 'i:all', id)
+      for c = 1, 4 do push(columns[c], values[c], id) end
+    else
+      push('node_id', values[3], id)  -- (a report of pending work has no node)
+    end
     for _, s in ipairs(live) do redis.call('ZREM', p .. 'i:state:' .. s, id) end
     if state ~= 'FINISHED' then redis.call('ZADD', p .. 'i:state:' .. state, score, id) end
   elseif not old then
     redis.call('HSET', data, id, blob)
     added = added + 1
+    redis.call('RPUSH', p .. 'i:all', id)
+    for c = 1, 4 do push(columns[c], values[c], id) end
     redis.call('ZADD', p .. 'i:state:' .. state, score, id)
   else
     local rec = cjson.decode(old)
     local new = cjson.decode(blob)
+    if not rec.node_id and new.node_id then push('node_id', new.node_id, id) end
     local old_rank = tonumber(rec.rank) or 0
     for k, v in pairs(new) do
       if k ~= 'rank' and k ~= 'state' then rec[k] = v end
@@ -118,8 +138,20 @@ for j = 1, n do
   end
 end
 
-n = tonumber(ARGV[i]); i = i + 1
 local names = {}
+n = tonumber(ARGV[i]); i = i + 1
+for j = 1, n do
+  local key = p .. 'i:' .. ARGV[i]
+  names[#names + 1] = ARGV[i]
+  local members = {}
+  for id in string.gmatch(ARGV[i + 1], '%S+') do
+    members[#members + 1] = id
+    if #members >= 4000 then redis.call('RPUSH', key, unpack(members)); members = {} end
+  end
+  if #members > 0 then redis.call('RPUSH', key, unpack(members)) end
+  i = i + 2
+end
+n = tonumber(ARGV[i]); i = i + 1
 for j = 1, n do
   local key = p .. 'i:' .. ARGV[i]
   names[#names + 1] = ARGV[i]
@@ -131,56 +163,70 @@ for j = 1, n do
   if #members > 0 then redis.call('ZADD', key, unpack(members)) end
   i = i + 2
 end
+for name, _ in pairs(pushed) do names[#names + 1] = name end
 if #names > 0 then redis.call('SADD', p .. 'indexes', unpack(names)) end
 
--- The cluster's cap: drop the oldest entries; other indexes are swept down to the cutoff.
-local over = redis.call('ZCARD', p .. 'i:all') - max_total
-if over > 0 then
-  local victims = redis.call('ZRANGE', p .. 'i:all', 0, over - 1, 'WITHSCORES')
-  local ids = {}
-  for j = 1, #victims, 2 do ids[#ids + 1] = victims[j] end
-  for j = 1, #ids, 4000 do
-    redis.call('HDEL', data, unpack(ids, j, math.min(j + 3999, #ids)))
+-- Drop the oldest entries of a list index (kept in the order they came) until `over` stored
+-- attempts are gone; entries already gone are skipped. Returns how many were dropped. At
+-- most `budget` entries are looked at per write (the next write goes on).
+local budget = 20000
+local function drop_oldest(key, over)
+  local dropped = 0
+  while over > 0 and budget > 0 do
+    local take = math.min(over, 1000, budget)
+    budget = budget - take
+    local ids = redis.call('LPOP', key, take)
+    if not ids then break end
+    for _, id in ipairs(ids) do
+      if redis.call('HDEL', data, id) == 1 then dropped = dropped + 1; over = over - 1 end
+    end
   end
-  redis.call('ZREMRANGEBYRANK', p .. 'i:all', 0, over - 1)
-  redis.call('SET', p .. 'cutoff', victims[#victims])
-  redis.call('HINCRBY', p .. 'dropped', 'retention', #ids)
-end
-local cutoff = redis.call('GET', p .. 'cutoff')
-if cutoff then
-  local cursor = redis.call('GET', p .. 'sweep') or '0'
-  local scan = redis.call('SSCAN', p .. 'indexes', cursor, 'COUNT', ARGV[#ARGV])
-  redis.call('SET', p .. 'sweep', scan[1])
-  for _, name in ipairs(scan[2]) do
-    local key = p .. 'i:' .. name
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. cutoff)
-    if redis.call('EXISTS', key) == 0 then redis.call('SREM', p .. 'indexes', name) end
-  end
+  return dropped
 end
 
--- A job's cap: its oldest entries go, from every index they are in.
+local trimmed = false
 n = tonumber(ARGV[i]); i = i + 1
 for j = 1, n do
   local job = ARGV[i]; i = i + 1
   local key = p .. 'i:job_id:' .. job
-  if cutoff then redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. cutoff) end
-  local excess = redis.call('ZCARD', key) - max_job
-  if excess > 0 then
-    local ids = redis.call('ZRANGE', key, 0, excess - 1)
-    for _, id in ipairs(ids) do
-      local blob = redis.call('HGET', data, id)
-      if blob then
-        local rec = cjson.decode(blob)
-        for _, col in ipairs({'state', 'name', 'node_id', 'actor_id'}) do
-          if rec[col] then redis.call('ZREM', p .. 'i:' .. col .. ':' .. rec[col], id) end
-        end
-        redis.call('HDEL', data, id)
-      end
-      redis.call('ZREM', p .. 'i:all', id)
+  local over = redis.call('LLEN', key) - max_job
+  if over > 0 then
+    local dropped = drop_oldest(key, over)
+    if dropped > 0 then
+      redis.call('HINCRBY', p .. 'dropped', 'job_cap', dropped)
+      redis.call('HINCRBY', p .. 'dropped', 'job:' .. job, dropped)
+      trimmed = true
     end
-    redis.call('ZREMRANGEBYRANK', key, 0, excess - 1)
-    redis.call('HINCRBY', p .. 'dropped', 'job_cap', #ids)
-    redis.call('HINCRBY', p .. 'dropped', 'job:' .. job, #ids)
+  end
+end
+local over = redis.call('HLEN', data) - max_total
+if over > 0 then
+  local dropped = drop_oldest(p .. 'i:all', over)
+  redis.call('HINCRBY', p .. 'dropped', 'retention', dropped)
+  trimmed = true
+end
+if trimmed then redis.call('SET', p .. 'trimmed', '1') end
+
+-- Indexes lose the entries dropped above a few keys per write: a list its oldest, a sorted
+-- set any (readers skip entries no longer stored meanwhile).
+if redis.call('EXISTS', p .. 'trimmed') == 1 then
+  local scan = redis.call('SSCAN', p .. 'indexes', redis.call('GET', p .. 'sweep') or '0', 'COUNT', 16)
+  redis.call('SET', p .. 'sweep', scan[1])
+  for _, name in ipairs(scan[2]) do
+    local key = p .. 'i:' .. name
+    if string.sub(name, 1, 6) == 'state:' then
+      for _, id in ipairs(redis.call('ZRANGE', key, 0, 199)) do
+        if redis.call('HEXISTS', data, id) == 0 then redis.call('ZREM', key, id) end
+      end
+    else
+      local gone = 0
+      for _, id in ipairs(redis.call('LRANGE', key, 0, 199)) do
+        if redis.call('HEXISTS', data, id) == 1 then break end
+        gone = gone + 1
+      end
+      if gone > 0 then redis.call('LTRIM', key, gone, -1) end
+    end
+    if redis.call('EXISTS', key) == 0 then redis.call('SREM', p .. 'indexes', name) end
   end
 end
 if lost > 0 then redis.call('HINCRBY', p .. 'dropped', 'buffer', lost) end
@@ -196,57 +242,102 @@ def entry_id(task_id: str, attempt: int) -> str:
     return f"{task_id}:{attempt}"
 
 
+def is_scored(index: str) -> bool:
+    """State indexes are sorted sets (entries leave them); the others are lists."""
+    return index.startswith("state:")
+
+
 @dataclass
 class TaskEventBatch:
     """What one write stores: see _WRITE_TASK_EVENTS for each part."""
 
     complete: list[str] = field(default_factory=list)  # "id\tjson" each
-    partial: list[tuple[str, float, int, str, str, str]] = field(default_factory=list)
-    groups: dict[str, list[str]] = field(default_factory=dict)  # index -> ["score id", ...]
+    partial: list[tuple] = field(default_factory=list)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # list index -> ids
+    scored: dict[str, list[str]] = field(default_factory=dict)  # state index -> "score id"s
     jobs: set[str] = field(default_factory=set)
     lost: int = 0
 
     def members(self, index: str) -> list[str]:
-        """The list to append "score id" members of `index` to."""
+        """The list to append the ids of `index` to."""
         found = self.groups.get(index)
         if found is None:
             found = self.groups[index] = []
         return found
 
+    def add_scored(self, index: str, score: float, entry: str) -> None:
+        self.scored.setdefault(index, []).append(f"{score} {entry}")
+
 
 def write_task_events(gcs: Gcs, batch: TaskEventBatch, max_tasks: int, max_per_job: int) -> int:
-    """Store a batch of attempts, keep the indexes, apply the caps (one script call);
-    returns how many attempts were new."""
+    """Store a batch of attempts, keep the indexes, apply the caps (one script call per
+    WRITE_CHUNK attempts, so no call runs long); returns how many attempts were new."""
+    if len(batch.complete) + len(batch.partial) > WRITE_CHUNK:
+        return sum(
+            _write(gcs, part, max_tasks, max_per_job) for part in _chunks(batch, WRITE_CHUNK)
+        )
+    return _write(gcs, batch, max_tasks, max_per_job)
+
+
+def _chunks(batch: TaskEventBatch, size: int) -> list[TaskEventBatch]:
+    """A batch cut in parts of at most `size` attempts (the index members follow theirs)."""
+    parts: list[TaskEventBatch] = []
+    owner: dict[str, TaskEventBatch] = {}
+    for items, kind in ((batch.complete, "complete"), (batch.partial, "partial")):
+        for start in range(0, len(items), size):
+            part = TaskEventBatch(jobs=set(batch.jobs))
+            getattr(part, kind).extend(items[start : start + size])
+            for item in getattr(part, kind):
+                owner[item.split("\t", 1)[0] if kind == "complete" else item[0]] = part
+            parts.append(part)
+    for name, members in batch.groups.items():
+        for entry in members:
+            owner[entry].members(name).append(entry)
+    for name, members in batch.scored.items():
+        for member in members:
+            owner[member.split(" ", 1)[1]].scored.setdefault(name, []).append(member)
+    parts[-1].lost = batch.lost
+    return parts
+
+
+def _write(gcs: Gcs, batch: TaskEventBatch, max_tasks: int, max_per_job: int) -> int:
     if not (batch.complete or batch.partial or batch.lost):
         return 0
-    packed = "\n".join(batch.complete)
-    args: list[Any] = [max_tasks, max_per_job, batch.lost, packed, len(batch.partial)]
+    args: list[Any] = [max_tasks, max_per_job, batch.lost, "\n".join(batch.complete)]
+    args.append(len(batch.partial))
     for partial in batch.partial:
         args += partial
-    groups = {name: members for name, members in batch.groups.items() if members}
-    args.append(len(groups))
-    for name, members in groups.items():
-        args += (name, " ".join(members))
+    for groups in (batch.groups, batch.scored):
+        present = {name: members for name, members in groups.items() if members}
+        args.append(len(present))
+        for name, members in present.items():
+            args += (name, " ".join(members))
     args.append(len(batch.jobs))
     args += batch.jobs
-    args.append(SWEEP_KEYS_PER_WRITE)
     return int(gcs.eval_script(_WRITE_TASK_EVENTS, [task_prefix(gcs)], args) or 0)
 
 
 def index_key(gcs: Gcs, column: str, value: str | None = None) -> str:
-    """The sorted set of attempts whose `column` is `value` (column "all": no value)."""
+    """The index of attempts whose `column` is `value` (column "all": no value)."""
     name = column if value is None else f"{column}:{value}"
     return gcs.key(INDEX, name=name)
 
 
 def index_page(gcs: Gcs, key: str, start: int, count: int) -> list[str]:
-    """Entries of an index, newest first, from position start."""
-    raw = gcs.redis.zrevrange(key, start, start + count - 1)
+    """Entries of an index, newest first, from position start (lists may repeat one)."""
+    if is_scored(key[len(gcs.key(INDEX, name="")) :]):
+        raw = gcs.redis.zrevrange(key, start, start + count - 1)
+    else:
+        raw = gcs.redis.lrange(key, -(start + count), -(start + 1))
+        raw.reverse()
     return [r.decode() for r in raw]
 
 
 def index_sizes(gcs: Gcs, keys: list[str]) -> list[int]:
-    replies = gcs.round_trip(*(("ZCARD", key) for key in keys))
+    prefix = len(gcs.key(INDEX, name=""))
+    replies = gcs.round_trip(
+        *(("ZCARD" if is_scored(key[prefix:]) else "LLEN", key) for key in keys)
+    )
     return [int(r or 0) for r in replies]
 
 
@@ -271,7 +362,7 @@ def dropped_counts(gcs: Gcs) -> dict[str, int]:
 
 
 def task_count(gcs: Gcs) -> int:
-    return int(gcs.redis.zcard(index_key(gcs, "all")))
+    return int(gcs.redis.hlen(gcs.key(DATA)))
 
 
 # -- user metrics -------------------------------------------------------------------------

@@ -130,10 +130,13 @@ def list_tasks(
     start = 0
     exhausted = False
     count = max(PAGE, limit)
+    seen: set[str] = set()
     while len(found) < limit and not exhausted:
         page = keys.index_page(gcs, index, start, count)
         start += len(page)
         exhausted = len(page) < count or start >= size
+        page = [e for e in dict.fromkeys(page) if e not in seen]  # (lists may repeat one)
+        seen.update(page)
         for record in keys.read_tasks(gcs, page):
             if record is None:
                 continue  # dropped since (its index entry is swept later)
@@ -162,12 +165,15 @@ def all_tasks(gcs: Gcs, most: int | None = None) -> list[dict[str, Any]]:
     """Every stored attempt's record (newest first), for summaries and the timeline."""
     index = keys.index_key(gcs, "all")
     records: list[dict[str, Any]] = []
+    seen: set[str] = set()
     start = 0
     while most is None or len(records) < most:
         page = keys.index_page(gcs, index, start, PAGE * 5)
         if not page:
             break
         start += len(page)
+        page = [e for e in dict.fromkeys(page) if e not in seen]
+        seen.update(page)
         records.extend(r for r in keys.read_tasks(gcs, page) if r is not None)
     return records if most is None else records[:most]
 
