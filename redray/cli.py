@@ -598,6 +598,9 @@ def start(
         raise click.UsageError("--port is the embedded Redis's port; it cannot go with --redis.")
     custom = _parse_resources(resources)
     _check_ip(node_ip_address)
+    dashboard = dashboard_cli.wanted(include_dashboard, dashboard_host, dashboard_port)
+    if dashboard or metrics_export_port is not None:
+        dashboard_cli.require_extra()
     new_token = token = secrets.token_bytes(32)
     password = None
     if redis_url:
@@ -630,7 +633,7 @@ def start(
         started,
         gcs_url,
         cluster,
-        dashboard_cli.wanted(include_dashboard, dashboard_host, dashboard_port),
+        dashboard,
         dashboard_host,
         dashboard_port,
         metrics_export_port,
@@ -769,6 +772,8 @@ def node_command(
     """Join this machine to the cluster whose Redis is at URL, as a node that outlives us."""
     custom = _parse_resources(resources)
     _check_ip(node_ip_address)
+    if metrics_export_port is not None:
+        dashboard_cli.require_extra()
     redis_url = _normalize_url(redis_url)
     gcs = _connect_gcs(redis_url, cluster)
     try:

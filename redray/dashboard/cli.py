@@ -58,6 +58,14 @@ def wanted(include: bool | None, host: str | None, port: int | None) -> bool:
     return host is not None or port is not None
 
 
+def require_extra() -> None:
+    """A click error before anything starts when the `dashboard` extra is missing."""
+    try:
+        deps.check()
+    except deps.DashboardDependencyError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def start_detached(
     gcs_url: str,
     cluster: str,
