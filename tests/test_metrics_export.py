@@ -209,15 +209,44 @@ def test_redray_start_serves_the_dashboard_and_node_metrics_until_stop(tmp_path:
         assert dashboard and exporter, started.stdout
         families = scrape(dashboard.group(1))
         assert samples(families, "redray_nodes", State="ALIVE")[0].value == 1
-        assert samples(scrape(exporter.group(1)), "ray_node_mem_total")
+        wait_for(lambda: samples(scrape(exporter.group(1)), "ray_node_mem_total"), timeout=10)
         with urllib.request.urlopen(dashboard.group(1) + "/api/overview", timeout=20) as page:
             assert b'"state":"ALIVE"' in page.read()
         pids = [int(dashboard.group(2)), int(exporter.group(2))]
+        gcs_url = re.search(r"^\s+(redis://\S+)$", started.stdout, re.M).group(1)
+        joined = redray_cli(
+            "node",
+            "--redis",
+            gcs_url,
+            "--num-cpus",
+            "1",
+            "--object-store-memory",
+            str(64 << 20),
+            "--metrics-export-port",
+            "0",
+            tmpdir=tmp_path,
+        )
+        node_exporter = re.search(
+            r"This node's metrics: (http://\S+)/metrics \(pid (\d+)\)", joined.stdout
+        )
+        node_id = re.search(r"Node (\w+) joined", joined.stdout).group(1)
+        pids.append(int(node_exporter.group(2)))
+        wait_for(
+            lambda: (
+                {
+                    s.labels["NodeId"]
+                    for s in samples(scrape(node_exporter.group(1)), "ray_node_mem_total")
+                }
+                == {node_id}
+            ),
+            timeout=10,
+            message="the joined node's exporter never served its own node's metrics",
+        )
         token = redray_cli("dashboard-token", tmpdir=tmp_path).stdout.strip()
         assert re.fullmatch(r"[0-9a-f]{64}", token)
     finally:
         stopped = redray_cli("stop", tmpdir=tmp_path)
-    assert "Stopped 1 redray node(s)" in stopped.stdout
+    assert "Stopped 2 redray node(s)" in stopped.stdout
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 

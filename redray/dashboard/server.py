@@ -44,6 +44,7 @@ COOKIE = "redray_dashboard"
 MAX_LIMIT = 10_000  # rows one API call returns at most
 MAX_LOG_TAIL = 10_000  # lines the log viewer reads at most
 QUERY_TIMEOUT_SECONDS = 10
+MAX_PENDING_READS = 64  # requests waiting for the read pool; more get 503 (bounded memory)
 RESOURCES = ("nodes", "jobs", "actors", "placement_groups", "workers")
 
 
@@ -81,11 +82,22 @@ class Dashboard:
         self.cookie = session_cookie(token).encode()
         self.auth = auth
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dashboard")
+        self.pending_reads = 0  # (event-loop thread)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ClusterCollector(gcs, node_id))
 
     async def _run(self, func: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, func, *args)
+        """func(*args) on the read pool; 503 when too many requests already wait for it."""
+        if self.pending_reads >= MAX_PENDING_READS:
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps({"error": "the dashboard is busy: try again"}),
+                content_type="application/json",
+            )
+        self.pending_reads += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, func, *args)
+        finally:
+            self.pending_reads -= 1
 
     # -- the application ---------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -199,10 +211,17 @@ class Dashboard:
         }
 
     def _task_counts(self) -> dict[str, int]:
-        counts: Counter = Counter()
-        for entry in state_tasks.summarize_tasks(self.gcs)["summary"].values():
-            counts.update(entry["state_counts"])
-        return dict(counts)
+        """Stored attempts by state, from the sizes of the state indexes (a few Redis calls
+        whatever the number of tasks: the overview is polled); finished ones are the rest."""
+        states = [s for s in state_keys.TASK_STATES if s not in ("NIL", "FINISHED")]
+        sizes = state_keys.index_sizes(
+            self.gcs, [state_keys.index_key(self.gcs, "state", s) for s in states]
+        )
+        counts = {s: n for s, n in zip(states, sizes, strict=True) if n}
+        finished = state_keys.task_count(self.gcs) - sum(counts.values())
+        if finished > 0:
+            counts["FINISHED"] = finished
+        return counts
 
     async def overview(self, request: web.Request) -> web.Response:
         return _json(await self._run(self._overview))
