@@ -47,7 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=100_000)
     args = parser.parse_args()
-    os.environ.setdefault("REDRAY_TASK_EVENTS_MAX_TASKS", str(args.tasks + 1000))
+    for setting in ("REDRAY_TASK_EVENTS_MAX_TASKS", "REDRAY_TASK_EVENTS_MAX_TASKS_PER_JOB"):
+        os.environ.setdefault(setting, str(args.tasks + 1000))  # keep them all
     redray.init(num_cpus=2)
     start = time.perf_counter()
     for done in range(0, args.tasks, 10_000):

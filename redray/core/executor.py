@@ -458,8 +458,11 @@ class Executor:
         left here; then let go of the refs its return values lent."""
         borrowed = self.ownership.take_task_borrows()
         self.running.pop(task_id, None)
-        run = (ctx.started, ctx.reported, *self._process)
-        self.peers.route_to(conn).send(("done", task_id, payloads, borrowed, run))
+        if self.tasks.events is None:  # (task events off: its owner records nothing either)
+            self.peers.route_to(conn).send(("done", task_id, payloads, borrowed))
+        else:
+            run = (ctx.started, ctx.reported, *self._process)
+            self.peers.route_to(conn).send(("done", task_id, payloads, borrowed, run))
         ctx.lent = None
 
     def refuse(self, conn: Connection, task_id: bytes, error: BaseException, num_returns: int):
