@@ -22,12 +22,14 @@ from redray import exceptions
 from redray.core import context
 from redray.core.generators import ObjectRefGenerator
 from redray.core.object_ref import ObjectRef
+from redray.dashboard import launch as dashboard_launch
 
 log = logging.getLogger("redray")
 
 _init_lock = threading.RLock()
 LOCAL_RESOURCES_TIMEOUT = 5.0
 _private_node: Any = None  # the node init() started for a private cluster
+_private_dashboard: Any = None  # and its dashboard, when asked for
 
 
 class RayContext(dict):
@@ -36,7 +38,7 @@ class RayContext(dict):
     def __init__(self, info: dict[str, Any]):
         super().__init__(info)
         self.address_info = info
-        self.dashboard_url = None
+        self.dashboard_url = info.get("webui_url")
 
     def __enter__(self) -> RayContext:
         return self
@@ -76,6 +78,7 @@ def init(
     _node_ip_address: str | None = None,
     _temp_dir: str | None = None,
     _system_config: dict[str, Any] | None = None,
+    _metrics_export_port: int | None = None,
 ) -> RayContext:
     """Connect to a cluster, or start a private one on this machine.
 
@@ -85,8 +88,14 @@ def init(
     the cluster whose GCS lives there. `_temp_dir` is where a private cluster's session
     directory (logs, spilled objects) goes; `_node_ip_address` must be an address of this
     machine, not 0.0.0.0.
+
+    `include_dashboard=True` starts a private cluster's dashboard (off by default: see
+    docs/observability.md) on dashboard_host:dashboard_port (8265 or the next free port when
+    not given); the context's `dashboard_url` says where it is, for a private cluster or one
+    whose head runs a dashboard. `_metrics_export_port` serves the private node's Prometheus
+    metrics there.
     """
-    global _private_node
+    global _private_node, _private_dashboard
     with _init_lock:
         if context.current is not None:
             if ignore_reinit_error:
@@ -126,8 +135,21 @@ def init(
                 )
             connection = _connect_existing(address, _node_ip_address)
         try:
+            if _private_node is not None and (
+                include_dashboard or _metrics_export_port is not None
+            ):
+                _private_dashboard = _start_private_dashboard(
+                    connection,
+                    include_dashboard,
+                    dashboard_host,
+                    dashboard_port,
+                    _metrics_export_port,
+                )
             _start_driver(connection, namespace, log_to_driver, runtime_env, job_config)
+            if _private_dashboard and include_dashboard:
+                dashboard_launch.record_url(context.current.gcs, _private_dashboard[0].url)
         except BaseException:
+            _stop_private_dashboard()
             if _private_node is not None:
                 from redray.node import launch as node
 
@@ -136,6 +158,51 @@ def init(
                 _private_node = None
             raise
         return RayContext(_context_info())
+
+
+def _start_private_dashboard(
+    connection: dict[str, Any],
+    include_dashboard: bool | None,
+    host: str,
+    port: int | None,
+    metrics_export_port: int | None,
+) -> list[Any]:
+    """The dashboard and the metrics exporter of a private cluster (they die with us)."""
+    started = []
+    logs = os.path.join(_private_node.session_dir, "logs")
+    try:
+        if include_dashboard:
+            dashboard = dashboard_launch.start(
+                gcs_url=connection["gcs_url"],
+                cluster=connection["cluster"],
+                host=host or "127.0.0.1",
+                port=port,
+                log_dir=logs,
+            )
+            started.append(dashboard)
+        if metrics_export_port is not None:
+            started.append(
+                dashboard_launch.start(
+                    gcs_url=connection["gcs_url"],
+                    cluster=connection["cluster"],
+                    host=connection["node_ip_address"],
+                    port=metrics_export_port,
+                    log_dir=logs,
+                    node_id=_private_node.info["node_id"],
+                )
+            )
+    except BaseException:
+        for process in started:
+            process.stop()
+        raise
+    return started
+
+
+def _stop_private_dashboard() -> None:
+    global _private_dashboard
+    processes, _private_dashboard = _private_dashboard, None
+    for process in processes or ():
+        process.stop()
 
 
 def _start_private_cluster(
@@ -343,7 +410,12 @@ def _restore_sigint() -> None:
 
 def _context_info() -> dict[str, Any]:
     worker = context.current
+    try:
+        dashboard_url = dashboard_launch.recorded_url(worker.gcs)
+    except Exception:  # (the URL is a courtesy: never a reason for init to fail)
+        dashboard_url = None
     return {
+        "webui_url": dashboard_url,
         "node_ip_address": worker.node.get("node_ip_address"),
         "gcs_address": worker.gcs.url,
         "address": worker.gcs.url,
@@ -367,6 +439,7 @@ def shutdown(_exiting_interpreter: bool = False) -> None:
                 pass
             worker.shutdown()
             _restore_sigint()
+        _stop_private_dashboard()
         if _private_node is not None:
             started, _private_node = _private_node, None
             started.stop()

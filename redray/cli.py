@@ -38,6 +38,7 @@ import psutil
 import redis
 
 from redray.celery.cli import worker_command
+from redray.dashboard import cli as dashboard_cli
 from redray.durable.cli import queue_cli
 from redray.gcs import DEFAULT_CLUSTER, URL_SCHEMES, Gcs
 from redray.jobs.cli import job_cli
@@ -236,7 +237,13 @@ def _read_record() -> dict[str, Any] | None:
     return node.read_record()
 
 
-def _record_node(started: node.StartedNode, gcs_url: str, cluster: str, head: bool) -> None:
+def _record_node(
+    started: node.StartedNode,
+    gcs_url: str,
+    cluster: str,
+    head: bool,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Add a node this machine started to the current-cluster file.
 
     A head always becomes the cluster `address="auto"` connects to. A joining node does
@@ -254,6 +261,9 @@ def _record_node(started: node.StartedNode, gcs_url: str, cluster: str, head: bo
     if started.redis is not None:  # the Redis this head runs: `redray stop` stops it too
         entry["redis_pid"] = started.redis.pid
         entry["redis_started"] = _create_time(started.redis.pid)
+    for name, process in (extra or {}).items():  # its dashboard, its metrics exporter
+        entry[f"{name}_pid"] = process.pid
+        entry[f"{name}_started"] = _create_time(process.pid)
     with _cluster_file_lock():
         record = _read_record()
         live = node.read_current_cluster() is not None
@@ -342,6 +352,24 @@ def _redis_processes(record: dict[str, Any] | None) -> list[psutil.Process]:
                 found.append(proc)
         except psutil.Error:
             continue
+    return found
+
+
+def _helper_processes(record: dict[str, Any] | None) -> list[psutil.Process]:
+    """The dashboards and metrics exporters the nodes recorded here run (same pid and start
+    time as recorded: a reused pid is left alone)."""
+    found = []
+    for entry in (record or {}).get("nodes", []):
+        for name in ("dashboard", "metrics"):
+            pid = entry.get(f"{name}_pid")
+            if not pid:
+                continue
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == entry.get(f"{name}_started"):
+                    found.append(proc)
+            except psutil.Error:
+                continue
     return found
 
 
@@ -543,6 +571,8 @@ def cli() -> None:
     "redis+sentinel://[:PASSWORD@]HOST:PORT[,...]/SERVICE for one run under Sentinel (HA).",
 )
 @node_options
+@dashboard_cli.add_dashboard_options
+@dashboard_cli.metrics_option
 def start(
     head: bool,
     port: int,
@@ -555,6 +585,10 @@ def start(
     node_ip_address: str,
     cluster: str,
     temp_dir: str | None,
+    include_dashboard: bool | None,
+    dashboard_host: str | None,
+    dashboard_port: int | None,
+    metrics_export_port: int | None,
 ) -> None:
     """Start a head node that outlives this command, and print how to connect to it."""
     if not head:
@@ -567,6 +601,9 @@ def start(
         raise click.UsageError("--port is the embedded Redis's port; it cannot go with --redis.")
     custom = _parse_resources(resources)
     _check_ip(node_ip_address)
+    dashboard = dashboard_cli.wanted(include_dashboard, dashboard_host, dashboard_port)
+    if dashboard or metrics_export_port is not None:
+        dashboard_cli.require_extra()
     new_token = token = secrets.token_bytes(32)
     password = None
     if redis_url:
@@ -595,8 +632,71 @@ def start(
         temp_dir=temp_dir,
     )
     gcs_url = started.info["gcs_url"]
-    _record_node(started, gcs_url, cluster, head=True)
+    helpers = _start_helpers(
+        started,
+        gcs_url,
+        cluster,
+        dashboard,
+        dashboard_host,
+        dashboard_port,
+        metrics_export_port,
+    )
+    _record_node(started, gcs_url, cluster, head=True, extra=helpers)
     _print_started_head(started, gcs_url, cluster, standby=token != new_token)
+    _print_helpers(helpers, token)
+
+
+def _start_helpers(
+    started: node.StartedNode,
+    gcs_url: str,
+    cluster: str,
+    dashboard: bool,
+    dashboard_host: str | None,
+    dashboard_port: int | None,
+    metrics_export_port: int | None,
+) -> dict[str, Any]:
+    """The dashboard and the metrics exporter asked for a node just started (which is
+    stopped again if one of them cannot start)."""
+    helpers: dict[str, Any] = {}
+    try:
+        if dashboard:
+            helpers["dashboard"] = dashboard_cli.start_detached(
+                gcs_url, cluster, started.session_dir, host=dashboard_host, port=dashboard_port
+            )
+        if metrics_export_port is not None:
+            helpers["metrics"] = dashboard_cli.start_detached(
+                gcs_url,
+                cluster,
+                started.session_dir,
+                host=started.info["node_ip_address"],
+                port=metrics_export_port,
+                node_id=started.info["node_id"],
+            )
+    except BaseException:
+        for helper in helpers.values():
+            helper.stop()
+        started.stop()
+        if started.redis is not None:
+            started.redis.stop()
+        raise
+    return helpers
+
+
+def _print_helpers(helpers: dict[str, Any], token: bytes) -> None:
+    dashboard = helpers.get("dashboard")
+    if dashboard is not None:
+        click.echo(
+            f"\nDashboard: {dashboard.url} (pid {dashboard.pid}); Prometheus: {dashboard.url}/metrics"
+        )
+        if not dashboard_cli.dashboard_launch.is_loopback(dashboard.host):
+            click.echo(
+                "  It listens beyond this machine, so it asks for the cluster token:\n"
+                f"    {token.hex()}\n"
+                "  (sign in with it, or send `Authorization: Bearer <token>`; keep it secret)"
+            )
+    exporter = helpers.get("metrics")
+    if exporter is not None:
+        click.echo(f"This node's metrics: {exporter.url}/metrics (pid {exporter.pid})")
 
 
 def _print_started_head(
@@ -659,6 +759,7 @@ def _print_started_head(
     help="The cluster's Redis, as `redray start --head` printed it.",
 )
 @node_options
+@dashboard_cli.metrics_option
 def node_command(
     redis_url: str,
     num_cpus: int | None,
@@ -669,10 +770,13 @@ def node_command(
     node_ip_address: str,
     cluster: str,
     temp_dir: str | None,
+    metrics_export_port: int | None,
 ) -> None:
     """Join this machine to the cluster whose Redis is at URL, as a node that outlives us."""
     custom = _parse_resources(resources)
     _check_ip(node_ip_address)
+    if metrics_export_port is not None:
+        dashboard_cli.require_extra()
     redis_url = _normalize_url(redis_url)
     gcs = _connect_gcs(redis_url, cluster)
     try:
@@ -696,7 +800,8 @@ def node_command(
         gcs_url=redis_url,
         temp_dir=temp_dir,
     )
-    _record_node(started, redis_url, cluster, head=False)
+    helpers = _start_helpers(started, redis_url, cluster, False, None, None, metrics_export_port)
+    _record_node(started, redis_url, cluster, head=False, extra=helpers)
     info = started.info
     host, port = info["raylet_address"]
     click.echo(
@@ -705,6 +810,7 @@ def node_command(
         f"Logs: {os.path.join(started.session_dir, 'logs')}\n"
         "Stop it with `redray stop`."
     )
+    _print_helpers(helpers, token)
 
 
 @cli.command()
@@ -732,8 +838,10 @@ def stop(force: bool, grace_period: float, temp_dir: str | None) -> None:
         record = _read_record()
         procs = _node_processes(record, node.root_dir(temp_dir))
         servers = _redis_processes(record)
+        helpers = _helper_processes(record)
         pids = sorted(p.pid for p in procs)
-        alive = _terminate(procs, force, grace_period) if procs else []
+        alive = _terminate(helpers, force, grace_period) if helpers else []
+        alive += _terminate(procs, force, grace_period) if procs else []
         # Redis last: the nodes record their end in it as they stop.
         alive += _terminate(servers, force, grace_period) if servers else []
         node.clear_current_cluster()
@@ -794,6 +902,7 @@ cli.add_command(queue_cli)
 cli.add_command(worker_command)
 for _command in state_cli.COMMANDS:
     cli.add_command(_command)
+cli.add_command(dashboard_cli.dashboard_token)
 
 
 def main() -> None:

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 from redray import exceptions
 from redray import gcs as gcs_schema
 from redray.control.loop import ControlLoop
@@ -991,6 +993,13 @@ class Raylet:
                 "store_capacity": stats["capacity"],
                 "spilled_bytes": stats["spilled_bytes"],
                 "disk_bytes": stats["disk_bytes"],
+                "num_objects": stats["num_objects"],
+                "num_spilled": stats["num_spilled"],
+                "spilled_objects": stats["spilled_objects"],
+                "restored_objects": stats["restored_objects"],
+                "fallback_objects": stats["fallback_objects"],
+                "leases": len(self.leases),
+                "workers": len(self.workers),
             },
         }
 
@@ -1038,7 +1047,7 @@ class Raylet:
                     self.node_id,
                     snapshot["available"],
                     self.config["node_timeout"],
-                    snapshot["load"],
+                    {**snapshot["load"], **_host_stats()},
                     snapshot["total"],
                 )
                 lost_since, delay = None, HEARTBEAT_SECONDS
@@ -1138,6 +1147,19 @@ class Raylet:
         """Stop the node because of the GCS (from the heartbeat thread): exit status 1."""
         self.exit_code = 1
         self.reactor.call_soon(self.stop, False)
+
+
+def _host_stats() -> dict[str, float]:
+    """The machine's CPU and memory use, for the dashboard and the metrics (heartbeat
+    thread: a few reads of /proc per beat, nothing on the task path)."""
+    memory = psutil.virtual_memory()
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "cpu_count": psutil.cpu_count() or 0,
+        "mem_total": memory.total,
+        "mem_available": memory.available,
+        "mem_used": memory.total - memory.available,
+    }
 
 
 def _uses_gpu(resources: dict[str, float]) -> bool:
