@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import json
 import math
 import os
@@ -37,13 +38,9 @@ import click
 import psutil
 import redis
 
-from redray.celery.cli import worker_command
 from redray.dashboard import cli as dashboard_cli
-from redray.durable.cli import queue_cli
 from redray.gcs import DEFAULT_CLUSTER, URL_SCHEMES, Gcs
-from redray.jobs.cli import job_cli
 from redray.node import launch as node
-from redray.state import cli as state_cli
 
 MIN_OBJECT_STORE_MEMORY = 1 << 20
 LOG_TAIL_LINES = 20
@@ -547,7 +544,58 @@ def node_options(func: Any) -> Any:
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """The `redray` group: the node commands are defined here; the commands of redray's
+    capabilities (jobs, queues, state, dashboard) are imported only when run, so `redray
+    --help` and `redray start` do not pay for importing them all."""
+
+    # name -> ("module:attribute", short help for `redray --help`)
+    LAZY = {
+        "job": ("redray.jobs.cli:job_cli", "Submit, follow and stop jobs on a redray cluster."),
+        "queue": ("redray.durable.cli:queue_cli", "Inspect and operate durable queues."),
+        "worker": (
+            "redray.celery.cli:worker_command",
+            "Run consumers of a Celery app's queues on the cluster until interrupted.",
+        ),
+        "list": ("redray.state.cli:list_command", "List the cluster's tasks, actors, objects..."),
+        "get": ("redray.state.cli:get_command", "Show one RESOURCE by its ID, with every field."),
+        "summary": (
+            "redray.state.cli:summary_command",
+            "Counts of the cluster's tasks, actors or objects, by name and state.",
+        ),
+        "logs": ("redray.state.cli:logs_command", "A node's log files, or a worker's output."),
+        "timeline": ("redray.state.cli:timeline_command", "The tasks as Chrome trace JSON."),
+        "dashboard-token": (
+            "redray.dashboard.token_cli:dashboard_token",
+            "Print the cluster token a dashboard bound beyond loopback asks for.",
+        ),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY and name not in self.commands:
+            module, _, attribute = self.LAZY[name][0].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [
+            (
+                name,
+                self.LAZY[name][1]
+                if name in self.LAZY
+                else self.commands[name].get_short_help_str(),
+            )
+            for name in self.list_commands(ctx)
+            if name in self.LAZY or not self.commands[name].hidden
+        ]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="redray", prog_name="redray")
 def cli() -> None:
     """redray: Ray's core API on a Redis control plane."""
@@ -895,14 +943,6 @@ def status(address: str, cluster: str | None) -> None:
     finally:
         gcs.close()
     click.echo("\n".join(_status_lines(nodes, gcs.url, cluster)))
-
-
-cli.add_command(job_cli)
-cli.add_command(queue_cli)
-cli.add_command(worker_command)
-for _command in state_cli.COMMANDS:
-    cli.add_command(_command)
-cli.add_command(dashboard_cli.dashboard_token)
 
 
 def main() -> None:

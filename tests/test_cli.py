@@ -509,3 +509,32 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         proc = redray_cli("start", "--head", "--port", str(port), tmpdir=tmp_path, check=False)
     assert proc.returncode == 2
     assert f"Port {port} on 127.0.0.1 is already in use" in proc.stderr
+
+
+def test_help_lists_every_command_without_importing_the_capabilities() -> None:
+    """`redray --help` (and `redray start`) stay quick: the jobs, queues, state and dashboard
+    commands are listed, and imported only when one of them runs; each resolves to a real
+    command. `import redray` itself loads neither asyncio nor redis."""
+    script = """
+import json, sys
+import click
+import redray
+light = sorted(m for m in ("asyncio", "redis") if m in sys.modules)
+from redray import cli
+with click.Context(cli.cli) as ctx:
+    listed = cli.cli.list_commands(ctx)
+    try:
+        cli.cli.main(["--help"], standalone_mode=False)
+    except SystemExit:
+        pass
+    loaded = sorted(m for m in sys.modules if m.startswith(
+        ("redray.celery", "redray.durable", "redray.jobs", "redray.state", "redray.dashboard.token_cli")))
+    resolved = {name: cli.cli.get_command(ctx, name).name for name in listed}
+print(json.dumps({"light": light, "listed": listed, "loaded": loaded, "resolved": resolved}))
+"""
+    out = last_json(run_driver(script).stdout)
+    assert out["light"] == []
+    assert out["loaded"] == []
+    expected = {"start", "node", "status", "stop", "job", "queue", "worker", "list", "get"}
+    assert expected | {"summary", "logs", "timeline", "dashboard-token"} <= set(out["listed"])
+    assert out["resolved"] == {name: name for name in out["listed"]}

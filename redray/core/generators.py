@@ -18,18 +18,20 @@ or event loops. `ItemStream.lock` guards a stream's state; callbacks run outside
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redray import exceptions
 from redray.core import context
 from redray.core.ids import item_id
 from redray.core.object_ref import ObjectRef
 from redray.core.serialization import dumps, unpickle_error
+
+if TYPE_CHECKING:
+    import asyncio
 
 UNBOUNDED = 1 << 62  # an ack that lets a generator run on without waiting for its reader
 _TAKE_END = object()  # the stream is over: StopIteration
@@ -313,6 +315,8 @@ class ObjectRefGenerator:
                 )
 
     async def _next_async(self) -> ObjectRef:
+        import asyncio  # (loaded by whoever awaits: `import redray` does not load it)
+
         while True:
             taken = self._take()
             if taken is _TAKE_END:

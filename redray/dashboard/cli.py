@@ -11,7 +11,6 @@ import click
 from redray.dashboard import deps
 from redray.dashboard import launch as dashboard_launch
 from redray.gcs import Gcs
-from redray.state.client import RayStateApiException, connect
 
 dashboard_options = [
     click.option(
@@ -101,29 +100,3 @@ def record_url(gcs_url: str, cluster: str, url: str) -> None:
         dashboard_launch.record_url(gcs, url)
     finally:
         gcs.close()
-
-
-@click.command("dashboard-token")
-@click.option(
-    "--address",
-    default="auto",
-    show_default=True,
-    metavar="URL",
-    help='The cluster\'s Redis URL, or "auto" for the one `redray start` runs here.',
-)
-@click.option("--cluster", default=None, help="Cluster name (default: the recorded one).")
-def dashboard_token(address: str, cluster: str | None) -> None:
-    """Print the cluster token a dashboard bound beyond loopback asks for (anyone who can
-    read the cluster's Redis can read it: keep both secret)."""
-    try:
-        gcs, owned = connect(None if address == "auto" else address, cluster)
-    except (RayStateApiException, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    try:
-        token = gcs.cluster_token()
-    finally:
-        if owned:
-            gcs.close()
-    if token is None:
-        raise click.ClickException(f"No redray cluster {gcs.cluster!r} in that Redis.")
-    click.echo(token.hex())
