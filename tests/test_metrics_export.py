@@ -152,9 +152,15 @@ def test_user_metrics_have_rays_names(cluster):
     def read() -> dict[str, list]:
         families = scrape(cluster["url"])
         found = samples(families, "ray_export_requests_total", route="/work")
-        return families if sum(s.value for s in found) == 8 else None
+        # (the driver's gauge and histogram are flushed by the driver, on its own schedule)
+        driver_flushed = samples(families, "ray_export_queue_depth") and samples(
+            families, "ray_export_latency_s_count"
+        )
+        return families if sum(s.value for s in found) == 8 and driver_flushed else None
 
-    families = wait_for(read, timeout=10, message="the tasks' counter never summed to 8")
+    families = wait_for(
+        read, timeout=10, message="the tasks' counter never summed to 8, or the driver's never came"
+    )
     (sample, *_) = samples(families, "ray_export_requests_total")
     assert sample.labels["Component"] == "core_worker"
     assert sample.labels["NodeAddress"] == "127.0.0.1"
