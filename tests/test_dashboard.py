@@ -23,6 +23,7 @@ from conftest import REPO, run_driver, wait_for
 import redray
 from redray.core import context
 from redray.dashboard import launch as dashboard_launch
+from redray.job_submission import JobStatus, JobSubmissionClient
 from redray.node.launch import guess_node_ip
 from redray.util import state
 from redray.util.placement_group import placement_group, remove_placement_group
@@ -264,6 +265,27 @@ def test_bound_beyond_loopback_it_requires_the_cluster_token(exposed):
     assert status == 200 and body["result"]
     status, body, _ = get(url + "/api/actors", {"Cookie": cookie[:-1] + "0"})
     assert status == 401
+
+
+def test_the_job_api_takes_the_dashboards_address(dash):
+    """`JobSubmissionClient("http://HOST:8265")`, as with Ray: the dashboard hands the
+    cluster's Redis address (it holds the Redis password) only to a caller with the cluster
+    token, even on loopback; with it, a job runs and succeeds."""
+    status, body, _ = get(dash["url"] + "/api/cluster_address")
+    assert status == 401 and "unauthorized" in body["error"]
+    with pytest.raises(ConnectionError, match="asks for the cluster token"):
+        JobSubmissionClient(dash["url"])
+    token = context.current.gcs.cluster_token().hex()
+    client = JobSubmissionClient(dash["url"], headers={"Authorization": "Bearer " + token})
+    try:
+        sid = client.submit_job(entrypoint="echo job-through-the-dashboard")
+        wait_for(
+            lambda: client.get_job_status(sid).is_terminal(), 60, message="the job never ended"
+        )
+        assert client.get_job_status(sid) == JobStatus.SUCCEEDED
+        assert "job-through-the-dashboard" in client.get_job_logs(sid)
+    finally:
+        client.close()
 
 
 # -- the pages in a real browser ---------------------------------------------------------------

@@ -114,6 +114,7 @@ class Dashboard:
             app.router.add_get("/api/logs", self.list_logs)
             app.router.add_get("/api/logs/file", self.read_log)
             app.router.add_get("/api/timeline", self.timeline)
+            app.router.add_get("/api/cluster_address", self.cluster_address)
             app.router.add_get("/api/{resource}", self.list_resource)
             app.router.add_static("/static/", STATIC_DIR)
         return app
@@ -222,6 +223,17 @@ class Dashboard:
         if finished > 0:
             counts["FINISHED"] = finished
         return counts
+
+    async def cluster_address(self, request: web.Request) -> web.Response:
+        """The cluster's Redis URL, for clients given the dashboard's address (the job API):
+        it carries the Redis password, so the cluster token is asked for even on loopback."""
+        if not self._authorized(request):
+            return web.json_response(
+                {"error": "unauthorized: send the cluster token (Authorization: Bearer ...)"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="redray"'},
+            )
+        return _json({"address": self.gcs.url, "cluster": self.gcs.cluster})
 
     async def overview(self, request: web.Request) -> web.Response:
         return _json(await self._run(self._overview))

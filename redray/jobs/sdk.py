@@ -8,10 +8,14 @@ runtime_env is checked and its directories uploaded here, before the job is queu
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import string
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,6 +28,7 @@ from redray.runtime_env import packaging
 from redray.runtime_env import spec as env_spec
 
 TAIL_POLL_MS = 1000
+DASHBOARD_TIMEOUT_SECONDS = 10.0
 
 
 class JobStatus(str, Enum):
@@ -91,9 +96,9 @@ def _details(job: dict[str, Any]) -> JobDetails:
     )
 
 
-def resolve_address(address: str | None) -> tuple[str, str]:
-    """(Redis URL, cluster name) of an address: a Redis URL, "auto", or None (RAY_ADDRESS /
-    REDRAY_ADDRESS, else "auto")."""
+def resolve_address(address: str | None, headers: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(Redis URL, cluster name) of an address: a Redis URL, "auto", None (RAY_ADDRESS /
+    REDRAY_ADDRESS, else "auto"), or the cluster's dashboard (http://HOST:PORT)."""
     address = address or os.environ.get("REDRAY_ADDRESS") or os.environ.get("RAY_ADDRESS")
     cluster = os.environ.get("REDRAY_CLUSTER") or DEFAULT_CLUSTER
     if address in (None, "auto"):
@@ -106,13 +111,34 @@ def resolve_address(address: str | None) -> tuple[str, str]:
             )
         return current["gcs_url"], current.get("cluster", DEFAULT_CLUSTER)
     if address.startswith(("http://", "https://")):
-        raise ValueError(
-            f"{address!r}: redray's job API talks to the cluster's Redis; pass its address "
-            "(redis://:PASSWORD@HOST:PORT) or 'auto'."
-        )
+        return _address_from_dashboard(address, headers or {})
     if not address.startswith(URL_SCHEMES):
         address = "redis://" + address
     return address, cluster
+
+
+def _address_from_dashboard(url: str, headers: dict[str, Any]) -> tuple[str, str]:
+    """The Redis URL behind a dashboard, asked of it. It holds the Redis password, so the
+    dashboard wants the cluster token: headers={"Authorization": "Bearer <token>"} (printed
+    by `redray dashboard-token`). Passing the Redis address (or "auto") needs no token."""
+    request = urllib.request.Request(
+        url.rstrip("/") + "/api/cluster_address",
+        headers={str(k): str(v) for k, v in headers.items()},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=DASHBOARD_TIMEOUT_SECONDS) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise ConnectionError(
+                f"The dashboard at {url} asks for the cluster token: pass "
+                'headers={"Authorization": "Bearer <token>"} (`redray dashboard-token` '
+                "prints it), or the cluster's Redis address."
+            ) from None
+        raise ConnectionError(f"The dashboard at {url} answered {exc.code}.") from None
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"Could not reach the dashboard at {url}: {exc}") from None
+    return answer["address"], answer["cluster"]
 
 
 def new_submission_id() -> str:
@@ -132,7 +158,7 @@ class JobSubmissionClient:
         headers: dict[str, Any] | None = None,
         verify: str | bool | None = True,
     ):
-        url, cluster = resolve_address(address)
+        url, cluster = resolve_address(address, headers)
         self._gcs = Gcs(url, cluster)
         if self._gcs.cluster_token() is None:
             self._gcs.close()
