@@ -9,6 +9,7 @@ in the chain dies with its parent (PR_SET_PDEATHSIG), so a killed raylet leaves 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import pickle
 import random
@@ -112,6 +113,8 @@ def _warm_up() -> None:
 
     numpy and redis are left out on purpose: they would add ~30 MB to every idle process
     of the node, and a worker imports them the first time it needs them."""
+    import redis  # noqa: F401
+
     import redray.core.actor_runtime  # noqa: F401
     import redray.util.placement_group  # noqa: F401
 
@@ -128,6 +131,7 @@ def _reap(sock: socket.socket) -> None:
 
 
 def _fork_worker(sock, wake_r, wake_w, config, worker_id: bytes, env_vars: dict) -> int:
+    gc.freeze()
     pid = os.fork()
     if pid != 0:
         return pid
