@@ -29,7 +29,7 @@ from typing import Any
 from redray import exceptions
 from redray import gcs as gcs_schema
 from redray.control.loop import ControlLoop
-from redray.gcs import Gcs, HeartbeatStatus, NodeDeadError
+from redray.gcs import Gcs, HeartbeatStatus, LiveNodes, NodeDeadError
 from redray.node import scheduling, worker_pool
 from redray.node.bundles import Bundles
 from redray.node.object_manager import ObjectManager
@@ -928,6 +928,7 @@ class Raylet:
         backoff; the outage is logged once each way. Past the outage limit it stops. A beat
         that finds the node's entry gone registers it again; one that finds it dead stops."""
         snapshot: dict[str, Any] | None = None
+        live: LiveNodes | None = None  # read again as changes since the last beat's read
         lost_since: float | None = None
         last_error = ""
         delay = HEARTBEAT_SECONDS
@@ -945,7 +946,7 @@ class Raylet:
                 health.back()  # (says so once if Redis was away, whoever noticed it then)
                 if status is not HeartbeatStatus.OK and not self._entry_lost(status, snapshot):
                     return
-                nodes = self.gcs.live_nodes()
+                live = self.gcs.node_changes(live)
             except Exception as exc:
                 if not is_connection_error(exc):
                     if repr(exc) != last_error:  # a lasting failure is logged once
@@ -969,7 +970,8 @@ class Raylet:
                 delay = min(delay * 2, HEARTBEAT_BACKOFF_MAX_SECONDS)
                 continue
             last_error = ""
-            self._take_view(nodes)
+            if live.changed:
+                self._take_view(list(live.nodes.values()))
 
     def _take_view(self, nodes: list[dict[str, Any]]) -> None:
         """Hand the live nodes a beat read to the reactor thread."""

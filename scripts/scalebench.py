@@ -509,7 +509,13 @@ def _redray_nodes(ray: ModuleType, n: int, mon: ClusterMonitor) -> list[Measure]
         c1 = redis_commands(client)
         cpu1 = sum(_cpu(p) for p in node_procs)
         idle = Measure(row="idle nodes: Redis commands/s per node", size=n)
-        idle.throughput = (c1 - c0 - 1) / window / n
+        per_command = {k: (v - c0.get(k, 0)) / window / n for k, v in c1.items()}
+        per_command["info"] = max(0.0, per_command.get("info", 0.0) - 1 / window / n)
+        idle.throughput = sum(per_command.values())
+        idle.extra["per_command"] = {
+            k: round(v, 2) for k, v in sorted(per_command.items(), key=lambda kv: -kv[1]) if v > 0
+        }
+        idle.extra["heartbeat_bytes"] = round(heartbeat_bytes(client))
         idle.cpu_s_per_op = (cpu1 - cpu0) / window / n
         idle.extra["cpu_fraction_per_node"] = round(idle.cpu_s_per_op, 4)
         idle.extra["redis_used_memory_mb"] = round(client.info("memory")["used_memory"] / MB, 1)
