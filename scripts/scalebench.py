@@ -302,6 +302,21 @@ def worker_pss(procs: list[psutil.Process], skip: set[int]) -> list[float]:
     return values
 
 
+def idle_redis_per_actor(n: int, window: float = 5.0) -> dict[str, float]:
+    """Redis connections held and commands sent per idle actor (redray's control plane)."""
+    from redray.core import context
+
+    client = context.current.gcs.redis
+    c0 = redis_commands(client)
+    time.sleep(window)
+    c1 = redis_commands(client)
+    calls = sum(c1.values()) - sum(c0.values()) - 1
+    return {
+        "redis_clients": int(client.info("clients")["connected_clients"]),
+        "redis_commands_per_s_per_actor": round(calls / window / n, 3),
+    }
+
+
 def row_actors(ray: ModuleType, sizes: list[int], mon: ClusterMonitor) -> list[Measure]:
     """N actors (num_cpus=0) created and each called once; then their idle PSS each."""
     idle = make_idle_actor(ray)
@@ -313,6 +328,8 @@ def row_actors(ray: ModuleType, sizes: list[int], mon: ClusterMonitor) -> list[M
             actors = [idle.remote() for _ in range(n)]
             assert sum(ray.get([a.ping.remote() for a in actors], timeout=3600)) == n
         time.sleep(2)  # idle: what each one costs while it waits
+        if ray.__name__ == "redray":
+            t.measure.extra.update(idle_redis_per_actor(n))
         pss = sorted(worker_pss(mon.processes(), before))
         if pss:
             t.measure.extra.update(
@@ -585,6 +602,64 @@ def row_nodes_ray(ray: ModuleType, sizes: list[int], mon: ClusterMonitor) -> lis
     return out
 
 
+def redis_cpu(client: Any) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def row_simulated_nodes(ray: ModuleType, sizes: list[int], mon: ClusterMonitor) -> list[Measure]:
+    """What one Redis carries: N registered nodes beating through redray's own GCS calls
+    (no raylets), measured as Redis CPU per beat; the old per-beat read of every node
+    (``live_nodes``) beside the read of changes only (``node_changes``)."""
+    if ray.__name__ != "redray":
+        return []
+    import redis
+
+    from redray.gcs import Gcs
+    from redray.node.redis_server import RedisServer
+
+    out = []
+    for n in sizes:
+        server = RedisServer.start(password=os.urandom(8).hex())
+        server.wait_ready()
+        gcs = Gcs(server.url)
+        client = redis.Redis.from_url(server.url, socket_timeout=10)
+        try:
+            gcs.init_cluster(b"x" * 32)
+            ids = [f"sim{i:05d}" for i in range(n)]
+            payload = {"CPU": 1.0, "memory": 1e9}
+            info = {"raylet_address": ["127.0.0.1", 1], "resources": payload}
+            for node_id in ids:
+                gcs.register_node(node_id, {**info, "available": payload}, ttl=600)
+            for node_id in ids:  # steady state: each node's beat as it will stay
+                gcs.heartbeat(node_id, payload, 600, {"pending": 0})
+            views = {node_id: gcs.node_changes(None) for node_id in ids}
+            modes = (("changes, idle", 3), ("changes, all busy", 1), ("every node", 1))
+            for mode, rounds in modes:
+                cpu0, beats, start = redis_cpu(client), 0, time.perf_counter()
+                for r in range(rounds):
+                    pending = r + 1 if mode == "changes, all busy" else 0
+                    for node_id in ids:
+                        gcs.heartbeat(node_id, payload, 600, {"pending": pending})
+                        if mode.startswith("changes"):
+                            views[node_id] = gcs.node_changes(views[node_id])
+                        else:
+                            gcs.live_nodes()
+                        beats += 1
+                wall = time.perf_counter() - start
+                per_beat = (redis_cpu(client) - cpu0) / beats
+                m = Measure(row=f"simulated nodes, beat + read ({mode})", size=n, ops=beats)
+                m.wall_s, m.throughput = wall, beats / wall
+                m.extra["redis_cpu_us_per_beat"] = round(per_beat * 1e6, 1)
+                m.extra["nodes_per_redis_core_at_2_beats_per_s"] = round(1 / per_beat / 2)
+                out.append(m)
+        finally:
+            client.close()
+            gcs.close()
+            server.stop()
+    return out
+
+
 def row_nodes(ray: ModuleType, sizes: list[int], mon: ClusterMonitor) -> list[Measure]:
     if ray.__name__ == "ray":
         return row_nodes_ray(ray, sizes, mon)
@@ -648,6 +723,7 @@ ROWS = [
         "memory bandwidth",
     ),
     Row("nodes", row_nodes, (50,), (5,), (4,), {}, "one raylet process per node"),
+    Row("simulated nodes", row_simulated_nodes, (1_000,), (100,), (), {}, "one Redis core"),
     Row("held refs", row_held_refs, (10_000,), (10_000,), (10_000,), {"num_cpus": 2}),
 ]
 
@@ -751,8 +827,9 @@ def selected(name: str, only: list[str]) -> bool:
 def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     lines: list[dict] = []
     for row in ROWS:
-        if selected(row.name, args.only):
-            new = run_row_child(backend, row, sizes_for(row, backend, args), args.row_timeout)
+        sizes = sizes_for(row, backend, args)
+        if selected(row.name, args.only) and sizes:
+            new = run_row_child(backend, row, sizes, args.row_timeout)
             for line in new:
                 log(format_line(line))
             lines += new
