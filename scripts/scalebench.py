@@ -399,14 +399,19 @@ def row_large_object(ray: ModuleType, sizes: list[int], mon: ClusterMonitor) -> 
     return out
 
 
-def rate(fn: Callable[[], Any], seconds: float) -> float:
+def rate(fn: Callable[[], Any], seconds: float, mon: ClusterMonitor) -> tuple[float, float]:
+    """Calls per second, and CPU-seconds per call over every process of the cluster."""
     fn()
+    mon.sample()
+    cpu0 = mon.cpu_seconds()
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for _ in range(10):
             fn()
         n += 10
-    return n / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    mon.sample()
+    return n / wall, (mon.cpu_seconds() - cpu0) / n
 
 
 def row_held_refs(ray: ModuleType, sizes: list[int], mon: ClusterMonitor) -> list[Measure]:
@@ -433,18 +438,25 @@ def row_held_refs(ray: ModuleType, sizes: list[int], mon: ClusterMonitor) -> lis
                     held = [ray.put(i) for i in range(n)]
                 elif state == "borrowed":
                     held = ray.get(make_refs.remote(n))
-                task_rate = rate(lambda: ray.get(noop.remote()), 1.0)
-                call_rate = rate(lambda: ray.get(actor.ping.remote()), 1.0)
-                prev = best.get(state, [0.0, 0.0])
-                best[state] = [max(prev[0], task_rate), max(prev[1], call_rate)]
+                task_rate, task_cpu = rate(lambda: ray.get(noop.remote()), 1.0, mon)
+                call_rate, call_cpu = rate(lambda: ray.get(actor.ping.remote()), 1.0, mon)
+                prev = best.get(state, [0.0, 0.0, 1.0, 1.0])
+                best[state] = [
+                    max(prev[0], task_rate),
+                    max(prev[1], call_rate),
+                    min(prev[2], task_cpu),
+                    min(prev[3], call_cpu),
+                ]
                 del held
-        for state, (task_rate, call_rate) in best.items():
+        for state, (task_rate, call_rate, task_cpu, call_cpu) in best.items():
             m = Measure(
                 row=f"sync tasks, {state} refs held",
                 size=n if state != "none" else 0,
                 throughput=task_rate,
+                cpu_s_per_op=task_cpu,
             )
             m.extra["actor_calls_per_s"] = round(call_rate)
+            m.extra["actor_call_cpu_us"] = round(call_cpu * 1e6, 1)
             m.extra["vs_none"] = round(task_rate / best["none"][0], 3)
             m.extra["actor_vs_none"] = round(call_rate / best["none"][1], 3)
             out.append(m)
