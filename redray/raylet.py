@@ -970,8 +970,7 @@ class Raylet:
                 delay = min(delay * 2, HEARTBEAT_BACKOFF_MAX_SECONDS)
                 continue
             last_error = ""
-            if live.changed:
-                self._take_view(list(live.nodes.values()))
+            self._take_view(list(live.nodes.values()))  # (also the scheduler's periodic pass)
 
     def _take_view(self, nodes: list[dict[str, Any]]) -> None:
         """Hand the live nodes a beat read to the reactor thread."""
