@@ -915,7 +915,15 @@ def cells(line: dict[str, Any] | None) -> list[str]:
     ]
 
 
-def print_report(ours: dict[str, Any], theirs: dict[str, Any] | None) -> None:
+def render_markdown(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def print_report(
+    ours: dict[str, Any], theirs: dict[str, Any] | None, markdown: bool = False
+) -> None:
     for rep in (ours, theirs):
         if rep:
             print(
@@ -949,7 +957,7 @@ def print_report(ours: dict[str, Any], theirs: dict[str, Any] | None) -> None:
         for line in lines:
             if id(line) not in used:
                 table.append([line["row"], *(["-"] * 5), *cells(line), "-"])
-    print(render_table(head, table))
+    print((render_markdown if markdown else render_table)(head, table))
     print("rate ratio = redray/Ray throughput (Ray at its own size where the sizes differ)")
     for line in ours["lines"] + (theirs["lines"] if theirs else []):
         if line["extra"] and not line["error"]:
@@ -987,6 +995,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--json-out", metavar="PATH", help="also write JSON results to PATH")
     p.add_argument("--list", action="store_true", help="print the rows and their sizes")
+    p.add_argument("--from-json", metavar="PATH", help="print the report of an earlier run")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--row-here", help=argparse.SUPPRESS)
     p.add_argument("--sizes", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -998,6 +1008,12 @@ def main(argv: list[str] | None = None) -> None:
         for row in ROWS:
             print(f"{row.name}: {row.sizes} (quick {row.quick}, Ray {row.ray_sizes})")
         return
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+        ours, theirs = (data["redray"], data["ray"]) if "redray" in data else (data, None)
+        print_report(ours, theirs, args.markdown)
+        return
     if args.row_here:
         lines = run_row_here(args.backend, args.row_here, [int(x) for x in args.sizes.split(",")])
         write_json(lines, args.json_out or "-")
@@ -1007,7 +1023,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json or args.json_out:
         write_json({"redray": ours, "ray": theirs} if args.vs else ours, args.json_out or "-")
     if not args.json:
-        print_report(ours, theirs)
+        print_report(ours, theirs, args.markdown)
 
 
 if __name__ == "__main__":
