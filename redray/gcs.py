@@ -100,6 +100,9 @@ NODES = "nodes"  # hash node_id -> JSON info of live nodes (a control tick reads
 DEAD_NODES = "dead_nodes"  # hash node_id -> JSON info of nodes declared dead (newest kept)
 DEAD_NODE_INDEX = "dead_nodes_by_time"  # sorted set node_id -> time declared dead
 HEARTBEAT = "hb:{node_id}"  # JSON available resources, expires when the node stops beating
+NODE_VIEW_SEQ = "node_view_seq"  # counter: one tick per change of a live node's entry or beat
+NODE_VIEW_CHANGES = "node_view_changes"  # sorted set live node_id -> seq of its last change
+NODE_VIEW_EPOCH = "node_view_epoch"  # random, new when a node leaves or Redis lost the view
 JOB_COUNTER = "job_counter"
 JOBS = "jobs"  # hash job_id -> JSON job info (running, and the newest finished)
 FINISHED_JOBS = "finished_jobs"  # sorted set job_id -> end time
@@ -159,6 +162,18 @@ class NotLeaderError(Exception):
 
 class NodeDeadError(Exception):
     """The node was declared dead: it cannot register again under the same id."""
+
+
+@dataclass(frozen=True)
+class LiveNodes:
+    """The live nodes as one reader last saw them (``Gcs.node_changes``): ``seq`` and
+    ``epoch`` say how far the reader got; ``changed`` is how many entries the last read
+    carried."""
+
+    seq: int
+    epoch: str
+    nodes: dict[str, dict[str, Any]]
+    changed: int = 0
 
 
 class HeartbeatStatus(str, enum.Enum):
@@ -302,19 +317,29 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL'
 return 0
 """
 
-# KEYS: nodes, dead nodes, heartbeat. ARGV: node_id, info, beat, ttl ms, channel, message.
+# KEYS: nodes, dead nodes, heartbeat, view seq, view changes, view epoch. ARGV: node_id,
+# info, beat, ttl ms, channel, message, a new view epoch (used if there is none).
 _REGISTER_NODE_SCRIPT = """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+redis.call('SET', KEYS[6], ARGV[7], 'NX')
+redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[4]), ARGV[1])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 """
 
-# KEYS: nodes, dead nodes, heartbeat. ARGV: node_id, beat, ttl ms.
+# KEYS: nodes, dead nodes, heartbeat, view seq, view changes. ARGV: node_id, beat, ttl ms.
+# A beat that reports what the last one did only renews the key: readers of the node view
+# see it change only when it does.
 _HEARTBEAT_SCRIPT = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
-  redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+  if redis.call('GET', KEYS[3]) == ARGV[2] then
+    redis.call('PEXPIRE', KEYS[3], ARGV[3])
+  else
+    redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+    redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[4]), ARGV[1])
+  end
   return 'ok'
 end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 'dead' end
@@ -333,9 +358,39 @@ end
 return out
 """
 
-# KEYS: lease, epoch, nodes, dead nodes, dead index, heartbeat. ARGV: holder, epoch, node_id,
+# KEYS: nodes, view seq, view epoch, view changes. ARGV: heartbeat key prefix, the seq and
+# epoch the reader has. Answers seq, epoch, 1 if every live node follows (else only those
+# changed since the reader's seq), then node_id, info, beat (nil once expired) for each.
+_NODE_CHANGES_SCRIPT = """
+local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
+local epoch = redis.call('GET', KEYS[3]) or '0'
+local since = tonumber(ARGV[2])
+local out = {seq, epoch, 0}
+if epoch ~= ARGV[3] or since > seq then
+  out[3] = 1
+  local flat = redis.call('HGETALL', KEYS[1])
+  for i = 1, #flat, 2 do
+    out[#out + 1] = flat[i]
+    out[#out + 1] = flat[i + 1]
+    out[#out + 1] = redis.call('GET', ARGV[1] .. flat[i])
+  end
+  return out
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. since, '+inf')) do
+  local info = redis.call('HGET', KEYS[1], id)
+  if info then
+    out[#out + 1] = id
+    out[#out + 1] = info
+    out[#out + 1] = redis.call('GET', ARGV[1] .. id)
+  end
+end
+return out
+"""
+
+# KEYS: lease, epoch, nodes, dead nodes, dead index, heartbeat, view epoch, view changes.
+# ARGV: holder, epoch, node_id,
 # the live entry read (unchanged since, or nothing is done), dead info, channel, message, now,
-# cap, batch.
+# cap, batch, a new view epoch.
 _MARK_NODE_DEAD_SCRIPT = (
     _LUA_TRIM
     + _LUA_FENCE
@@ -344,6 +399,8 @@ if redis.call('HGET', KEYS[3], ARGV[3]) ~= ARGV[4] then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[3])
 redis.call('HSET', KEYS[4], ARGV[3], ARGV[5])
 redis.call('DEL', KEYS[6])
+redis.call('ZREM', KEYS[8], ARGV[3])
+redis.call('SET', KEYS[7], ARGV[11])
 redis.call('ZADD', KEYS[5], ARGV[8], ARGV[3])
 redis.call('PUBLISH', ARGV[6], ARGV[7])
 trim(KEYS[5], KEYS[4], false, false, ARGV[9], ARGV[10])
@@ -465,6 +522,24 @@ for i = 3, #ARGV do removed = removed + redis.call('LREM', KEYS[3], 1, ARGV[i]) 
 return removed
 """
 )
+
+
+def _live_node_entries(flat: list[Any]) -> list[dict[str, Any]]:
+    """Nodes from a script's flat node_id, info, beat triples (``alive`` from the beat)."""
+    result = []
+    for i in range(0, len(flat), 3):
+        node_id = flat[i].decode()
+        info = _loads(flat[i + 1])
+        beat = _loads(flat[i + 2])
+        info["node_id"] = node_id
+        info["alive"] = beat is not None
+        if beat is not None:
+            info["available"] = beat.get("available", beat)
+            info["load"] = beat.get("load", {})
+            if "total" in beat:
+                info["resources"] = beat["total"]
+        result.append(info)
+    return result
 
 
 def _dumps(value: Any) -> str:
@@ -971,7 +1046,14 @@ class Gcs:
         info.setdefault("start_time", time.time())
         registered = self._eval(
             _REGISTER_NODE_SCRIPT,
-            [self.key(NODES), self.key(DEAD_NODES), self.key(HEARTBEAT, node_id=node_id)],
+            [
+                self.key(NODES),
+                self.key(DEAD_NODES),
+                self.key(HEARTBEAT, node_id=node_id),
+                self.key(NODE_VIEW_SEQ),
+                self.key(NODE_VIEW_CHANGES),
+                self.key(NODE_VIEW_EPOCH),
+            ],
             [
                 node_id,
                 _dumps(info),
@@ -979,6 +1061,7 @@ class Gcs:
                 max(1, int(ttl * 1000)),
                 self.channel(NODE_CHANNEL),
                 _dumps({"node_id": node_id, "state": "ALIVE"}),
+                os.urandom(8).hex(),
             ],
         )
         if not registered:
@@ -1001,7 +1084,13 @@ class Gcs:
             payload["total"] = total
         status = self._eval(
             _HEARTBEAT_SCRIPT,
-            [self.key(NODES), self.key(DEAD_NODES), self.key(HEARTBEAT, node_id=node_id)],
+            [
+                self.key(NODES),
+                self.key(DEAD_NODES),
+                self.key(HEARTBEAT, node_id=node_id),
+                self.key(NODE_VIEW_SEQ),
+                self.key(NODE_VIEW_CHANGES),
+            ],
             [node_id, _dumps(payload), max(1, int(ttl * 1000))],
         )
         return HeartbeatStatus(status.decode() if isinstance(status, bytes) else status)
@@ -1010,20 +1099,34 @@ class Gcs:
         """The nodes not declared dead, with ``alive`` False once a heartbeat expired (the
         control loop's failure detection reads only these), one round trip."""
         flat = self._eval(_LIVE_NODES_SCRIPT, [self.key(NODES)], [self.key(HEARTBEAT, node_id="")])
-        result = []
-        for i in range(0, len(flat), 3):
-            node_id = flat[i].decode()
-            info = _loads(flat[i + 1])
-            beat = _loads(flat[i + 2])
-            info["node_id"] = node_id
-            info["alive"] = beat is not None
-            if beat is not None:
-                info["available"] = beat.get("available", beat)
-                info["load"] = beat.get("load", {})
-                if "total" in beat:
-                    info["resources"] = beat["total"]
-            result.append(info)
-        return result
+        return _live_node_entries(flat)
+
+    def node_changes(self, since: LiveNodes | None) -> LiveNodes:
+        """The live nodes as ``since`` saw them, brought up to date in one round trip that
+        carries only the nodes whose entry or beat changed since (all of them when a node
+        left, Redis lost the view, or ``since`` is None).
+
+        Every node reads this each beat: reading every node each time made the cluster's
+        Redis work grow with the square of its nodes; idle nodes now cost nothing to read."""
+        seq, epoch = (since.seq, since.epoch) if since is not None else (-1, "")
+        flat = self._eval(
+            _NODE_CHANGES_SCRIPT,
+            [
+                self.key(NODES),
+                self.key(NODE_VIEW_SEQ),
+                self.key(NODE_VIEW_EPOCH),
+                self.key(NODE_VIEW_CHANGES),
+            ],
+            [self.key(HEARTBEAT, node_id=""), seq, epoch],
+        )
+        new_epoch = flat[1].decode() if isinstance(flat[1], bytes) else str(flat[1])
+        changed = _live_node_entries(flat[3:])
+        if flat[2] or since is None:
+            nodes = {}
+        else:
+            nodes = dict(since.nodes)
+        nodes.update((n["node_id"], n) for n in changed)
+        return LiveNodes(int(flat[0]), new_epoch, nodes, len(changed))
 
     def dead_nodes(self) -> list[dict[str, Any]]:
         """The nodes declared dead (the newest max_dead_nodes of them)."""
@@ -1066,6 +1169,8 @@ class Gcs:
                 self.key(DEAD_NODES),
                 self.key(DEAD_NODE_INDEX),
                 self.key(HEARTBEAT, node_id=node_id),
+                self.key(NODE_VIEW_EPOCH),
+                self.key(NODE_VIEW_CHANGES),
             ],
             [
                 *self._fence_args(fence),
@@ -1077,6 +1182,7 @@ class Gcs:
                 time.time(),
                 self.max_dead_nodes,
                 TRIM_BATCH,
+                os.urandom(8).hex(),
             ],
             fence,
         )

@@ -31,7 +31,7 @@ import psutil
 from redray import exceptions
 from redray import gcs as gcs_schema
 from redray.control.loop import ControlLoop
-from redray.gcs import Gcs, HeartbeatStatus, NodeDeadError
+from redray.gcs import Gcs, HeartbeatStatus, LiveNodes, NodeDeadError
 from redray.jobs.supervisor import JobSupervisor
 from redray.node import scheduling, worker_pool
 from redray.node.bundles import Bundles
@@ -1037,6 +1037,7 @@ class Raylet:
         backoff; the outage is logged once each way. Past the outage limit it stops. A beat
         that finds the node's entry gone registers it again; one that finds it dead stops."""
         snapshot: dict[str, Any] | None = None
+        live: LiveNodes | None = None  # read again as changes since the last beat's read
         lost_since: float | None = None
         last_error = ""
         delay = HEARTBEAT_SECONDS
@@ -1054,7 +1055,7 @@ class Raylet:
                 health.back()  # (says so once if Redis was away, whoever noticed it then)
                 if status is not HeartbeatStatus.OK and not self._entry_lost(status, snapshot):
                     return
-                nodes = self.gcs.live_nodes()
+                live = self.gcs.node_changes(live)
             except Exception as exc:
                 if not is_connection_error(exc):
                     if repr(exc) != last_error:  # a lasting failure is logged once
@@ -1078,7 +1079,7 @@ class Raylet:
                 delay = min(delay * 2, HEARTBEAT_BACKOFF_MAX_SECONDS)
                 continue
             last_error = ""
-            self._take_view(nodes)
+            self._take_view(list(live.nodes.values()))  # (also the scheduler's periodic pass)
 
     def _take_view(self, nodes: list[dict[str, Any]]) -> None:
         """Hand the live nodes a beat read to the reactor thread."""

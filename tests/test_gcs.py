@@ -263,6 +263,42 @@ def test_mark_node_dead_once_and_its_heartbeat_is_refused(gcs, server):
         gcs.register_node("n1", NODE_INFO, ttl=30)
 
 
+def test_node_changes_carry_only_the_nodes_that_changed(gcs):
+    """Every node reads the view each beat: an idle cluster's read must carry no node at all
+    (reading every node each time made Redis work grow with the square of the nodes)."""
+    for node_id in ("n1", "n2", "n3"):
+        gcs.register_node(node_id, NODE_INFO, ttl=30)
+        gcs.heartbeat(node_id, {"CPU": 4.0}, ttl=30)
+    view = gcs.node_changes(None)
+    assert set(view.nodes) == {"n1", "n2", "n3"} and view.changed == 3
+    for node_id in ("n1", "n2", "n3"):  # idle beats: the same report again
+        assert gcs.heartbeat(node_id, {"CPU": 4.0}, ttl=30) is HeartbeatStatus.OK
+    idle = gcs.node_changes(view)
+    assert idle.changed == 0 and idle.nodes == view.nodes
+    gcs.heartbeat("n2", {"CPU": 1.0}, ttl=30)
+    busy = gcs.node_changes(idle)
+    assert busy.changed == 1 and busy.nodes["n2"]["available"] == {"CPU": 1.0}
+    assert busy.nodes["n1"] == view.nodes["n1"]
+    gcs.register_node("n4", NODE_INFO, ttl=30)
+    joined = gcs.node_changes(busy)
+    assert joined.changed == 1 and set(joined.nodes) == {"n1", "n2", "n3", "n4"}
+
+
+def test_node_changes_drop_a_dead_node_and_survive_an_emptied_redis(gcs):
+    gcs.register_node("n1", NODE_INFO, ttl=30)
+    gcs.register_node("n2", NODE_INFO, ttl=30)
+    view = gcs.node_changes(None)
+    assert gcs.mark_node_dead("n1", "killed", leader(gcs)) is True
+    after = gcs.node_changes(view)
+    assert set(after.nodes) == {"n2"}
+    gcs.redis.flushall()  # Redis restarted without persistence: the reader starts over
+    for node_id in ("n3", "n4", "n5", "n6"):  # (the change count passes the reader's)
+        gcs.register_node(node_id, NODE_INFO, ttl=30)
+    again = gcs.node_changes(after)
+    assert set(again.nodes) == {"n3", "n4", "n5", "n6"}
+    assert gcs.node_changes(again).changed == 0
+
+
 def test_heartbeat_of_an_unknown_node_says_so_and_renews_nothing(gcs):
     assert gcs.heartbeat("never-registered", {"CPU": 1.0}, ttl=30) is HeartbeatStatus.UNKNOWN
     assert gcs.nodes() == []
