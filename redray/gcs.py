@@ -100,6 +100,9 @@ NODES = "nodes"  # hash node_id -> JSON info of live nodes (a control tick reads
 DEAD_NODES = "dead_nodes"  # hash node_id -> JSON info of nodes declared dead (newest kept)
 DEAD_NODE_INDEX = "dead_nodes_by_time"  # sorted set node_id -> time declared dead
 HEARTBEAT = "hb:{node_id}"  # JSON available resources, expires when the node stops beating
+# JSON of the machine's CPU and memory use, beside the beat: it changes every beat, so it is
+# kept out of the cluster view's change log (idle nodes must cost the other nodes nothing).
+HEARTBEAT_HOST = "hb_host:{node_id}"
 NODE_VIEW_SEQ = "node_view_seq"  # counter: one tick per change of a live node's entry or beat
 NODE_VIEW_CHANGES = "node_view_changes"  # sorted set live node_id -> seq of its last change
 NODE_VIEW_EPOCH = "node_view_epoch"  # random, new when a node leaves or Redis lost the view
@@ -340,6 +343,7 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
     redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
     redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[4]), ARGV[1])
   end
+  if ARGV[4] ~= '' then redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[3]) end
   return 'ok'
 end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 'dead' end
@@ -1074,6 +1078,7 @@ class Gcs:
         ttl: float,
         load: dict[str, Any] | None = None,
         total: dict[str, float] | None = None,
+        host: dict[str, float] | None = None,
     ) -> HeartbeatStatus:
         """Renew a node's liveness with its free (and, as they change, total) resources.
 
@@ -1090,8 +1095,9 @@ class Gcs:
                 self.key(HEARTBEAT, node_id=node_id),
                 self.key(NODE_VIEW_SEQ),
                 self.key(NODE_VIEW_CHANGES),
+                self.key(HEARTBEAT_HOST, node_id=node_id),
             ],
-            [node_id, _dumps(payload), max(1, int(ttl * 1000))],
+            [node_id, _dumps(payload), max(1, int(ttl * 1000)), _dumps(host) if host else ""],
         )
         return HeartbeatStatus(status.decode() if isinstance(status, bytes) else status)
 
@@ -1138,8 +1144,17 @@ class Gcs:
         return result
 
     def nodes(self) -> list[dict[str, Any]]:
-        """Every node: live ones (``alive`` from the heartbeat) then the dead ones kept."""
-        return self.live_nodes() + self.dead_nodes()
+        """Every node: live ones (``alive`` from the heartbeat, their machine's CPU and memory
+        use in ``load``) then the dead ones kept."""
+        live = self.live_nodes()
+        if live:
+            hosts = self.redis.mget(
+                [self.key(HEARTBEAT_HOST, node_id=info["node_id"]) for info in live]
+            )
+            for info, raw in zip(live, hosts, strict=True):
+                if raw is not None and info["alive"]:
+                    info.setdefault("load", {}).update(_loads(raw))
+        return live + self.dead_nodes()
 
     def node(self, node_id: str) -> dict[str, Any] | None:
         pipe = self.redis.pipeline(transaction=False)

@@ -1048,8 +1048,9 @@ class Raylet:
                     self.node_id,
                     snapshot["available"],
                     self.config["node_timeout"],
-                    {**snapshot["load"], **_host_stats()},
+                    snapshot["load"],
                     snapshot["total"],
+                    _host_stats(),
                 )
                 lost_since, delay = None, HEARTBEAT_SECONDS
                 health.back()  # (says so once if Redis was away, whoever noticed it then)
