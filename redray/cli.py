@@ -328,6 +328,13 @@ def _node_processes(record: dict[str, Any] | None, root: str) -> list[psutil.Pro
     return list(found.values())
 
 
+def _same_process(proc: psutil.Process, recorded: float | None) -> bool:
+    """Whether proc is the process recorded as started at `recorded` (not a reuse of its
+    pid). Start times are compared within a second: psutil derives them from the boot time,
+    which the kernel reports again in each process and may adjust between two readings."""
+    return recorded is not None and abs(proc.create_time() - recorded) < 1.0
+
+
 def _create_time(pid: int) -> float | None:
     try:
         return psutil.Process(pid).create_time()
@@ -345,7 +352,7 @@ def _redis_processes(record: dict[str, Any] | None) -> list[psutil.Process]:
             continue
         try:
             proc = psutil.Process(pid)
-            if "redis-server" in proc.name() and proc.create_time() == entry.get("redis_started"):
+            if "redis-server" in proc.name() and _same_process(proc, entry.get("redis_started")):
                 found.append(proc)
         except psutil.Error:
             continue
@@ -363,7 +370,7 @@ def _helper_processes(record: dict[str, Any] | None) -> list[psutil.Process]:
                 continue
             try:
                 proc = psutil.Process(pid)
-                if proc.create_time() == entry.get(f"{name}_started"):
+                if _same_process(proc, entry.get(f"{name}_started")):
                     found.append(proc)
             except psutil.Error:
                 continue
