@@ -159,7 +159,8 @@ class Counter:
 
 def redis_figures():
     gcs = context.current.gcs
-    history = (gcs.key("te:"), gcs.key("metrics:"))  # task history: kept on purpose, capped
+    # Task history (kept on purpose, capped) and the node's machine stats (one per node).
+    history = (gcs.key("te:"), gcs.key("metrics:"), gcs.key("hb_host:"))
     keys = [k for k in gcs.redis.scan_iter(count=1000) if not k.decode().startswith(history)]
     return {
         "keys": len(keys),
