@@ -298,14 +298,27 @@ def _started_here(proc: psutil.Process, root: str) -> bool:
         log_path = os.readlink(f"/proc/{proc.pid}/fd/2")
     except OSError:  # gone, not ours, or no /proc to tell where it logs
         return False
-    logs = os.path.dirname(log_path)
-    session = os.path.dirname(logs)
+    return os.path.basename(log_path) == "raylet.log" and _in_session_dir(
+        os.path.dirname(log_path), "logs", root
+    )
+
+
+def _in_session_dir(path: str, subdir: str, root: str) -> bool:
+    """Whether path is `root/session_*/subdir`: a node's directory in the temp root."""
+    session = os.path.dirname(path)
     return (
-        os.path.basename(log_path) == "raylet.log"
-        and os.path.basename(logs) == "logs"
+        os.path.basename(path) == subdir
         and os.path.basename(session).startswith("session_")
         and os.path.dirname(session) == os.path.realpath(root)
     )
+
+
+def _own_processes() -> Iterator[psutil.Process]:
+    """This user's processes."""
+    uid = os.getuid()
+    for proc in psutil.process_iter(["uids"]):
+        if proc.info["uids"] is not None and proc.info["uids"].real == uid:
+            yield proc
 
 
 def _node_processes(record: dict[str, Any] | None, root: str) -> list[psutil.Process]:
@@ -319,11 +332,8 @@ def _node_processes(record: dict[str, Any] | None, root: str) -> list[psutil.Pro
             continue
         if _is_raylet(proc):
             found[pid] = proc
-    uid = os.getuid()
-    for proc in psutil.process_iter(["uids"]):
-        if proc.pid in found or proc.info["uids"] is None or proc.info["uids"].real != uid:
-            continue
-        if _is_raylet(proc) and _started_here(proc, root):
+    for proc in _own_processes():
+        if proc.pid not in found and _is_raylet(proc) and _started_here(proc, root):
             found[proc.pid] = proc
     return list(found.values())
 
@@ -342,10 +352,12 @@ def _create_time(pid: int) -> float | None:
         return None
 
 
-def _redis_processes(record: dict[str, Any] | None) -> list[psutil.Process]:
-    """The redis-servers that heads started here run (recorded with their node), still
-    running; a recorded pid now used by another process is left alone."""
-    found = []
+def _redis_processes(record: dict[str, Any] | None, root: str) -> list[psutil.Process]:
+    """The redis-servers that heads started here run: those recorded with their node (a
+    recorded pid now used by another process is left alone), and, found by a scan, those
+    leading their own session with their data in `root/session_*/redis` (a head whose record
+    was lost)."""
+    found: dict[int, psutil.Process] = {}
     for entry in (record or {}).get("nodes", []):
         pid = entry.get("redis_pid")
         if not pid:
@@ -353,10 +365,22 @@ def _redis_processes(record: dict[str, Any] | None) -> list[psutil.Process]:
         try:
             proc = psutil.Process(pid)
             if "redis-server" in proc.name() and _same_process(proc, entry.get("redis_started")):
-                found.append(proc)
+                found[pid] = proc
         except psutil.Error:
             continue
-    return found
+    for proc in _own_processes():
+        if proc.pid in found:
+            continue
+        try:
+            if (
+                "redis-server" in proc.name()
+                and os.getsid(proc.pid) == proc.pid
+                and _in_session_dir(proc.cwd(), "redis", root)
+            ):
+                found[proc.pid] = proc
+        except (psutil.Error, OSError):
+            continue
+    return list(found.values())
 
 
 def _helper_processes(record: dict[str, Any] | None) -> list[psutil.Process]:
@@ -891,8 +915,9 @@ def stop(force: bool, grace_period: float, temp_dir: str | None) -> None:
     TMPDIR), then the Redis `redray start --head` runs; forget the current cluster."""
     with _cluster_file_lock():
         record = _read_record()
-        procs = _node_processes(record, node.root_dir(temp_dir))
-        servers = _redis_processes(record)
+        root = node.root_dir(temp_dir)
+        procs = _node_processes(record, root)
+        servers = _redis_processes(record, root)
         helpers = _helper_processes(record)
         pids = sorted(p.pid for p in procs)
         alive = _terminate(helpers, force, grace_period) if helpers else []

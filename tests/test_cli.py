@@ -335,11 +335,18 @@ def test_stop_leaves_the_nodes_of_other_temp_roots_alone(
     this stop's to stop, even when it is not recorded anywhere; the temp root in use is."""
     other = tmp_path / "other-checkout"
     other.mkdir()
-    unrecorded = start_head(other)["pids"][-1]
+    first = start_head(other)
+    unrecorded = first["pids"][-1]
     custom = tmp_path / "custom-temp"
-    in_custom = start_head(other, "--temp-dir", str(custom))["pids"][-1]
+    second = start_head(other, "--temp-dir", str(custom))
+    in_custom = second["pids"][-1]
     cluster_file(other).unlink()  # (lost: only a scan of the temp roots can find them)
-    procs = node_tree([unrecorded, in_custom])
+    # Their Redis servers too: each head's Redis is a process of its own.
+    redis_of = {
+        pid: psutil.Process(record["nodes"][-1]["redis_pid"])
+        for pid, record in ((unrecorded, first), (in_custom, second))
+    }
+    procs = node_tree([unrecorded, in_custom]) + list(redis_of.values())
     try:
         stranger = tmp_path / "stranger"
         stranger.mkdir()
@@ -349,7 +356,8 @@ def test_stop_leaves_the_nodes_of_other_temp_roots_alone(
         assert all(running(p) for p in node_tree(head["pids"]))
         out = redray_cli("stop", tmpdir=other).stdout
         assert f"Stopped 1 redray node(s): pid {unrecorded}." in out
-        assert all(running(p) for p in node_tree([in_custom]))
+        assert not running(redis_of[unrecorded]), "stop left the lost head's Redis running"
+        assert all(running(p) for p in node_tree([in_custom]) + [redis_of[in_custom]])
         out = redray_cli("stop", "--temp-dir", str(custom), tmpdir=other).stdout
         assert f"Stopped 1 redray node(s): pid {in_custom}." in out
         assert not [p for p in procs if running(p)]
