@@ -282,8 +282,10 @@ end
 
 # Renew the lease if we hold it (same epoch); take it if free (next epoch). Returns the epoch,
 # 0 when someone else holds it. The counter, if Redis lost it, restarts from the time in
-# microseconds (ARGV[3]) so an epoch is never handed out twice.
-_LEADER_SCRIPT = """
+# microseconds (ARGV[3]) so an epoch is never handed out twice. KEYS: lease, epoch. ARGV:
+# holder, ttl (ms), epoch seed (µs). Public: other fenced leases (the durable queues' beat
+# scheduler) take theirs the same way.
+LUA_LEASE_HOLD = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   local epoch = redis.call('GET', KEYS[2])
@@ -300,7 +302,8 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return epoch
 """
 
-_RELEASE_LEADER_SCRIPT = """
+# Give a lease up if ARGV[1] still holds it. KEYS: lease.
+LUA_LEASE_RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -1347,7 +1350,7 @@ class Gcs:
         if ttl <= 0:
             raise ValueError(f"a lease lasts a positive time, got {ttl!r}")
         epoch = self._eval(
-            _LEADER_SCRIPT,
+            LUA_LEASE_HOLD,
             self._fence_keys(),
             [holder, max(1, int(ttl * 1000)), int(time.time() * 1_000_000)],
         )
@@ -1359,7 +1362,7 @@ class Gcs:
 
     def release_leadership(self, holder: str) -> None:
         """Give the lease up if ``holder`` holds it (a standby takes over at once)."""
-        self._eval(_RELEASE_LEADER_SCRIPT, [self.key(LEADER)], [holder])
+        self._eval(LUA_LEASE_RELEASE, [self.key(LEADER)], [holder])
 
     # -- requests to the control loop -------------------------------------------------------
     def push_request(self, kind: str, /, **fields: Any) -> None:

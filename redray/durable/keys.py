@@ -29,7 +29,7 @@ chain's next job): redray's scripts already require a single Redis shard.
 
 from __future__ import annotations
 
-from redray.gcs import Gcs
+from redray.gcs import LUA_LEASE_HOLD, LUA_LEASE_RELEASE, Gcs
 
 GROUP = "redray"  # the consumer group every queue's streams are read through
 LEVELS = 4  # priority levels: 0 is read first (kombu's Redis transport steps 0, 3, 6, 9)
@@ -482,32 +482,10 @@ return moved
 """
 )
 
-# The beat scheduler's lease, as the control loop's (redray/gcs.py): renew if held, take if
-# free (a new epoch). KEYS: lease, epoch. ARGV: holder, ttl (ms), epoch seed (µs).
-# Answers the epoch, 0 while someone else holds it.
-BEAT_HOLD = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  local epoch = redis.call('GET', KEYS[2])
-  if epoch then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return tonumber(epoch)
-  end
-elseif holder then
-  return 0
-end
-if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[3]) end
-local epoch = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return epoch
-"""
-
-# Give the beat lease up if still held by ARGV[1] (a standby takes it on its next tick).
-# KEYS: lease.
-BEAT_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+# The beat scheduler's lease, taken and given up as the control loop's (redray/gcs.py):
+# KEYS: lease, epoch; answers the epoch, 0 while someone else holds it.
+BEAT_HOLD = LUA_LEASE_HOLD
+BEAT_RELEASE = LUA_LEASE_RELEASE
 
 # Fire one periodic entry for one due time, fenced: only the lease holder at its epoch
 # fires, and a due time is fired once (the entry's last fired time only moves forward), so
