@@ -207,8 +207,8 @@ redray.init(num_cpus=1)
 def tick(i):
     return i
 
-for start in range(0, 120, 30):
-    refs = [tick.remote(i) for i in range(start, start + 30)]
+for start in range(0, 1200, 300):
+    refs = [tick.remote(i) for i in range(start, start + 300)]
     redray.get(refs)
 last = int(refs[-1].task_id().hex()[-12:], 16)
 deadline = time.time() + 20
@@ -217,12 +217,19 @@ while time.time() < deadline:
         warnings.simplefilter("always")
         found = list_tasks(limit=1000, raise_on_missing_output=False, detail=True)
     dropped = [str(w.message) for w in caught if CAP in str(w.message)]
-    if len(found) == 50 and dropped and dropped[0].startswith("70 "):
+    if len(found) == 50 and dropped and dropped[0].startswith("1150 "):
         break  # (events reach Redis a little after the tasks end)
     time.sleep(0.1)
 counters = sorted(int(t.task_id[-12:], 16) for t in found)
+from redray.state.api import _gcs
+from redray.state import keys
+with _gcs(None) as gcs:
+    names = [n.decode() for n in gcs.redis.smembers(gcs.key(keys.INDEXES))]
+    lists = [keys.index_key(gcs, n) for n in names if not keys.is_scored(n)]
+    longest = max(keys.index_sizes(gcs, lists))
 print(json.dumps({"kept": len(found), "warnings": [str(w.message) for w in caught],
-                  "kept_are_the_newest": counters == list(range(last - 49, last + 1))}))
+                  "kept_are_the_newest": counters == list(range(last - 49, last + 1)),
+                  "indexes": sorted(names), "longest_index": longest}))
 """
 
 
@@ -238,8 +245,11 @@ def test_retention_keeps_the_newest_and_reports_what_it_dropped(setting, cap):
     proc = run_driver(driver, env={setting: "50"}, timeout=60)
     result = last_json(proc.stdout)
     assert result["kept"] == 50 and result["kept_are_the_newest"]
+    # Every list index stays within the cap: entries of dropped attempts do not pile up.
+    assert {"all", "name:tick"} <= set(result["indexes"])
+    assert result["longest_index"] <= 50
     (warning,) = [w for w in result["warnings"] if cap in w]
-    assert int(warning.split()[0]) == 70
+    assert int(warning.split()[0]) == 1150
 
 
 DISABLED_DRIVER = """

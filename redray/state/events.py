@@ -8,7 +8,8 @@ workers the calls they have been running that long, so `list_tasks(filters=[("st
 "RUNNING")])` shows them. A process appends events to a bounded buffer (counting what it had
 to drop); a timer ships the buffer to the process's raylet every interval over the
 connection it already has, one message per interval. Each raylet merges what its processes
-sent into one record per task attempt and writes them with one script call per interval
+sent into one record per task attempt (an attempt that ended before anything of it was
+reported, most of them, is complete in its one event: formatted, not merged) and writes them with one script call per interval
 from its own thread (see keys.write_task_events): the task hot path never waits on Redis.
 
 Settings (environment of the processes and of `redray start`/`redray node`):
@@ -45,7 +46,12 @@ RUNNING = 2  # (RUNNING, task_id, attempt, started, name, job_id) from the execu
 #  [error_type, message]; reported: the owner reported the attempt pending before.
 FINISHED = 4
 FAILED = 5
-WALL_OFFSET = time.time() - time.monotonic()  # monotonic + WALL_OFFSET: wall-clock time
+WALL_OFFSET = time.time() - time.monotonic()
+# Attempts complete in themselves, formatted for Redis: their entries, JSON records and
+# list-index members (index name -> entries), and their jobs (see split_complete).
+Complete = tuple[
+    list[str], list[str], dict[str, list[str]], list[str]
+]  # monotonic + WALL_OFFSET: wall-clock time
 
 # Ray's ErrorType names for redray's exception classes (by class name, most specific first).
 _ERROR_TYPES = {
@@ -293,7 +299,7 @@ class TaskEventSink:
         except Exception as exc:
             # Redis away (or refusing): these are lost, and counted once it is back.
             with self._lock:
-                self._lost += lost + sum(len(events) for _, events in batches)
+                self._lost += lost + len(batch.ids) + len(batch.partial)
             log.warning("writing task events failed: %s", exc)
 
 
@@ -301,14 +307,80 @@ STATE_RANK = keys.STATE_RANK
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
+def split_complete(events: list) -> tuple[list, Complete | None]:
+    """The events that need merging, and the attempts complete in themselves formatted for
+    keys.write_task_events: those that finished without anything of them reported before
+    (neither pending by their owner nor running by their worker) and are not nested tasks,
+    the common case. Nothing of such an attempt is stored yet or will come later, so its
+    record is final: it leaves out what its entry and state say (see keys.read_tasks)."""
+    rest = []
+    ids: list[str] = []
+    blobs: list[str] = []
+    groups: dict[str, list[str]] = {}
+    statics: dict[tuple, tuple] = {}  # what tasks of one function share: JSON and indexes
+    nodes: dict[str, list[str]] = {}
+    for event in events:
+        run = event[11] if event[0] == FINISHED else None
+        if not run or run[1] or event[13] or event[9]:
+            rest.append(event)
+            continue
+        name, job_id, actor_id, resources = event[6], event[7], event[8], event[10]
+        key = (name, job_id, actor_id, id(resources))
+        static = statics.get(key)
+        if static is None:
+            static = statics[key] = _static(groups, name, job_id, actor_id, resources)
+        text, shared = static
+        entry = f"{event[1].hex()}:{event[2]}"
+        created = int(event[3] * 1000)
+        ids.append(entry)
+        blobs.append(
+            f'{{{text}"creation_time_ms":{created},'
+            f'"submitted_time_ms":{int(event[4] * 1000) if event[4] else created},'
+            f'"start_time_ms":{int(run[0] * 1000)},"end_time_ms":{int(event[5] * 1000)},'
+            f'"node_id":"{run[2]}","worker_id":"{run[3]}","worker_pid":{int(run[4])},'
+            '"state":"FINISHED"}'
+        )
+        for group in shared:
+            group.append(entry)
+        node_group = nodes.get(run[2])
+        if node_group is None:
+            node_group = nodes[run[2]] = groups.setdefault("node_id:" + run[2], [])
+        node_group.append(entry)
+    if not ids:
+        return rest, None
+    jobs = sorted({key[1] for key in statics})
+    return rest, (ids, blobs, groups, jobs)
+
+
+def _static(groups: dict[str, list[str]], name, job_id, actor_id, resources) -> tuple:
+    """The JSON fields (with a trailing comma) and index lists shared by the finished
+    tasks of one function."""
+    fields: dict[str, Any] = {"name": name, "job_id": job_id}
+    shared = [
+        groups.setdefault("all", []),
+        groups.setdefault("job_id:" + job_id, []),
+        groups.setdefault("name:" + name, []),
+    ]
+    if actor_id:
+        fields["actor_id"] = actor_id.hex()
+        shared.append(groups.setdefault("actor_id:" + fields["actor_id"], []))
+    if resources:
+        fields["required_resources"] = json.dumps(resources)
+    return _ENCODE(fields)[1:-1] + ",", shared
+
+
 def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch:
-    """The attempts described by events (in arrival order), ready to write: see
-    keys.write_task_events. An attempt that finished without being reported before
-    (neither pending by its owner nor running by its worker) is complete: nothing of it is
-    stored yet, and it takes the short path (its JSON written out, no merge in Redis)."""
+    """The attempts described by the events processes shipped (in arrival order), ready to
+    write: see keys.write_task_events."""
     by_attempt: dict[tuple[bytes, int], Any] = {}
+    batch = keys.TaskEventBatch()
     for process, events in batches:
-        for event in events:
+        rest, complete = split_complete(events)
+        if complete is not None:
+            ids, blobs, groups, jobs = complete
+            batch.add_complete(ids, blobs, groups)
+            batch.jobs.update(jobs)
+        for event in rest:
             key = (event[1], event[2])
             seen = by_attempt.get(key)
             if seen is None:
@@ -317,69 +389,10 @@ def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch
                 seen.append((process, event))
             else:
                 by_attempt[key] = [seen, (process, event)]
-    batch = keys.TaskEventBatch()
-    complete = batch.complete
-    members = batch.members
-    statics: dict[tuple, tuple] = {}  # what tasks of one function share: JSON and indexes
-    nodes: dict[str, list[str]] = {}
     resources_json: dict[int, str] = {}
     for (task_id, attempt), seen in by_attempt.items():
-        if type(seen) is tuple:
-            event = seen[1]
-            run = event[11] if event[0] == FINISHED else None
-            if run and not run[1] and not event[13] and not event[9]:
-                # The common case: finished, never reported, not a nested task.
-                name, job_id, actor_id, resources = event[6], event[7], event[8], event[10]
-                static = statics.get((name, job_id, actor_id, id(resources)))
-                if static is None:
-                    static = statics[(name, job_id, actor_id, id(resources))] = _static(
-                        batch, name, job_id, actor_id, resources
-                    )
-                text, shared = static
-                entry = f"{task_id.hex()}:{attempt}"
-                created = int(event[3] * 1000)
-                pushed = int(event[4] * 1000) if event[4] else created
-                complete.append(
-                    f'{entry}\t{{{text},"task_id":"{entry[: -len(str(attempt)) - 1]}",'
-                    f'"attempt_number":{attempt},"creation_time_ms":{created},'
-                    f'"submitted_time_ms":{pushed},"start_time_ms":{int(run[0] * 1000)},'
-                    f'"end_time_ms":{int(event[5] * 1000)},"node_id":"{run[2]}",'
-                    f'"worker_id":"{run[3]}","worker_pid":{int(run[4])},"state":"FINISHED",'
-                    f'"rank":{_FINISHED_RANK}}}'
-                )
-                for group in shared:
-                    group.append(entry)
-                node_group = nodes.get(run[2])
-                if node_group is None:
-                    node_group = nodes[run[2]] = members("node_id:" + run[2])
-                node_group.append(entry)
-                continue
         _merge_slow(batch, task_id, attempt, seen, node_id, resources_json)
     return batch
-
-
-_FINISHED_RANK = keys.STATE_RANK["FINISHED"]
-
-
-def _static(batch: keys.TaskEventBatch, name, job_id, actor_id, resources) -> tuple:
-    """The JSON fields and index lists shared by the finished tasks of one function."""
-    fields: dict[str, Any] = {
-        "name": name,
-        "job_id": job_id,
-        "type": "ACTOR_TASK" if actor_id else "NORMAL_TASK",
-    }
-    shared = [
-        batch.members("all"),
-        batch.members("job_id:" + job_id),
-        batch.members("name:" + name),
-    ]
-    batch.jobs.add(job_id)
-    if actor_id:
-        fields["actor_id"] = actor_id.hex()
-        shared.append(batch.members("actor_id:" + fields["actor_id"]))
-    if resources:
-        fields["required_resources"] = json.dumps(resources)
-    return _ENCODE(fields)[1:-1], shared
 
 
 def _merge_slow(
@@ -417,7 +430,8 @@ def _merge_slow(
         columns = [fields.get(c) or "" for c in ("job_id", "name", "node_id", "actor_id")]
         batch.partial.append((entry, score, rank, state, blob, "r" if ended else "m", *columns))
     else:
-        batch.complete.append(f"{entry}\t{blob}")
+        batch.ids.append(entry)
+        batch.blobs.append(blob)
         if state != "FINISHED":  # (finished: most of `all`, found by reading it)
             batch.add_scored("state:" + state, score, entry)
         batch.members("all").append(entry)

@@ -2,7 +2,9 @@
 
 Task events (one entry per task attempt, written by raylets in batches):
 - ``te:data``: hash ``<task_id>:<attempt>`` -> JSON of its TaskState fields (Ray's names),
-  with ``rank`` (how far it got: late reports never move it back);
+  with ``rank`` (how far it got: late reports never move it back); a record stored complete
+  (its attempt ended before anything of it was reported) leaves out what its entry and state
+  say (task id, attempt number, rank, type);
 - ``te:i:all``, ``te:i:job_id:<job>``, ``te:i:name:<name>``, ``te:i:node_id:<node>``,
   ``te:i:actor_id:<actor>``: lists of entries in the order they were stored (newest last;
   an entry reported before it ended may appear twice), so a filter on one of these columns
@@ -60,13 +62,14 @@ TERMINAL_STATES = ("FINISHED", "FAILED")
 
 # KEYS[1]: the task-events prefix ("<cluster prefix>te:").
 # ARGV: max tasks kept, max per job, events lost before Redis (to count), then
-#   complete entries (every event of the attempt was in this batch: nothing to merge), as one
-#     string "id\tjson\n..." (JSON never holds a raw tab or newline);
+#   n complete entries (every event of the attempt was in this batch: nothing to merge), then
+#     their n ids, then their n JSON records (each argument apart: no parsing in Lua);
 #   n partial entries, then n x (id, score, rank, state, json, mode, job, name, node, actor):
 #     mode "r" (the attempt's end, which carries all there is to know of it) replaces what is
 #     stored, mode "m" (a report of pending or running work) is merged into it without moving
 #     its state back; the entry joins the list indexes of its columns when it is new;
-#   n list indexes, then n x (name, "id id ..."), appended (newest last);
+#   n list indexes, then n x (name, members) appended (newest last): members "*" for every
+#     complete entry (the usual case: one function, job and node per batch), else "id id ...";
 #   n scored indexes, then n x (name, "score id score id ..."), added;
 #   n jobs touched (their caps are checked), the jobs.
 _WRITE_TASK_EVENTS = r"""
@@ -76,15 +79,20 @@ local max_total = tonumber(ARGV[1])
 local max_job = tonumber(ARGV[2])
 local lost = tonumber(ARGV[3])
 local added = 0
+local ranks = {__RANKS__}
 
-local args = {}
-for id, blob in string.gmatch(ARGV[4], '([^\t\n]+)\t([^\n]+)') do
-  args[#args + 1] = id; args[#args + 1] = blob
-  if #args >= 4000 then added = added + redis.call('HSET', data, unpack(args)); args = {} end
+local n_complete = tonumber(ARGV[4])
+local first_id = 5
+local first_blob = first_id + n_complete
+for s = 0, n_complete - 1, 2000 do
+  local pairs_ = {}
+  for k = s, math.min(s + 1999, n_complete - 1) do
+    pairs_[#pairs_ + 1] = ARGV[first_id + k]; pairs_[#pairs_ + 1] = ARGV[first_blob + k]
+  end
+  added = added + redis.call('HSET', data, unpack(pairs_))
 end
-if #args > 0 then added = added + redis.call('HSET', data, unpack(args)) end
 
-local i = 5
+local i = first_blob + n_complete
 local n = tonumber(ARGV[i]); i = i + 1
 local live = {'PENDING_ARGS_AVAIL', 'PENDING_NODE_ASSIGNMENT', 'SUBMITTED_TO_WORKER', 'RUNNING'}
 local columns = {'job_id', 'name', 'node_id', 'actor_id'}
@@ -123,7 +131,7 @@ for j = 1, n do
     local rec = cjson.decode(old)
     local new = cjson.decode(blob)
     if not rec.node_id and new.node_id then push('node_id', new.node_id, id) end
-    local old_rank = tonumber(rec.rank) or 0
+    local old_rank = tonumber(rec.rank) or ranks[rec.state] or 0
     for k, v in pairs(new) do
       if k ~= 'rank' and k ~= 'state' then rec[k] = v end
     end
@@ -143,12 +151,18 @@ n = tonumber(ARGV[i]); i = i + 1
 for j = 1, n do
   local key = p .. 'i:' .. ARGV[i]
   names[#names + 1] = ARGV[i]
-  local members = {}
-  for id in string.gmatch(ARGV[i + 1], '%S+') do
-    members[#members + 1] = id
-    if #members >= 4000 then redis.call('RPUSH', key, unpack(members)); members = {} end
+  if ARGV[i + 1] == '*' then
+    for s = 0, n_complete - 1, 4000 do
+      redis.call('RPUSH', key, unpack(ARGV, first_id + s, first_id + math.min(s + 3999, n_complete - 1)))
+    end
+  else
+    local members = {}
+    for id in string.gmatch(ARGV[i + 1], '%S+') do
+      members[#members + 1] = id
+      if #members >= 4000 then redis.call('RPUSH', key, unpack(members)); members = {} end
+    end
+    if #members > 0 then redis.call('RPUSH', key, unpack(members)) end
   end
-  if #members > 0 then redis.call('RPUSH', key, unpack(members)) end
   i = i + 2
 end
 n = tonumber(ARGV[i]); i = i + 1
@@ -166,50 +180,80 @@ end
 for name, _ in pairs(pushed) do names[#names + 1] = name end
 if #names > 0 then redis.call('SADD', p .. 'indexes', unpack(names)) end
 
--- Drop the oldest entries of a list index (kept in the order they came) until `over` stored
--- attempts are gone; entries already gone are skipped. Returns how many were dropped. At
--- most `budget` entries are looked at per write (the next write goes on).
+-- Drop the oldest entries of a list index (kept in the order they came): `count` of them
+-- (`exact`), or until `count` stored attempts are gone (entries already gone are skipped).
+-- Returns how many attempts were dropped. At most `budget` entries are looked at per write
+-- (the next write goes on).
 local budget = 20000
-local function drop_oldest(key, over)
+local function drop_oldest(key, count, exact)
   local dropped = 0
-  while over > 0 and budget > 0 do
-    local take = math.min(over, 1000, budget)
+  while count > 0 and budget > 0 do
+    local take = math.min(count, 1000, budget)
     budget = budget - take
     local ids = redis.call('LPOP', key, take)
     if not ids then break end
-    for _, id in ipairs(ids) do
-      if redis.call('HDEL', data, id) == 1 then dropped = dropped + 1; over = over - 1 end
-    end
+    -- (an entry may be listed twice: HDEL counts what it removed)
+    local gone = redis.call('HDEL', data, unpack(ids))
+    dropped = dropped + gone
+    if exact then count = count - #ids else count = count - gone end
   end
   return dropped
 end
 
 local trimmed = false
+local function count_dropped(field, dropped)
+  if dropped > 0 then
+    redis.call('HINCRBY', p .. 'dropped', field, dropped)
+    trimmed = true
+  end
+end
 n = tonumber(ARGV[i]); i = i + 1
 for j = 1, n do
   local job = ARGV[i]; i = i + 1
   local key = p .. 'i:job_id:' .. job
   local over = redis.call('LLEN', key) - max_job
   if over > 0 then
-    local dropped = drop_oldest(key, over)
-    if dropped > 0 then
-      redis.call('HINCRBY', p .. 'dropped', 'job_cap', dropped)
-      redis.call('HINCRBY', p .. 'dropped', 'job:' .. job, dropped)
-      trimmed = true
-    end
+    local dropped = drop_oldest(key, over, true)
+    count_dropped('job_cap', dropped)
+    count_dropped('job:' .. job, dropped)
   end
 end
 local over = redis.call('HLEN', data) - max_total
-if over > 0 then
-  local dropped = drop_oldest(p .. 'i:all', over)
-  redis.call('HINCRBY', p .. 'dropped', 'retention', dropped)
-  trimmed = true
+if over > 0 then count_dropped('retention', drop_oldest(p .. 'i:all', over, false)) end
+-- No list index outgrows the cap (entries of attempts dropped by the job cap stay in the
+-- others until swept): past it, its oldest entries go, with their attempts.
+for _, name in ipairs(names) do
+  if string.sub(name, 1, 6) ~= 'state:' then
+    local key = p .. 'i:' .. name
+    local excess = redis.call('LLEN', key) - max_total
+    if excess > 0 then count_dropped('retention', drop_oldest(key, excess, true)) end
+  end
 end
 if trimmed then redis.call('SET', p .. 'trimmed', '1') end
 
--- Indexes lose the entries dropped above a few keys per write: a list its oldest, a sorted
--- set any (readers skip entries no longer stored meanwhile).
+-- Indexes lose the entries of dropped attempts: the lists written to now their stale oldest
+-- (a list's entries are in the order they came), and a few other indexes per write, a
+-- list its stale oldest and a sorted set any (readers skip entries no longer stored).
+local function sweep_list(key)
+  local swept = 0
+  while swept < 20000 do
+    local head = redis.call('LINDEX', key, 0)
+    if not head or redis.call('HEXISTS', data, head) == 1 then break end
+    local ids = redis.call('LRANGE', key, 0, 255)
+    local stored = redis.call('HMGET', data, unpack(ids))
+    local gone = #ids
+    for k = 1, #ids do
+      if stored[k] then gone = k - 1; break end
+    end
+    redis.call('LTRIM', key, gone, -1)
+    swept = swept + gone
+    if gone < #ids then break end
+  end
+end
 if redis.call('EXISTS', p .. 'trimmed') == 1 then
+  for _, name in ipairs(names) do
+    if string.sub(name, 1, 6) ~= 'state:' then sweep_list(p .. 'i:' .. name) end
+  end
   local scan = redis.call('SSCAN', p .. 'indexes', redis.call('GET', p .. 'sweep') or '0', 'COUNT', 16)
   redis.call('SET', p .. 'sweep', scan[1])
   for _, name in ipairs(scan[2]) do
@@ -219,19 +263,14 @@ if redis.call('EXISTS', p .. 'trimmed') == 1 then
         if redis.call('HEXISTS', data, id) == 0 then redis.call('ZREM', key, id) end
       end
     else
-      local gone = 0
-      for _, id in ipairs(redis.call('LRANGE', key, 0, 199)) do
-        if redis.call('HEXISTS', data, id) == 1 then break end
-        gone = gone + 1
-      end
-      if gone > 0 then redis.call('LTRIM', key, gone, -1) end
+      sweep_list(key)
     end
     if redis.call('EXISTS', key) == 0 then redis.call('SREM', p .. 'indexes', name) end
   end
 end
 if lost > 0 then redis.call('HINCRBY', p .. 'dropped', 'buffer', lost) end
 return added
-"""
+""".replace("__RANKS__", ", ".join(f"{state} = {rank}" for state, rank in STATE_RANK.items()))
 
 
 def task_prefix(gcs: Gcs) -> str:
@@ -251,7 +290,8 @@ def is_scored(index: str) -> bool:
 class TaskEventBatch:
     """What one write stores: see _WRITE_TASK_EVENTS for each part."""
 
-    complete: list[str] = field(default_factory=list)  # "id\tjson" each
+    ids: list[str] = field(default_factory=list)  # complete entries...
+    blobs: list[str] = field(default_factory=list)  # ...and their JSON records
     partial: list[tuple] = field(default_factory=list)
     groups: dict[str, list[str]] = field(default_factory=dict)  # list index -> ids
     scored: dict[str, list[str]] = field(default_factory=dict)  # state index -> "score id"s
@@ -268,11 +308,18 @@ class TaskEventBatch:
     def add_scored(self, index: str, score: float, entry: str) -> None:
         self.scored.setdefault(index, []).append(f"{score} {entry}")
 
+    def add_complete(self, ids: list[str], blobs: list[str], groups: dict[str, list[str]]):
+        """Complete entries formatted elsewhere (by the processes that recorded them)."""
+        self.ids += ids
+        self.blobs += blobs
+        for name, members in groups.items():
+            self.members(name).extend(members)
+
 
 def write_task_events(gcs: Gcs, batch: TaskEventBatch, max_tasks: int, max_per_job: int) -> int:
     """Store a batch of attempts, keep the indexes, apply the caps (one script call per
     WRITE_CHUNK attempts, so no call runs long); returns how many attempts were new."""
-    if len(batch.complete) + len(batch.partial) > WRITE_CHUNK:
+    if len(batch.ids) + len(batch.partial) > WRITE_CHUNK:
         return sum(
             _write(gcs, part, max_tasks, max_per_job) for part in _chunks(batch, WRITE_CHUNK)
         )
@@ -283,13 +330,17 @@ def _chunks(batch: TaskEventBatch, size: int) -> list[TaskEventBatch]:
     """A batch cut in parts of at most `size` attempts (the index members follow theirs)."""
     parts: list[TaskEventBatch] = []
     owner: dict[str, TaskEventBatch] = {}
-    for items, kind in ((batch.complete, "complete"), (batch.partial, "partial")):
-        for start in range(0, len(items), size):
-            part = TaskEventBatch(jobs=set(batch.jobs))
-            getattr(part, kind).extend(items[start : start + size])
-            for item in getattr(part, kind):
-                owner[item.split("\t", 1)[0] if kind == "complete" else item[0]] = part
-            parts.append(part)
+    for start in range(0, len(batch.ids), size):
+        part = TaskEventBatch(jobs=set(batch.jobs))
+        part.ids = batch.ids[start : start + size]
+        part.blobs = batch.blobs[start : start + size]
+        owner.update(dict.fromkeys(part.ids, part))
+        parts.append(part)
+    for start in range(0, len(batch.partial), size):
+        part = TaskEventBatch(jobs=set(batch.jobs))
+        part.partial = batch.partial[start : start + size]
+        owner.update((item[0], part) for item in part.partial)
+        parts.append(part)
     for name, members in batch.groups.items():
         for entry in members:
             owner[entry].members(name).append(entry)
@@ -301,17 +352,21 @@ def _chunks(batch: TaskEventBatch, size: int) -> list[TaskEventBatch]:
 
 
 def _write(gcs: Gcs, batch: TaskEventBatch, max_tasks: int, max_per_job: int) -> int:
-    if not (batch.complete or batch.partial or batch.lost):
+    if not (batch.ids or batch.partial or batch.lost):
         return 0
-    args: list[Any] = [max_tasks, max_per_job, batch.lost, "\n".join(batch.complete)]
+    ids = batch.ids
+    args: list[Any] = [max_tasks, max_per_job, batch.lost, len(ids), *ids, *batch.blobs]
     args.append(len(batch.partial))
     for partial in batch.partial:
         args += partial
-    for groups in (batch.groups, batch.scored):
-        present = {name: members for name, members in groups.items() if members}
-        args.append(len(present))
-        for name, members in present.items():
-            args += (name, " ".join(members))
+    present = {name: members for name, members in batch.groups.items() if members}
+    args.append(len(present))
+    for name, members in present.items():
+        args += (name, "*" if members == ids else " ".join(members))
+    present = {name: members for name, members in batch.scored.items() if members}
+    args.append(len(present))
+    for name, members in present.items():
+        args += (name, " ".join(members))
     args.append(len(batch.jobs))
     args += batch.jobs
     return int(gcs.run_script(_WRITE_TASK_EVENTS, [task_prefix(gcs)], args) or 0)
@@ -346,7 +401,19 @@ def read_tasks(gcs: Gcs, entries: list[str]) -> list[dict[str, Any] | None]:
     if not entries:
         return []
     raw = gcs.redis.hmget(gcs.key(DATA), entries)
-    return [json.loads(blob) if blob else None for blob in raw]
+    records: list[dict[str, Any] | None] = []
+    for entry, blob in zip(entries, raw, strict=True):
+        if not blob:
+            records.append(None)
+            continue
+        record = json.loads(blob)
+        if "task_id" not in record:  # a complete record leaves out what its entry says
+            task_id, _, attempt = entry.rpartition(":")
+            record["task_id"] = task_id
+            record["attempt_number"] = int(attempt)
+            record["type"] = "ACTOR_TASK" if record.get("actor_id") else "NORMAL_TASK"
+        records.append(record)
+    return records
 
 
 def attempts_of(gcs: Gcs, task_id: str, most: int = 64) -> list[str]:
