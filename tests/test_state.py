@@ -13,6 +13,7 @@ from test_multinode import LocalCluster
 
 import redray
 from redray.util import placement_group, remove_placement_group, state
+from redray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from redray.util.state import RayStateApiException
 
 
@@ -140,6 +141,32 @@ def test_tasks_filters_limit_detail_and_summary(scene):
     assert summary["total_actor_tasks"] >= 2
     actors = state.summarize_actors()["cluster"]
     assert actors["summary"]["Greeter"]["state_counts"] == {"ALIVE": 1}
+
+
+@redray.remote
+def where():
+    return redray.get_runtime_context().get_node_id()
+
+
+def test_a_node_filter_returns_that_nodes_tasks_only(scene):
+    # One function's tasks run on both nodes: stored together (one segment per function and
+    # write), listed in both nodes' indexes, each node's filter must still keep its own.
+    nodes = [n["NodeID"] for n in redray.nodes() if n["Alive"]]
+    assert len(nodes) == 2
+    ran = redray.get(
+        [
+            where.options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+            ).remote()
+            for node in nodes * 6
+        ]
+    )
+    assert sorted(set(ran)) == sorted(nodes)
+    wait_for(lambda: len(state.list_tasks(filters=[("name", "=", "where")])) == 12)
+    for node in set(ran):
+        on_node = state.list_tasks(filters=[("node_id", "=", node)], limit=10_000)
+        assert {t.node_id for t in on_node} == {node}
+        assert sum(t.name == "where" for t in on_node) == ran.count(node)
 
 
 def test_bad_filters_and_limits_are_refused_at_the_call():

@@ -46,12 +46,7 @@ RUNNING = 2  # (RUNNING, task_id, attempt, started, name, job_id) from the execu
 #  [error_type, message]; reported: the owner reported the attempt pending before.
 FINISHED = 4
 FAILED = 5
-WALL_OFFSET = time.time() - time.monotonic()
-# Attempts complete in themselves, formatted for Redis: their entries, JSON records and
-# list-index members (index name -> entries), and their jobs (see split_complete).
-Complete = tuple[
-    list[str], list[str], dict[str, list[str]], list[str]
-]  # monotonic + WALL_OFFSET: wall-clock time
+WALL_OFFSET = time.time() - time.monotonic()  # monotonic + WALL_OFFSET: wall-clock time
 
 # Ray's ErrorType names for redray's exception classes (by class name, most specific first).
 _ERROR_TYPES = {
@@ -299,74 +294,12 @@ class TaskEventSink:
         except Exception as exc:
             # Redis away (or refusing): these are lost, and counted once it is back.
             with self._lock:
-                self._lost += lost + len(batch.ids) + len(batch.partial)
+                self._lost += lost + len(batch)
             log.warning("writing task events failed: %s", exc)
 
 
 STATE_RANK = keys.STATE_RANK
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def split_complete(events: list) -> tuple[list, Complete | None]:
-    """The events that need merging, and the attempts complete in themselves formatted for
-    keys.write_task_events: those that finished without anything of them reported before
-    (neither pending by their owner nor running by their worker) and are not nested tasks,
-    the common case. Nothing of such an attempt is stored yet or will come later, so its
-    record is final: it leaves out what its entry and state say (see keys.read_tasks)."""
-    rest = []
-    ids: list[str] = []
-    blobs: list[str] = []
-    groups: dict[str, list[str]] = {}
-    statics: dict[tuple, tuple] = {}  # what tasks of one function share: JSON and indexes
-    nodes: dict[str, list[str]] = {}
-    for event in events:
-        run = event[11] if event[0] == FINISHED else None
-        if not run or run[1] or event[13] or event[9]:
-            rest.append(event)
-            continue
-        name, job_id, actor_id, resources = event[6], event[7], event[8], event[10]
-        key = (name, job_id, actor_id, id(resources))
-        static = statics.get(key)
-        if static is None:
-            static = statics[key] = _static(groups, name, job_id, actor_id, resources)
-        text, shared = static
-        entry = f"{event[1].hex()}:{event[2]}"
-        created = int(event[3] * 1000)
-        ids.append(entry)
-        blobs.append(
-            f'{{{text}"creation_time_ms":{created},'
-            f'"submitted_time_ms":{int(event[4] * 1000) if event[4] else created},'
-            f'"start_time_ms":{int(run[0] * 1000)},"end_time_ms":{int(event[5] * 1000)},'
-            f'"node_id":"{run[2]}","worker_id":"{run[3]}","worker_pid":{int(run[4])},'
-            '"state":"FINISHED"}'
-        )
-        for group in shared:
-            group.append(entry)
-        node_group = nodes.get(run[2])
-        if node_group is None:
-            node_group = nodes[run[2]] = groups.setdefault("node_id:" + run[2], [])
-        node_group.append(entry)
-    if not ids:
-        return rest, None
-    jobs = sorted({key[1] for key in statics})
-    return rest, (ids, blobs, groups, jobs)
-
-
-def _static(groups: dict[str, list[str]], name, job_id, actor_id, resources) -> tuple:
-    """The JSON fields (with a trailing comma) and index lists shared by the finished
-    tasks of one function."""
-    fields: dict[str, Any] = {"name": name, "job_id": job_id}
-    shared = [
-        groups.setdefault("all", []),
-        groups.setdefault("job_id:" + job_id, []),
-        groups.setdefault("name:" + name, []),
-    ]
-    if actor_id:
-        fields["actor_id"] = actor_id.hex()
-        shared.append(groups.setdefault("actor_id:" + fields["actor_id"], []))
-    if resources:
-        fields["required_resources"] = json.dumps(resources)
-    return _ENCODE(fields)[1:-1] + ",", shared
 
 
 def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch:
@@ -375,12 +308,7 @@ def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch
     by_attempt: dict[tuple[bytes, int], Any] = {}
     batch = keys.TaskEventBatch()
     for process, events in batches:
-        rest, complete = split_complete(events)
-        if complete is not None:
-            ids, blobs, groups, jobs = complete
-            batch.add_complete(ids, blobs, groups)
-            batch.jobs.update(jobs)
-        for event in rest:
+        for event in add_complete(batch, events):
             key = (event[1], event[2])
             seen = by_attempt.get(key)
             if seen is None:
@@ -393,6 +321,46 @@ def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch
     for (task_id, attempt), seen in by_attempt.items():
         _merge_slow(batch, task_id, attempt, seen, node_id, resources_json)
     return batch
+
+
+def add_complete(batch: keys.TaskEventBatch, events: list) -> list:
+    """Add the attempts complete in their one event to the batch; the other events. An
+    attempt is complete when it finished without anything of it reported before (neither
+    pending by its owner nor running by its worker) and is not a nested task: the common
+    case. Nothing of it is stored yet or will come later, so its record is final and takes
+    the short form (keys.COMPLETE_FIELDS)."""
+    rest = []
+    statics: dict[tuple, tuple] = {}  # what tasks of one function share
+    nodes: set[tuple[int, str]] = set()  # (segment, node) pairs indexed
+    for event in events:
+        run = event[11] if event[0] == FINISHED else None
+        if not run or run[1] or event[13] or event[9]:
+            rest.append(event)
+            continue
+        name, job_id, actor_id, resources = event[6], event[7], event[8], event[10]
+        key = (name, job_id, actor_id, id(resources))
+        static = statics.get(key)
+        if static is None:
+            static = statics[key] = _static(batch, name, job_id, actor_id, resources)
+        text, segment = static
+        created = int(event[3] * 1000)
+        segment.lines.append(
+            f"{event[1].hex()}:{event[2]}\t[{text}{created},"
+            f"{int(event[4] * 1000) if event[4] else created},{int(run[0] * 1000)},"
+            f'{int(event[5] * 1000)},"{run[2]}","{run[3]}",{int(run[4])}]'
+        )
+        if (id(segment), run[2]) not in nodes:
+            nodes.add((id(segment), run[2]))
+            segment.indexes.add("node_id:" + run[2])
+    return rest
+
+
+def _static(batch: keys.TaskEventBatch, name, job_id, actor_id, resources) -> tuple:
+    """The leading values (JSON, with a trailing comma) of the complete records of one
+    function's tasks, and the segment they go to."""
+    actor = actor_id.hex() if actor_id else None
+    values = [name, job_id, actor, json.dumps(resources) if resources else None]
+    return _ENCODE(values)[1:-1] + ",", batch.segment(job_id, name, actor)
 
 
 def _merge_slow(
@@ -430,17 +398,14 @@ def _merge_slow(
         columns = [fields.get(c) or "" for c in ("job_id", "name", "node_id", "actor_id")]
         batch.partial.append((entry, score, rank, state, blob, "r" if ended else "m", *columns))
     else:
-        batch.ids.append(entry)
-        batch.blobs.append(blob)
+        segment = batch.segment(
+            fields.get("job_id") or "", fields.get("name") or "", fields.get("actor_id")
+        )
+        segment.lines.append(f"{entry}\t{blob}")
         if state != "FINISHED":  # (finished: most of `all`, found by reading it)
             batch.add_scored("state:" + state, score, entry)
-        batch.members("all").append(entry)
-        for column in ("job_id", "name", "node_id", "actor_id"):
-            value = fields.get(column)
-            if value:
-                batch.members(f"{column}:{value}").append(entry)
-    if fields.get("job_id"):
-        batch.jobs.add(fields["job_id"])
+        if fields.get("node_id"):
+            segment.indexes.add("node_id:" + fields["node_id"])
 
 
 def _ended(event: tuple, resources_json: dict[int, str]) -> dict[str, Any]:

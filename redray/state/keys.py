@@ -1,22 +1,25 @@
 """Redis layout of the state API: task events and user metrics (key templates and scripts).
 
 Task events (one entry per task attempt, written by raylets in batches):
-- ``te:data``: hash ``<task_id>:<attempt>`` -> JSON of its TaskState fields (Ray's names),
-  with ``rank`` (how far it got: late reports never move it back); a record stored complete
-  (its attempt ended before anything of it was reported) leaves out what its entry and state
-  say (task id, attempt number, rank, type);
+- ``te:data``: hash ``<task_id>:<attempt>`` -> its record: the JSON of its TaskState fields
+  (Ray's names) with ``rank`` (how far it got: late reports never move it back), or, for an
+  attempt stored complete (it ended before anything of it was reported: most of them), a
+  JSON array of COMPLETE_FIELDS' values, a third of the size;
+- ``te:seg``: hash ``<segment>`` -> ``<job>\t<entry> <entry> ...``: the attempts of one job
+  one write stored, oldest first (a segment loses its oldest as retention drops them);
 - ``te:i:all``, ``te:i:job_id:<job>``, ``te:i:name:<name>``, ``te:i:node_id:<node>``,
-  ``te:i:actor_id:<actor>``: lists of entries in the order they were stored (newest last;
-  an entry reported before it ended may appear twice), so a filter on one of these columns
-  reads its index instead of scanning; appending to a list costs Redis a fraction of a
-  sorted-set insert, which matters at tens of thousands of tasks per second;
+  ``te:i:actor_id:<actor>``: lists of the segments holding such attempts, in the order they
+  were stored (newest last): a write appends one element per index, not one per attempt,
+  and a filter reads its index's segments and checks each record (a segment of several
+  functions lists them all in each function's index);
 - ``te:i:state:<STATE>``: sorted sets (by creation time) of the attempts pending, running or
   failed: entries move between them as attempts advance. Finished attempts, most of what is
   stored, are found by reading ``te:i:all``;
+- ``te:jobs``: hash job -> attempts stored (the per-job cap);
 - ``te:indexes``: the index names; ``te:dropped``: counters of what was not kept:
   ``retention`` (past the cluster's cap: the oldest stored go), ``job_cap`` and ``job:<job>``
-  (past a job's cap), ``buffer`` (lost before reaching Redis). Indexes lose the entries of
-  dropped attempts a few keys per write; readers skip entries no longer stored.
+  (past a job's cap), ``buffer`` (lost before reaching Redis). Indexes lose the segments of
+  dropped attempts as writes sweep them; readers skip what is no longer stored.
 
 User metrics (one hash per process, removed with the process):
 - ``metrics:p:<process>``: field ``<name>`` -> JSON {type, description, tag_keys, boundaries,
@@ -30,6 +33,7 @@ Every key is under the cluster prefix of ``Gcs.key``; every call goes through th
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +41,29 @@ from typing import Any
 from redray.gcs import Gcs
 
 DATA = "te:data"
+SEGMENTS = "te:seg"
+COUNTS = "te:counts"
 INDEX = "te:i:{name}"
 INDEXES = "te:indexes"
 SWEEP_CURSOR = "te:sweep"
 WRITE_CHUNK = 5000  # attempts per script call
 DROPPED = "te:dropped"
 INDEXED_COLUMNS = ("state", "job_id", "name", "node_id", "actor_id")
+# A record stored complete (a finished attempt of which nothing was reported before, most of
+# them) is a JSON array of these fields' values; its entry gives its task id and attempt.
+COMPLETE_FIELDS = (
+    "name",
+    "job_id",
+    "actor_id",
+    "required_resources",
+    "creation_time_ms",
+    "submitted_time_ms",
+    "start_time_ms",
+    "end_time_ms",
+    "node_id",
+    "worker_id",
+    "worker_pid",
+)
 METRICS_PROCESS = "metrics:p:{process}"
 METRICS_PROCESSES = "metrics:procs"
 
@@ -62,75 +83,145 @@ TERMINAL_STATES = ("FINISHED", "FAILED")
 
 # KEYS[1]: the task-events prefix ("<cluster prefix>te:").
 # ARGV: max tasks kept, max per job, events lost before Redis (to count), then
-#   n complete entries (every event of the attempt was in this batch: nothing to merge), then
-#     their n ids, then their n JSON records (each argument apart: no parsing in Lua);
+#   n segments of complete entries (every event of the attempt was in this batch: nothing to
+#     merge), then n x (segment id, counted indexes ("job_id:<job> name:<name>
+#     [actor_id:<actor>]": every entry of the segment is in each), "id\trecord\n..." (JSON
+#     never holds a raw tab or newline), k, k more list indexes the segment joins);
+#   the prefix of this write's segments of partial entries;
 #   n partial entries, then n x (id, score, rank, state, json, mode, job, name, node, actor):
 #     mode "r" (the attempt's end, which carries all there is to know of it) replaces what is
 #     stored, mode "m" (a report of pending or running work) is merged into it without moving
-#     its state back; the entry joins the list indexes of its columns when it is new;
-#   n list indexes, then n x (name, members) appended (newest last): members "*" for every
-#     complete entry (the usual case: one function, job and node per batch), else "id id ...";
-#   n scored indexes, then n x (name, "score id score id ..."), added;
-#   n jobs touched (their caps are checked), the jobs.
+#     its state back; an entry new here joins a segment of this write;
+#   n scored indexes, then n x (name, "score id score id ..."), added.
 _WRITE_TASK_EVENTS = r"""
 local p = KEYS[1]
 local data = p .. 'data'
+local segs = p .. 'seg'
+local counts = p .. 'counts'
 local max_total = tonumber(ARGV[1])
 local max_job = tonumber(ARGV[2])
 local lost = tonumber(ARGV[3])
 local added = 0
 local ranks = {__RANKS__}
+local names = {}  -- list index -> true: written to now
+local jobs = {}  -- job -> true: gained attempts now
 
-local n_complete = tonumber(ARGV[4])
-local first_id = 5
-local first_blob = first_id + n_complete
-for s = 0, n_complete - 1, 2000 do
-  local pairs_ = {}
-  for k = s, math.min(s + 1999, n_complete - 1) do
-    pairs_[#pairs_ + 1] = ARGV[first_id + k]; pairs_[#pairs_ + 1] = ARGV[first_blob + k]
+-- "a b ...": its items (plain finds: no pattern matching per character).
+local function split(text, from, to)
+  local items = {}
+  local pos = from
+  while pos <= to do
+    local stop = string.find(text, ' ', pos, true)
+    if not stop or stop > to then stop = to + 1 end
+    items[#items + 1] = string.sub(text, pos, stop - 1)
+    pos = stop + 1
   end
-  added = added + redis.call('HSET', data, unpack(pairs_))
+  return items
 end
 
-local i = first_blob + n_complete
+local function store_segment(seg, header, ids, from)
+  redis.call('HSET', segs, seg, header .. '\t' .. table.concat(ids, ' ', from or 1))
+end
+
+-- A segment's entries were stored: count them in its counted indexes, list it in those
+-- and in the others it joins.
+local function listed(seg, header, new, others)
+  for _, name in ipairs(split(header, 1, #header)) do
+    if new > 0 then
+      redis.call('HINCRBY', counts, name, new)
+      if string.sub(name, 1, 7) == 'job_id:' then jobs[string.sub(name, 8)] = true end
+    end
+    redis.call('RPUSH', p .. 'i:' .. name, seg)
+    names[name] = true
+  end
+  for name, _ in pairs(others) do
+    redis.call('RPUSH', p .. 'i:' .. name, seg)
+    names[name] = true
+  end
+  added = added + new
+end
+
+local i = 4
 local n = tonumber(ARGV[i]); i = i + 1
-local live = {'PENDING_ARGS_AVAIL', 'PENDING_NODE_ASSIGNMENT', 'SUBMITTED_TO_WORKER', 'RUNNING'}
-local columns = {'job_id', 'name', 'node_id', 'actor_id'}
-local pushed = {}
-local function push(column, value, id)
-  if value ~= '' then
-    local name = column .. ':' .. value
-    redis.call('RPUSH', p .. 'i:' .. name, id)
-    pushed[name] = true
+for _ = 1, n do
+  local seg, header, text, k = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local ids, pairs_, new = {}, {}, 0
+  local pos, len = 1, #text
+  while pos <= len do
+    local tab = string.find(text, '\t', pos, true)
+    local stop = string.find(text, '\n', tab, true) or (len + 1)
+    local id = string.sub(text, pos, tab - 1)
+    ids[#ids + 1] = id
+    pairs_[#pairs_ + 1] = id; pairs_[#pairs_ + 1] = string.sub(text, tab + 1, stop - 1)
+    if #pairs_ >= 4000 then new = new + redis.call('HSET', data, unpack(pairs_)); pairs_ = {} end
+    pos = stop + 1
+  end
+  if #pairs_ > 0 then new = new + redis.call('HSET', data, unpack(pairs_)) end
+  store_segment(seg, header, ids)
+  local others = {}
+  for m = i + 4, i + 3 + k do others[ARGV[m]] = true end
+  listed(seg, header, new, others)
+  i = i + 4 + k
+end
+
+-- Partial entries new here join this write's segment of their job, name and actor; the
+-- record keeps its segment's id ("seg"), so that the node it learns later lists it.
+local partial_prefix = ARGV[i]; i = i + 1
+local partial = {}  -- counted indexes -> {id, ids, others}
+local function join(values, id)
+  local counted = {}
+  for c, column in ipairs({'job_id', 'name', '', 'actor_id'}) do
+    if column ~= '' and values[c] ~= '' then counted[#counted + 1] = column .. ':' .. values[c] end
+  end
+  local header = table.concat(counted, ' ')
+  local seg = partial[header]
+  if not seg then
+    local count = 0
+    for _ in pairs(partial) do count = count + 1 end
+    seg = {id = partial_prefix .. count, ids = {}, others = {all = true}}
+    partial[header] = seg
+  end
+  seg.ids[#seg.ids + 1] = id
+  if values[3] ~= '' then seg.others['node_id:' .. values[3]] = true end
+  return seg.id
+end
+local function with_segment(blob, seg)
+  return string.sub(blob, 1, -2) .. ',"seg":"' .. seg .. '"}'
+end
+local function node_learned(old, node)
+  -- A stored record without a node (reported pending) lists its segment in the node's index.
+  if node == '' or string.find(old, '"node_id"', 1, true) then return end
+  local seg = string.match(old, '"seg":"([^"]+)"')
+  if seg then
+    redis.call('RPUSH', p .. 'i:node_id:' .. node, seg)
+    names['node_id:' .. node] = true
   end
 end
-for j = 1, n do
+local live = {'PENDING_ARGS_AVAIL', 'PENDING_NODE_ASSIGNMENT', 'SUBMITTED_TO_WORKER', 'RUNNING'}
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
   local id, score, rank, state, blob, mode = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local values = {ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]}
   i = i + 10
-  local old = nil
-  if mode == 'm' then old = redis.call('HGET', data, id) end
+  local old = redis.call('HGET', data, id)
   if mode == 'r' then
     -- The end of an attempt: it says all its owner and worker knew; what was stored goes.
-    if redis.call('HSET', data, id, blob) == 1 then
-      added = added + 1
-      redis.call('RPUSH', p .. 'i:all', id)
-      for c = 1, 4 do push(columns[c], values[c], id) end
+    if not old then
+      redis.call('HSET', data, id, with_segment(blob, join(values, id)))
     else
-      push('node_id', values[3], id)  -- (a report of pending work has no node)
+      node_learned(old, values[3])
+      local seg = string.match(old, '"seg":"([^"]+)"')
+      redis.call('HSET', data, id, seg and with_segment(blob, seg) or blob)
     end
     for _, s in ipairs(live) do redis.call('ZREM', p .. 'i:state:' .. s, id) end
     if state ~= 'FINISHED' then redis.call('ZADD', p .. 'i:state:' .. state, score, id) end
   elseif not old then
-    redis.call('HSET', data, id, blob)
-    added = added + 1
-    redis.call('RPUSH', p .. 'i:all', id)
-    for c = 1, 4 do push(columns[c], values[c], id) end
+    redis.call('HSET', data, id, with_segment(blob, join(values, id)))
     redis.call('ZADD', p .. 'i:state:' .. state, score, id)
-  else
+  elseif string.sub(old, 1, 1) ~= '[' then  -- (a complete record is final: nothing to add)
+    node_learned(old, values[3])
     local rec = cjson.decode(old)
     local new = cjson.decode(blob)
-    if not rec.node_id and new.node_id then push('node_id', new.node_id, id) end
     local old_rank = tonumber(rec.rank) or ranks[rec.state] or 0
     for k, v in pairs(new) do
       if k ~= 'rank' and k ~= 'state' then rec[k] = v end
@@ -145,30 +236,16 @@ for j = 1, n do
     redis.call('HSET', data, id, cjson.encode(rec))
   end
 end
-
-local names = {}
-n = tonumber(ARGV[i]); i = i + 1
-for j = 1, n do
-  local key = p .. 'i:' .. ARGV[i]
-  names[#names + 1] = ARGV[i]
-  if ARGV[i + 1] == '*' then
-    for s = 0, n_complete - 1, 4000 do
-      redis.call('RPUSH', key, unpack(ARGV, first_id + s, first_id + math.min(s + 3999, n_complete - 1)))
-    end
-  else
-    local members = {}
-    for id in string.gmatch(ARGV[i + 1], '%S+') do
-      members[#members + 1] = id
-      if #members >= 4000 then redis.call('RPUSH', key, unpack(members)); members = {} end
-    end
-    if #members > 0 then redis.call('RPUSH', key, unpack(members)) end
-  end
-  i = i + 2
+for header, seg in pairs(partial) do
+  store_segment(seg.id, header, seg.ids)
+  listed(seg.id, header, #seg.ids, seg.others)
 end
+
+local indexed = {}
 n = tonumber(ARGV[i]); i = i + 1
-for j = 1, n do
+for _ = 1, n do
   local key = p .. 'i:' .. ARGV[i]
-  names[#names + 1] = ARGV[i]
+  indexed[#indexed + 1] = ARGV[i]
   local members = {}
   for score, id in string.gmatch(ARGV[i + 1], '(%S+) (%S+)') do
     members[#members + 1] = score; members[#members + 1] = id
@@ -177,25 +254,45 @@ for j = 1, n do
   if #members > 0 then redis.call('ZADD', key, unpack(members)) end
   i = i + 2
 end
-for name, _ in pairs(pushed) do names[#names + 1] = name end
-if #names > 0 then redis.call('SADD', p .. 'indexes', unpack(names)) end
+for name, _ in pairs(names) do indexed[#indexed + 1] = name end
+if #indexed > 0 then redis.call('SADD', p .. 'indexes', unpack(indexed)) end
 
--- Drop the oldest entries of a list index (kept in the order they came): `count` of them
--- (`exact`), or until `count` stored attempts are gone (entries already gone are skipped).
--- Returns how many attempts were dropped. At most `budget` entries are looked at per write
--- (the next write goes on).
-local budget = 20000
-local function drop_oldest(key, count, exact)
+-- Drop the oldest attempts of a list index (its segments hold them in the order they came)
+-- until `count` are gone: whole segments, then the oldest part of one; the counts of the
+-- segments' indexes go down with them. Returns how many attempts were dropped. At most
+-- `budget` entries are looked at per write (the next write goes on).
+local budget = 50000
+local function drop_oldest(key, count)
   local dropped = 0
-  while count > 0 and budget > 0 do
-    local take = math.min(count, 1000, budget)
-    budget = budget - take
-    local ids = redis.call('LPOP', key, take)
-    if not ids then break end
-    -- (an entry may be listed twice: HDEL counts what it removed)
-    local gone = redis.call('HDEL', data, unpack(ids))
-    dropped = dropped + gone
-    if exact then count = count - #ids else count = count - gone end
+  while dropped < count and budget > 0 do
+    local seg = redis.call('LINDEX', key, 0)
+    if not seg then break end
+    local content = redis.call('HGET', segs, seg)
+    if not content then
+      redis.call('LPOP', key)
+    else
+      local tab = string.find(content, '\t', 1, true)
+      local header = string.sub(content, 1, tab - 1)
+      local ids = split(content, tab + 1, #content)
+      local take = math.min(#ids, count - dropped, budget)
+      budget = budget - take
+      local gone = 0
+      for s = 1, take, 4000 do
+        gone = gone + redis.call('HDEL', data, unpack(ids, s, math.min(s + 3999, take)))
+      end
+      dropped = dropped + gone
+      if gone > 0 then
+        for _, name in ipairs(split(header, 1, #header)) do
+          if redis.call('HINCRBY', counts, name, -gone) <= 0 then redis.call('HDEL', counts, name) end
+        end
+      end
+      if take == #ids then
+        redis.call('HDEL', segs, seg)
+        redis.call('LPOP', key)
+      else
+        store_segment(seg, header, ids, take + 1)
+      end
+    end
   end
   return dropped
 end
@@ -207,53 +304,37 @@ local function count_dropped(field, dropped)
     trimmed = true
   end
 end
-n = tonumber(ARGV[i]); i = i + 1
-for j = 1, n do
-  local job = ARGV[i]; i = i + 1
-  local key = p .. 'i:job_id:' .. job
-  local over = redis.call('LLEN', key) - max_job
+for job, _ in pairs(jobs) do
+  local over = tonumber(redis.call('HGET', counts, 'job_id:' .. job) or '0') - max_job
   if over > 0 then
-    local dropped = drop_oldest(key, over, true)
+    local dropped = drop_oldest(p .. 'i:job_id:' .. job, over)
     count_dropped('job_cap', dropped)
     count_dropped('job:' .. job, dropped)
   end
 end
 local over = redis.call('HLEN', data) - max_total
-if over > 0 then count_dropped('retention', drop_oldest(p .. 'i:all', over, false)) end
--- No list index outgrows the cap (entries of attempts dropped by the job cap stay in the
--- others until swept): past it, its oldest entries go, with their attempts.
-for _, name in ipairs(names) do
-  if string.sub(name, 1, 6) ~= 'state:' then
-    local key = p .. 'i:' .. name
-    local excess = redis.call('LLEN', key) - max_total
-    if excess > 0 then count_dropped('retention', drop_oldest(key, excess, true)) end
-  end
-end
+if over > 0 then count_dropped('retention', drop_oldest(p .. 'i:all', over)) end
 if trimmed then redis.call('SET', p .. 'trimmed', '1') end
 
--- Indexes lose the entries of dropped attempts: the lists written to now their stale oldest
--- (a list's entries are in the order they came), and a few other indexes per write, a
--- list its stale oldest and a sorted set any (readers skip entries no longer stored).
+-- Indexes lose what was dropped: the lists written to now their oldest segments no longer
+-- stored, and a few other indexes per write, a list likewise and a sorted set any entry no
+-- longer stored (readers skip what is gone meanwhile). No list holds more segments than
+-- the cap holds attempts.
 local function sweep_list(key)
-  local swept = 0
-  while swept < 20000 do
-    local head = redis.call('LINDEX', key, 0)
-    if not head or redis.call('HEXISTS', data, head) == 1 then break end
-    local ids = redis.call('LRANGE', key, 0, 255)
-    local stored = redis.call('HMGET', data, unpack(ids))
-    local gone = #ids
-    for k = 1, #ids do
-      if stored[k] then gone = k - 1; break end
-    end
-    redis.call('LTRIM', key, gone, -1)
-    swept = swept + gone
-    if gone < #ids then break end
+  for _ = 1, 1000 do
+    local seg = redis.call('LINDEX', key, 0)
+    if not seg or redis.call('HEXISTS', segs, seg) == 1 then break end
+    redis.call('LPOP', key)
+  end
+end
+for name, _ in pairs(names) do
+  local key = p .. 'i:' .. name
+  if trimmed or redis.call('LLEN', key) > max_total then
+    sweep_list(key)
+    redis.call('LTRIM', key, -max_total, -1)
   end
 end
 if redis.call('EXISTS', p .. 'trimmed') == 1 then
-  for _, name in ipairs(names) do
-    if string.sub(name, 1, 6) ~= 'state:' then sweep_list(p .. 'i:' .. name) end
-  end
   local scan = redis.call('SSCAN', p .. 'indexes', redis.call('GET', p .. 'sweep') or '0', 'COUNT', 16)
   redis.call('SET', p .. 'sweep', scan[1])
   for _, name in ipairs(scan[2]) do
@@ -287,89 +368,85 @@ def is_scored(index: str) -> bool:
 
 
 @dataclass
+class Segment:
+    """Complete entries of one job, function and actor that one write stores: lines
+    "id\trecord" (oldest first), and the list indexes the segment joins besides those it
+    counts in (see _WRITE_TASK_EVENTS)."""
+
+    counted: str
+    lines: list[str] = field(default_factory=list)
+    indexes: set[str] = field(default_factory=lambda: {"all"})
+
+
+@dataclass
 class TaskEventBatch:
     """What one write stores: see _WRITE_TASK_EVENTS for each part."""
 
-    ids: list[str] = field(default_factory=list)  # complete entries...
-    blobs: list[str] = field(default_factory=list)  # ...and their JSON records
+    segments: dict[tuple, Segment] = field(default_factory=dict)  # by (job, name, actor)
     partial: list[tuple] = field(default_factory=list)
-    groups: dict[str, list[str]] = field(default_factory=dict)  # list index -> ids
     scored: dict[str, list[str]] = field(default_factory=dict)  # state index -> "score id"s
-    jobs: set[str] = field(default_factory=set)
     lost: int = 0
 
-    def members(self, index: str) -> list[str]:
-        """The list to append the ids of `index` to."""
-        found = self.groups.get(index)
+    def __len__(self) -> int:
+        """Attempts in the batch."""
+        return sum(len(s.lines) for s in self.segments.values()) + len(self.partial)
+
+    def segment(self, job: str, name: str, actor: str | None) -> Segment:
+        """The segment of the complete entries of a job's function (or actor method)."""
+        found = self.segments.get((job, name, actor))
         if found is None:
-            found = self.groups[index] = []
+            counted = [
+                f"{column}:{value}"
+                for column, value in (("job_id", job), ("name", name), ("actor_id", actor))
+                if value
+            ]
+            found = self.segments[(job, name, actor)] = Segment(" ".join(counted))
         return found
 
     def add_scored(self, index: str, score: float, entry: str) -> None:
         self.scored.setdefault(index, []).append(f"{score} {entry}")
 
-    def add_complete(self, ids: list[str], blobs: list[str], groups: dict[str, list[str]]):
-        """Complete entries formatted elsewhere (by the processes that recorded them)."""
-        self.ids += ids
-        self.blobs += blobs
-        for name, members in groups.items():
-            self.members(name).extend(members)
-
 
 def write_task_events(gcs: Gcs, batch: TaskEventBatch, max_tasks: int, max_per_job: int) -> int:
     """Store a batch of attempts, keep the indexes, apply the caps (one script call per
     WRITE_CHUNK attempts, so no call runs long); returns how many attempts were new."""
-    if len(batch.ids) + len(batch.partial) > WRITE_CHUNK:
-        return sum(
-            _write(gcs, part, max_tasks, max_per_job) for part in _chunks(batch, WRITE_CHUNK)
-        )
-    return _write(gcs, batch, max_tasks, max_per_job)
+    calls = _calls(batch)
+    added = 0
+    for n, (segments, partial) in enumerate(calls):
+        last = n == len(calls) - 1
+        args: list[Any] = [max_tasks, max_per_job, batch.lost if last else 0, *segments]
+        args += (secrets.token_hex(8) + ".", *partial)
+        # (the state indexes go with the last call: after the records they point to)
+        present = {name: members for name, members in batch.scored.items() if members and last}
+        args.append(len(present))
+        for name, members in present.items():
+            args += (name, " ".join(members))
+        added += int(gcs.run_script(_WRITE_TASK_EVENTS, [task_prefix(gcs)], args) or 0)
+    return added
 
 
-def _chunks(batch: TaskEventBatch, size: int) -> list[TaskEventBatch]:
-    """A batch cut in parts of at most `size` attempts (the index members follow theirs)."""
-    parts: list[TaskEventBatch] = []
-    owner: dict[str, TaskEventBatch] = {}
-    for start in range(0, len(batch.ids), size):
-        part = TaskEventBatch(jobs=set(batch.jobs))
-        part.ids = batch.ids[start : start + size]
-        part.blobs = batch.blobs[start : start + size]
-        owner.update(dict.fromkeys(part.ids, part))
-        parts.append(part)
-    for start in range(0, len(batch.partial), size):
-        part = TaskEventBatch(jobs=set(batch.jobs))
-        part.partial = batch.partial[start : start + size]
-        owner.update((item[0], part) for item in part.partial)
-        parts.append(part)
-    for name, members in batch.groups.items():
-        for entry in members:
-            owner[entry].members(name).append(entry)
-    for name, members in batch.scored.items():
-        for member in members:
-            owner[member.split(" ", 1)[1]].scored.setdefault(name, []).append(member)
-    parts[-1].lost = batch.lost
-    return parts
-
-
-def _write(gcs: Gcs, batch: TaskEventBatch, max_tasks: int, max_per_job: int) -> int:
-    if not (batch.ids or batch.partial or batch.lost):
-        return 0
-    ids = batch.ids
-    args: list[Any] = [max_tasks, max_per_job, batch.lost, len(ids), *ids, *batch.blobs]
-    args.append(len(batch.partial))
-    for partial in batch.partial:
-        args += partial
-    present = {name: members for name, members in batch.groups.items() if members}
-    args.append(len(present))
-    for name, members in present.items():
-        args += (name, "*" if members == ids else " ".join(members))
-    present = {name: members for name, members in batch.scored.items() if members}
-    args.append(len(present))
-    for name, members in present.items():
-        args += (name, " ".join(members))
-    args.append(len(batch.jobs))
-    args += batch.jobs
-    return int(gcs.run_script(_WRITE_TASK_EVENTS, [task_prefix(gcs)], args) or 0)
+def _calls(batch: TaskEventBatch) -> list[tuple[list[Any], list[Any]]]:
+    """The batch cut into script calls of at most WRITE_CHUNK attempts: the arguments of
+    each call's segments and of its partial entries."""
+    calls: list[tuple[list[Any], list[Any]]] = []
+    segments: list[Any] = []
+    count = size = 0
+    for segment in batch.segments.values():
+        for start in range(0, len(segment.lines), WRITE_CHUNK):
+            lines = segment.lines[start : start + WRITE_CHUNK]
+            if size and size + len(lines) > WRITE_CHUNK:
+                calls.append(([count, *segments], [0]))
+                segments, count, size = [], 0, 0
+            segments += (secrets.token_hex(8), segment.counted, "\n".join(lines))
+            segments += (len(segment.indexes), *segment.indexes)
+            count += 1
+            size += len(lines)
+    if count:
+        calls.append(([count, *segments], [0]))
+    for start in range(0, len(batch.partial), WRITE_CHUNK):
+        part = batch.partial[start : start + WRITE_CHUNK]
+        calls.append(([0], [len(part), *(value for partial in part for value in partial)]))
+    return calls or [([0], [0])]
 
 
 def index_key(gcs: Gcs, column: str, value: str | None = None) -> str:
@@ -378,22 +455,58 @@ def index_key(gcs: Gcs, column: str, value: str | None = None) -> str:
     return gcs.key(INDEX, name=name)
 
 
-def index_page(gcs: Gcs, key: str, start: int, count: int) -> list[str]:
-    """Entries of an index, newest first, from position start (lists may repeat one)."""
-    if is_scored(key[len(gcs.key(INDEX, name="")) :]):
+def index_name(gcs: Gcs, key: str) -> str:
+    """The name of the index at `key` ("all", "name:<name>", ...)."""
+    return key[len(gcs.key(INDEX, name="")) :]
+
+
+def is_scored_key(gcs: Gcs, key: str) -> bool:
+    return is_scored(index_name(gcs, key))
+
+
+def index_page(gcs: Gcs, key: str, start: int, count: int) -> tuple[list[str], int]:
+    """Entries of an index, newest first, at its `count` positions from `start` (a list's
+    positions are segments of entries, and may repeat an entry); and how many positions
+    there were."""
+    if is_scored_key(gcs, key):
         raw = gcs.redis.zrevrange(key, start, start + count - 1)
-    else:
-        raw = gcs.redis.lrange(key, -(start + count), -(start + 1))
-        raw.reverse()
-    return [r.decode() for r in raw]
+        return [r.decode() for r in raw], len(raw)
+    segments = gcs.redis.lrange(key, -(start + count), -(start + 1))
+    if not segments:
+        return [], 0
+    segments.reverse()
+    entries: list[str] = []
+    for content in gcs.redis.hmget(gcs.key(SEGMENTS), segments):
+        if content:  # "job\tid id ...", oldest first
+            ids = content.decode().split("\t", 1)[1].split(" ")
+            ids.reverse()
+            entries += ids
+    return entries, len(segments)
+
+
+COUNTED_COLUMNS = ("job_id", "name", "actor_id")  # (a segment's entries share these)
 
 
 def index_sizes(gcs: Gcs, keys: list[str]) -> list[int]:
-    prefix = len(gcs.key(INDEX, name=""))
-    replies = gcs.round_trip(
-        *(("ZCARD" if is_scored(key[prefix:]) else "LLEN", key) for key in keys)
-    )
-    return [int(r or 0) for r in replies]
+    """Attempts in each index: exact for the state, job, name and actor indexes, the
+    segments of a node's (whose segments also hold other nodes' attempts)."""
+    commands: list[tuple] = []
+    for key in keys:
+        name = index_name(gcs, key)
+        if is_scored(name):
+            commands.append(("ZCARD", key))
+        elif name.split(":", 1)[0] in COUNTED_COLUMNS:
+            commands.append(("HGET", gcs.key(COUNTS), name))
+        elif name == "all":
+            commands.append(("HLEN", gcs.key(DATA)))
+        else:
+            commands.append(("LLEN", key))
+    return [int(r or 0) for r in gcs.round_trip(*commands)]
+
+
+def index_is_exact(name: str) -> bool:
+    """Whether index_sizes counts this index's attempts exactly."""
+    return is_scored(name) or name == "all" or name.split(":", 1)[0] in COUNTED_COLUMNS
 
 
 def read_tasks(gcs: Gcs, entries: list[str]) -> list[dict[str, Any] | None]:
@@ -407,11 +520,13 @@ def read_tasks(gcs: Gcs, entries: list[str]) -> list[dict[str, Any] | None]:
             records.append(None)
             continue
         record = json.loads(blob)
-        if "task_id" not in record:  # a complete record leaves out what its entry says
+        if type(record) is list:  # complete: its values, in COMPLETE_FIELDS' order
+            record = {k: v for k, v in zip(COMPLETE_FIELDS, record, strict=True) if v is not None}
             task_id, _, attempt = entry.rpartition(":")
             record["task_id"] = task_id
             record["attempt_number"] = int(attempt)
             record["type"] = "ACTOR_TASK" if record.get("actor_id") else "NORMAL_TASK"
+            record["state"] = "FINISHED"
         records.append(record)
     return records
 

@@ -4,6 +4,7 @@ summarize. Equality filters on indexed columns read that column's index, newest 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from redray.gcs import Gcs
@@ -127,16 +128,8 @@ def list_tasks(
     else:
         index, size = keys.index_key(gcs, "all"), total
     found: list[TaskState] = []
-    start = 0
     exhausted = False
-    count = max(PAGE, limit)
-    seen: set[str] = set()
-    while len(found) < limit and not exhausted:
-        page = keys.index_page(gcs, index, start, count)
-        start += len(page)
-        exhausted = len(page) < count or start >= size
-        page = [e for e in dict.fromkeys(page) if e not in seen]  # (lists may repeat one)
-        seen.update(page)
+    for page in _pages(gcs, index, max(PAGE, limit)):
         for record in keys.read_tasks(gcs, page):
             if record is None:
                 continue  # dropped since (its index entry is swept later)
@@ -144,12 +137,41 @@ def list_tasks(
             if filters_mod.matches(task, checked):
                 found.append(task if detail else TaskState.brief(task))
                 if len(found) >= limit:
-                    exhausted = False
                     break
+        if len(found) >= limit:
+            break
+    else:
+        exhausted = True
     num_filtered = len(found) if exhausted else None
-    if num_filtered is None and len(checked) <= 1 and candidates:
+    exact = keys.index_is_exact(keys.index_name(gcs, index))
+    if num_filtered is None and len(checked) <= 1 and exact:
         num_filtered = size
     return ListResult(found, total, num_filtered, warnings)
+
+
+def _pages(gcs: Gcs, index: str, page: int) -> Iterator[list[str]]:
+    """The entries of an index, newest first, each once, in pages of at most `page`
+    entries (a list's segments are read a few at a time, more as the reading goes on)."""
+    scored = keys.is_scored_key(gcs, index)
+    positions = page if scored else 2
+    seen: set[str] = set()
+    pending: list[str] = []
+    start = 0
+    more = True
+    while True:
+        while more and len(pending) < page:
+            entries, read = keys.index_page(gcs, index, start, positions)
+            more = read == positions
+            start += read
+            if not scored:
+                positions = min(positions * 2, 64)
+            fresh = [e for e in dict.fromkeys(entries) if e not in seen]
+            seen.update(fresh)
+            pending += fresh
+        if not pending:
+            return
+        yield pending[:page]
+        del pending[:page]
 
 
 def get_task(gcs: Gcs, task_id: str) -> TaskState | None:
@@ -163,19 +185,12 @@ def get_task(gcs: Gcs, task_id: str) -> TaskState | None:
 
 def all_tasks(gcs: Gcs, most: int | None = None) -> list[dict[str, Any]]:
     """Every stored attempt's record (newest first), for summaries and the timeline."""
-    index = keys.index_key(gcs, "all")
     records: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    start = 0
-    while most is None or len(records) < most:
-        page = keys.index_page(gcs, index, start, PAGE * 5)
-        if not page:
-            break
-        start += len(page)
-        page = [e for e in dict.fromkeys(page) if e not in seen]
-        seen.update(page)
+    for page in _pages(gcs, keys.index_key(gcs, "all"), PAGE * 5):
         records.extend(r for r in keys.read_tasks(gcs, page) if r is not None)
-    return records if most is None else records[:most]
+        if most is not None and len(records) >= most:
+            return records[:most]
+    return records
 
 
 def summarize_tasks(gcs: Gcs) -> dict[str, Any]:
