@@ -325,29 +325,31 @@ def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch
 
 def add_complete(batch: keys.TaskEventBatch, events: list) -> list:
     """Add the attempts complete in their one event to the batch; the other events. An
-    attempt is complete when it finished without anything of it reported before (neither
-    pending by its owner nor running by its worker) and is not a nested task: the common
-    case. Nothing of it is stored yet or will come later, so its record is final and takes
-    the short form (keys.COMPLETE_FIELDS)."""
+    attempt is complete when it finished and its worker's reply said how it ran: the end
+    event then carries all there is to know of it (what was reported of it before, pending
+    or running, only goes out of date), and its record takes the short form
+    (keys.COMPLETE_FIELDS)."""
     rest = []
     statics: dict[tuple, tuple] = {}  # what tasks of one function share
     nodes: set[tuple[int, str]] = set()  # (segment, node) pairs indexed
     for event in events:
         run = event[11] if event[0] == FINISHED else None
-        if not run or run[1] or event[13] or event[9]:
+        if not run:
             rest.append(event)
             continue
         name, job_id, actor_id, resources = event[6], event[7], event[8], event[10]
-        key = (name, job_id, actor_id, id(resources))
+        reported = bool(run[1] or event[13])
+        key = (name, job_id, actor_id, id(resources), reported)
         static = statics.get(key)
         if static is None:
-            static = statics[key] = _static(batch, name, job_id, actor_id, resources)
+            static = statics[key] = _static(batch, name, job_id, actor_id, resources, reported)
         text, segment = static
         created = int(event[3] * 1000)
+        parent = "null" if event[9] is None else f'"{event[9].hex()}"'
         segment.lines.append(
             f"{event[1].hex()}:{event[2]}\t[{text}{created},"
             f"{int(event[4] * 1000) if event[4] else created},{int(run[0] * 1000)},"
-            f'{int(event[5] * 1000)},"{run[2]}","{run[3]}",{int(run[4])}]'
+            f'{int(event[5] * 1000)},"{run[2]}","{run[3]}",{int(run[4])},{parent}]'
         )
         if (id(segment), run[2]) not in nodes:
             nodes.add((id(segment), run[2]))
@@ -355,12 +357,12 @@ def add_complete(batch: keys.TaskEventBatch, events: list) -> list:
     return rest
 
 
-def _static(batch: keys.TaskEventBatch, name, job_id, actor_id, resources) -> tuple:
+def _static(batch: keys.TaskEventBatch, name, job_id, actor_id, resources, reported) -> tuple:
     """The leading values (JSON, with a trailing comma) of the complete records of one
     function's tasks, and the segment they go to."""
     actor = actor_id.hex() if actor_id else None
     values = [name, job_id, actor, json.dumps(resources) if resources else None]
-    return _ENCODE(values)[1:-1] + ",", batch.segment(job_id, name, actor)
+    return _ENCODE(values)[1:-1] + ",", batch.segment(job_id, name, actor, reported)
 
 
 def _merge_slow(

@@ -63,6 +63,7 @@ COMPLETE_FIELDS = (
     "node_id",
     "worker_id",
     "worker_pid",
+    "parent_task_id",
 )
 METRICS_PROCESS = "metrics:p:{process}"
 METRICS_PROCESSES = "metrics:procs"
@@ -86,7 +87,9 @@ TERMINAL_STATES = ("FINISHED", "FAILED")
 #   n segments of complete entries (every event of the attempt was in this batch: nothing to
 #     merge), then n x (segment id, counted indexes ("job_id:<job> name:<name>
 #     [actor_id:<actor>]": every entry of the segment is in each), "id\trecord\n..." (JSON
-#     never holds a raw tab or newline), k, k more list indexes the segment joins);
+#     never holds a raw tab or newline), reported ("1": its attempts may have been stored as
+#     pending or running before, and leave those states' indexes), k, k more list indexes
+#     the segment joins);
 #   the prefix of this write's segments of partial entries;
 #   n partial entries, then n x (id, score, rank, state, json, mode, job, name, node, actor):
 #     mode "r" (the attempt's end, which carries all there is to know of it) replaces what is
@@ -144,7 +147,7 @@ end
 local i = 4
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
-  local seg, header, text, k = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local seg, header, text, reported, k = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
   local ids, pairs_, new = {}, {}, 0
   local pos, len = 1, #text
   while pos <= len do
@@ -152,6 +155,11 @@ for _ = 1, n do
     local stop = string.find(text, '\n', tab, true) or (len + 1)
     local id = string.sub(text, pos, tab - 1)
     ids[#ids + 1] = id
+    if reported then
+      local old = redis.call('HGET', data, id)
+      local state = old and string.match(old, '"state":"([A-Z_]+)"')
+      if state then redis.call('ZREM', p .. 'i:state:' .. state, id) end
+    end
     pairs_[#pairs_ + 1] = id; pairs_[#pairs_ + 1] = string.sub(text, tab + 1, stop - 1)
     if #pairs_ >= 4000 then new = new + redis.call('HSET', data, unpack(pairs_)); pairs_ = {} end
     pos = stop + 1
@@ -159,9 +167,9 @@ for _ = 1, n do
   if #pairs_ > 0 then new = new + redis.call('HSET', data, unpack(pairs_)) end
   store_segment(seg, header, ids)
   local others = {}
-  for m = i + 4, i + 3 + k do others[ARGV[m]] = true end
+  for m = i + 5, i + 4 + k do others[ARGV[m]] = true end
   listed(seg, header, new, others)
-  i = i + 4 + k
+  i = i + 5 + k
 end
 
 -- Partial entries new here join this write's segment of their job, name and actor; the
@@ -374,6 +382,7 @@ class Segment:
     counts in (see _WRITE_TASK_EVENTS)."""
 
     counted: str
+    reported: bool = False  # its attempts may be stored as pending or running already
     lines: list[str] = field(default_factory=list)
     indexes: set[str] = field(default_factory=lambda: {"all"})
 
@@ -382,7 +391,7 @@ class Segment:
 class TaskEventBatch:
     """What one write stores: see _WRITE_TASK_EVENTS for each part."""
 
-    segments: dict[tuple, Segment] = field(default_factory=dict)  # by (job, name, actor)
+    segments: dict[tuple, Segment] = field(default_factory=dict)  # (job, name, actor, reported)
     partial: list[tuple] = field(default_factory=list)
     scored: dict[str, list[str]] = field(default_factory=dict)  # state index -> "score id"s
     lost: int = 0
@@ -391,16 +400,18 @@ class TaskEventBatch:
         """Attempts in the batch."""
         return sum(len(s.lines) for s in self.segments.values()) + len(self.partial)
 
-    def segment(self, job: str, name: str, actor: str | None) -> Segment:
+    def segment(self, job: str, name: str, actor: str | None, reported: bool = False) -> Segment:
         """The segment of the complete entries of a job's function (or actor method)."""
-        found = self.segments.get((job, name, actor))
+        found = self.segments.get((job, name, actor, reported))
         if found is None:
             counted = [
                 f"{column}:{value}"
                 for column, value in (("job_id", job), ("name", name), ("actor_id", actor))
                 if value
             ]
-            found = self.segments[(job, name, actor)] = Segment(" ".join(counted))
+            found = self.segments[(job, name, actor, reported)] = Segment(
+                " ".join(counted), reported
+            )
         return found
 
     def add_scored(self, index: str, score: float, entry: str) -> None:
@@ -438,7 +449,7 @@ def _calls(batch: TaskEventBatch) -> list[tuple[list[Any], list[Any]]]:
                 calls.append(([count, *segments], [0]))
                 segments, count, size = [], 0, 0
             segments += (secrets.token_hex(8), segment.counted, "\n".join(lines))
-            segments += (len(segment.indexes), *segment.indexes)
+            segments += ("1" if segment.reported else "", len(segment.indexes), *segment.indexes)
             count += 1
             size += len(lines)
     if count:
