@@ -1,0 +1,112 @@
+"""What storing task events costs a raylet and Redis, per task attempt, in steady state.
+
+Feeds batches of finished attempts (as a driver ships them) through the raylet's merge and
+write (redray.state.events.merge, keys.write_task_events) into a private redis-server, past
+the retention cap so that every write also drops the oldest, and prints the CPU time per
+attempt of each step: the owner's pickling, the raylet's merge and its Redis call, and
+Redis itself (INFO cpu). No cluster runs, so the figures hold on a busy machine where the
+microbenchmark's ops/s do not (see scripts/task_events_cost.py for whole workloads).
+
+    python scripts/task_events_write.py [--batch 1000] [--batches 300] [--cap 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import socket
+import subprocess
+import time
+
+from redray.gcs import Gcs
+from redray.node.redis_server import find_redis_server
+from redray.state import events, keys
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def finished_attempts(count: int, node: str, worker: str) -> list[tuple]:
+    """End events of tasks of one function, as an owner records them."""
+    now = time.time()
+    resources = {"CPU": 1.0}
+    run = (now, False, node, worker, 4242)
+    return [
+        (events.FINISHED, os.urandom(24), 0, now, now, now, "f", "01000000", None, None,
+         resources, run, None, False)
+        for _ in range(count)
+    ]  # fmt: skip
+
+
+def redis_cpu(gcs: Gcs) -> float:
+    info = gcs.redis.info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=1000, help="attempts per write")
+    parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--cap", type=int, default=100_000, help="attempts kept")
+    args = parser.parse_args()
+    port = free_port()
+    server = subprocess.Popen(
+        [find_redis_server(), "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        gcs = Gcs(f"redis://127.0.0.1:{port}", cluster="bench")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                gcs.redis.ping()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        node, worker = "ab" * 14, "cd" * 14
+        process = {"worker_id": worker, "pid": 4242}
+        measured = max(1, args.batches // 2)  # (the second half: retention at work)
+        owner = merging = writing = 0.0
+        redis_before = 0.0
+        for n in range(args.batches):
+            batch = finished_attempts(args.batch, node, worker)
+            if n == args.batches - measured:
+                redis_before = redis_cpu(gcs)
+            t0 = time.process_time()
+            shipped = pickle.loads(pickle.dumps(("task_events", batch, 0), protocol=5))[1]
+            t1 = time.process_time()
+            merged = events.merge([(process, shipped)], node)
+            t2 = time.process_time()
+            keys.write_task_events(gcs, merged, args.cap, args.cap)
+            t3 = time.process_time()
+            if n >= args.batches - measured:
+                owner += t1 - t0
+                merging += t2 - t1
+                writing += t3 - t2
+        attempts = measured * args.batch
+        redis = redis_cpu(gcs) - redis_before
+        stored = gcs.redis.hlen(gcs.key(keys.DATA))
+        memory = gcs.redis.info("memory")["used_memory"]
+
+        def us(seconds: float) -> str:
+            return f"{seconds / attempts * 1e6:.2f}"
+
+        print(
+            f"{attempts:,} attempts in writes of {args.batch:,}, {stored:,} kept: CPU us per "
+            f"attempt: pickle+unpickle {us(owner)}, raylet merge {us(merging)}, raylet "
+            f"Redis call {us(writing)}, Redis {us(redis)}; Redis memory "
+            f"{memory / stored * 1e-3 if stored else 0:.2f} KB per kept attempt"
+        )
+    finally:
+        server.kill()
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()
