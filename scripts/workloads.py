@@ -93,6 +93,36 @@ class RayLike:
         self.ray.shutdown()
 
 
+class Inline:
+    """No runtime: every task and actor call runs at once in this process (what a
+    workload's own work costs, for --compute-floor)."""
+
+    class _Actor:
+        def __init__(self, instance: Any) -> None:
+            self._instance = instance
+
+        def __getattr__(self, name: str) -> Any:
+            method = getattr(self._instance, name)
+            return type("Method", (), {"remote": staticmethod(method)})
+
+    class util:  # noqa: N801 (stands for a runtime's `util` module)
+        class ActorPool:
+            def __init__(self, actors: list[Any]) -> None:
+                self.actors = actors
+
+            def map(self, fn: Callable, values: Any) -> Any:
+                return (fn(self.actors[i % len(self.actors)], v) for i, v in enumerate(values))
+
+    def task(self, fn: Callable, num_returns: int = 1, num_cpus: float = 1) -> Any:
+        return fn
+
+    def actor(self, cls: type, num_cpus: float = 0) -> Any:
+        return type("Class", (), {"remote": staticmethod(lambda *a: Inline._Actor(cls(*a)))})
+
+    def get(self, values: Any) -> Any:
+        return values
+
+
 class DaskLike:
     """Dask distributed on a local 2-worker, 1-thread-each cluster (processes)."""
 
@@ -431,12 +461,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per workload")
     p.add_argument("--json", action="store_true")
     p.add_argument("--json-out", metavar="PATH")
+    p.add_argument(
+        "--compute-floor",
+        action="store_true",
+        help="run each workload inline in this process (no runtime) and print the CPU "
+        f"seconds of its own work, and that over {N_CPU} CPUs: no runtime finishes sooner",
+    )
     p.add_argument("--here", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
+def compute_floor(args: argparse.Namespace) -> None:
+    """Each workload's own work, timed with no runtime around it."""
+    for w in WORKLOADS:
+        if args.only and not any(s.lower() in w.name.lower() for s in args.only):
+            continue
+        start = time.process_time()
+        w.run(Inline(), "inline", w.quick if args.quick else w.full)
+        cpu = time.process_time() - start
+        print(
+            f"{w.name}: {cpu:.1f} CPU-seconds of its own work, {cpu / N_CPU:.1f} s on {N_CPU} CPUs"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.compute_floor:
+        compute_floor(args)
+        return
     if args.here:
         result = run_here(args.backend[0], args.here, args.quick)
         with open(args.json_out, "w") as f:
