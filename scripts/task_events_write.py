@@ -8,6 +8,7 @@ Redis itself (INFO cpu). No cluster runs, so the figures hold on a busy machine 
 microbenchmark's ops/s do not (see scripts/task_events_cost.py for whole workloads).
 
     python scripts/task_events_write.py [--batch 1000] [--batches 300] [--cap 100000]
+                                        [--queued]
 """
 
 from __future__ import annotations
@@ -30,15 +31,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def finished_attempts(count: int, node: str, worker: str) -> list[tuple]:
+RESOURCES = {"CPU": 1.0}
+
+
+def finished_attempts(ids: list[bytes], node: str, worker: str, reported: bool) -> list[tuple]:
     """End events of tasks of one function, as an owner records them."""
     now = time.time()
-    resources = {"CPU": 1.0}
     run = (now, False, node, worker, 4242)
     return [
-        (events.FINISHED, os.urandom(24), 0, now, now, now, "f", "01000000", None, None,
-         resources, run, None, False)
-        for _ in range(count)
+        (events.FINISHED, task_id, 0, now, now, now, "f", "01000000", None, None, RESOURCES,
+         run, None, reported)
+        for task_id in ids
+    ]  # fmt: skip
+
+
+def pending_reports(ids: list[bytes]) -> list[tuple]:
+    """Reports of tasks still queued after an interval, as an owner records them."""
+    now = time.time()
+    return [
+        (events.PENDING, task_id, 0, now, "f", "01000000", None, None, RESOURCES,
+         "PENDING_NODE_ASSIGNMENT")
+        for task_id in ids
     ]  # fmt: skip
 
 
@@ -52,6 +65,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000, help="attempts per write")
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--cap", type=int, default=100_000, help="attempts kept")
+    parser.add_argument(
+        "--queued",
+        action="store_true",
+        help="each attempt is first reported pending (a queued task), then finished",
+    )
     args = parser.parse_args()
     port = free_port()
     server = subprocess.Popen(
@@ -74,8 +92,13 @@ def main() -> None:
         measured = max(1, args.batches // 2)  # (the second half: retention at work)
         owner = merging = writing = 0.0
         redis_before = 0.0
+        queued: list[bytes] = []
         for n in range(args.batches):
-            batch = finished_attempts(args.batch, node, worker)
+            ids = [os.urandom(24) for _ in range(args.batch)]
+            batch = finished_attempts(queued, node, worker, True) + pending_reports(ids)
+            if not args.queued:
+                batch = finished_attempts(ids, node, worker, False)
+            queued = ids
             if n == args.batches - measured:
                 redis_before = redis_cpu(gcs)
             t0 = time.process_time()
@@ -97,8 +120,9 @@ def main() -> None:
         def us(seconds: float) -> str:
             return f"{seconds / attempts * 1e6:.2f}"
 
+        what = "queued (reported pending, then finished)" if args.queued else "finished"
         print(
-            f"{attempts:,} attempts in writes of {args.batch:,}, {stored:,} kept: CPU us per "
+            f"{attempts:,} {what} attempts in writes of {args.batch:,}, {stored:,} kept: CPU us per "
             f"attempt: pickle+unpickle {us(owner)}, raylet merge {us(merging)}, raylet "
             f"Redis call {us(writing)}, Redis {us(redis)}; Redis memory "
             f"{memory / stored * 1e-3 if stored else 0:.2f} KB per kept attempt"

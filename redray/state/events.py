@@ -318,9 +318,43 @@ def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch
             else:
                 by_attempt[key] = [seen, (process, event)]
     resources_json: dict[int, str] = {}
+    statics: dict[tuple, str] = {}
     for (task_id, attempt), seen in by_attempt.items():
-        _merge_slow(batch, task_id, attempt, seen, node_id, resources_json)
+        if type(seen) is tuple and seen[1][0] == PENDING:
+            _add_pending(batch, seen[1], statics)
+        else:
+            _merge_slow(batch, task_id, attempt, seen, node_id, resources_json)
     return batch
+
+
+def _add_pending(batch: keys.TaskEventBatch, event: tuple, statics: dict[tuple, str]) -> None:
+    """An attempt reported pending, alone in the batch (a queued task, the common case of
+    reports): its record formatted straight away, as `_apply` would build it."""
+    _, task_id, attempt, created, name, job_id, actor_id, parent, resources, state = event
+    key = (name, job_id, actor_id, id(resources))
+    static = statics.get(key)
+    if static is None:
+        fields: dict[str, Any] = {
+            "name": name,
+            "job_id": job_id,
+            "type": "ACTOR_TASK" if actor_id else "NORMAL_TASK",
+        }
+        if actor_id:
+            fields["actor_id"] = actor_id.hex()
+        if resources:
+            fields["required_resources"] = json.dumps(resources)
+        static = statics[key] = _ENCODE(fields)[1:-1]
+    task_hex = task_id.hex()
+    created_ms = int(created * 1000)
+    rank = STATE_RANK[state]
+    parent_field = f',"parent_task_id":"{parent.hex()}"' if parent else ""
+    blob = (
+        f'{{{static},"creation_time_ms":{created_ms}{parent_field},"task_id":"{task_hex}",'
+        f'"attempt_number":{attempt},"state":"{state}","rank":{rank}}}'
+    )
+    entry = f"{task_hex}:{attempt}"
+    actor = actor_id.hex() if actor_id else ""
+    batch.partial.append((entry, created_ms, rank, state, blob, "m", job_id, name, "", actor))
 
 
 def add_complete(batch: keys.TaskEventBatch, events: list) -> list:
