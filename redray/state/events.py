@@ -318,7 +318,7 @@ def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch
             else:
                 by_attempt[key] = [seen, (process, event)]
     resources_json: dict[int, str] = {}
-    statics: dict[tuple, str] = {}
+    statics: dict[tuple, tuple] = {}
     for (task_id, attempt), seen in by_attempt.items():
         if type(seen) is tuple and seen[1][0] == PENDING:
             _add_pending(batch, seen[1], statics)
@@ -327,7 +327,7 @@ def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch
     return batch
 
 
-def _add_pending(batch: keys.TaskEventBatch, event: tuple, statics: dict[tuple, str]) -> None:
+def _add_pending(batch: keys.TaskEventBatch, event: tuple, statics: dict[tuple, tuple]) -> None:
     """An attempt reported pending, alone in the batch (a queued task, the common case of
     reports): its record formatted straight away, as `_apply` would build it."""
     _, task_id, attempt, created, name, job_id, actor_id, parent, resources, state = event
@@ -343,18 +343,19 @@ def _add_pending(batch: keys.TaskEventBatch, event: tuple, statics: dict[tuple, 
             fields["actor_id"] = actor_id.hex()
         if resources:
             fields["required_resources"] = json.dumps(resources)
-        static = statics[key] = _ENCODE(fields)[1:-1]
+        counted = keys.counted_indexes(job_id, name, fields.get("actor_id"))
+        static = statics[key] = (_ENCODE(fields)[1:-1], counted)
+    text, counted = static
     task_hex = task_id.hex()
     created_ms = int(created * 1000)
     rank = STATE_RANK[state]
     parent_field = f',"parent_task_id":"{parent.hex()}"' if parent else ""
     blob = (
-        f'{{{static},"creation_time_ms":{created_ms}{parent_field},"task_id":"{task_hex}",'
+        f'{{{text},"creation_time_ms":{created_ms}{parent_field},"task_id":"{task_hex}",'
         f'"attempt_number":{attempt},"state":"{state}","rank":{rank}}}'
     )
     entry = f"{task_hex}:{attempt}"
-    actor = actor_id.hex() if actor_id else ""
-    batch.partial.append((entry, created_ms, rank, state, blob, "m", job_id, name, "", actor))
+    batch.partial.append((entry, created_ms, rank, state, blob, "m", counted, ""))
 
 
 def add_complete(batch: keys.TaskEventBatch, events: list) -> list:
@@ -431,8 +432,12 @@ def _merge_slow(
     score = fields.get("creation_time_ms") or fields.get("start_time_ms") or 0
     blob = _ENCODE(fields)
     if partial:  # (its indexes: in Redis, which knows whether the attempt is new there)
-        columns = [fields.get(c) or "" for c in ("job_id", "name", "node_id", "actor_id")]
-        batch.partial.append((entry, score, rank, state, blob, "r" if ended else "m", *columns))
+        counted = keys.counted_indexes(
+            fields.get("job_id"), fields.get("name"), fields.get("actor_id")
+        )
+        mode = "r" if ended else "m"
+        node = fields.get("node_id") or ""
+        batch.partial.append((entry, score, rank, state, blob, mode, counted, node))
     else:
         segment = batch.segment(
             fields.get("job_id") or "", fields.get("name") or "", fields.get("actor_id")

@@ -91,7 +91,8 @@ TERMINAL_STATES = ("FINISHED", "FAILED")
 #     pending or running before, and leave those states' indexes), k, k more list indexes
 #     the segment joins);
 #   the prefix of this write's segments of partial entries;
-#   n partial entries, then n x (id, score, rank, state, json, mode, job, name, node, actor):
+#   n partial entries, then n x (id, score, rank, state, json, mode, counted indexes (as a
+#     segment's), node):
 #     mode "r" (the attempt's end, which carries all there is to know of it) replaces what is
 #     stored, mode "m" (a report of pending or running work) is merged into it without moving
 #     its state back; an entry new here joins a segment of this write;
@@ -176,12 +177,7 @@ end
 -- record keeps its segment's id ("seg"), so that the node it learns later lists it.
 local partial_prefix = ARGV[i]; i = i + 1
 local partial = {}  -- counted indexes -> {id, ids, others}
-local function join(values, id)
-  local counted = {}
-  for c, column in ipairs({'job_id', 'name', '', 'actor_id'}) do
-    if column ~= '' and values[c] ~= '' then counted[#counted + 1] = column .. ':' .. values[c] end
-  end
-  local header = table.concat(counted, ' ')
+local function join(header, node, id)
   local seg = partial[header]
   if not seg then
     local count = 0
@@ -190,7 +186,7 @@ local function join(values, id)
     partial[header] = seg
   end
   seg.ids[#seg.ids + 1] = id
-  if values[3] ~= '' then seg.others['node_id:' .. values[3]] = true end
+  if node ~= '' then seg.others['node_id:' .. node] = true end
   return seg.id
 end
 local function with_segment(blob, seg)
@@ -209,25 +205,25 @@ local live = {'PENDING_ARGS_AVAIL', 'PENDING_NODE_ASSIGNMENT', 'SUBMITTED_TO_WOR
 n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
   local id, score, rank, state, blob, mode = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-  local values = {ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]}
-  i = i + 10
+  local header, node = ARGV[i + 6], ARGV[i + 7]
+  i = i + 8
   local old = redis.call('HGET', data, id)
   if mode == 'r' then
     -- The end of an attempt: it says all its owner and worker knew; what was stored goes.
     if not old then
-      redis.call('HSET', data, id, with_segment(blob, join(values, id)))
+      redis.call('HSET', data, id, with_segment(blob, join(header, node, id)))
     else
-      node_learned(old, values[3])
+      node_learned(old, node)
       local seg = string.match(old, '"seg":"([^"]+)"')
       redis.call('HSET', data, id, seg and with_segment(blob, seg) or blob)
     end
     for _, s in ipairs(live) do redis.call('ZREM', p .. 'i:state:' .. s, id) end
     if state ~= 'FINISHED' then redis.call('ZADD', p .. 'i:state:' .. state, score, id) end
   elseif not old then
-    redis.call('HSET', data, id, with_segment(blob, join(values, id)))
+    redis.call('HSET', data, id, with_segment(blob, join(header, node, id)))
     redis.call('ZADD', p .. 'i:state:' .. state, score, id)
   elseif string.sub(old, 1, 1) ~= '[' then  -- (a complete record is final: nothing to add)
-    node_learned(old, values[3])
+    node_learned(old, node)
     local rec = cjson.decode(old)
     local new = cjson.decode(blob)
     local old_rank = tonumber(rec.rank) or ranks[rec.state] or 0
@@ -375,6 +371,12 @@ def is_scored(index: str) -> bool:
     return index.startswith("state:")
 
 
+def counted_indexes(job: str | None, name: str | None, actor: str | None) -> str:
+    """The indexes whose counts an attempt of this job, function and actor is in."""
+    values = (("job_id", job), ("name", name), ("actor_id", actor))
+    return " ".join(f"{column}:{value}" for column, value in values if value)
+
+
 @dataclass
 class Segment:
     """Complete entries of one job, function and actor that one write stores: lines
@@ -404,13 +406,8 @@ class TaskEventBatch:
         """The segment of the complete entries of a job's function (or actor method)."""
         found = self.segments.get((job, name, actor, reported))
         if found is None:
-            counted = [
-                f"{column}:{value}"
-                for column, value in (("job_id", job), ("name", name), ("actor_id", actor))
-                if value
-            ]
             found = self.segments[(job, name, actor, reported)] = Segment(
-                " ".join(counted), reported
+                counted_indexes(job, name, actor), reported
             )
         return found
 
