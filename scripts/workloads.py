@@ -407,7 +407,33 @@ def importable(backend: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def cpu_busy(seconds: float = 0.5) -> float:
+    """The share of the machine's CPU time spent busy over `seconds` (Linux; else 0)."""
+
+    def times() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # (all, idle + iowait)
+
+    try:
+        total0, idle0 = times()
+        time.sleep(seconds)
+        total1, idle1 = times()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def settle(limit: float) -> None:
+    """Wait (at most `limit` s) for the machine to go quiet: what the previous run left
+    exiting (a peer's worker processes, its store) must not be timed against the next."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and cpu_busy() > 0.1:
+        pass
+
+
 def run_child(backend: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    settle(args.settle)
     log(f"--- {backend}: {name}")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.json")
@@ -459,6 +485,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--only", action="append", default=[], metavar="SUBSTRING")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per workload")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=30.0,
+        help="before each run, wait up to this many seconds for the CPUs to go quiet",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--json-out", metavar="PATH")
     p.add_argument(
