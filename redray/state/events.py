@@ -8,9 +8,10 @@ workers the calls they have been running that long, so `list_tasks(filters=[("st
 "RUNNING")])` shows them. A process appends events to a bounded buffer (counting what it had
 to drop); a timer ships the buffer to the process's raylet every interval over the
 connection it already has, one message per interval. Each raylet merges what its processes
-sent into one record per task attempt (an attempt that ended before anything of it was
-reported, most of them, is complete in its one event: formatted, not merged) and writes them with one script call per interval
-from its own thread (see keys.write_task_events): the task hot path never waits on Redis.
+sent into one record per task attempt (an attempt that finished with its worker's reply,
+most of them, is complete in its end event: formatted, not merged) and writes them with one
+script call per interval from its own thread (see keys.write_task_events): the task hot
+path never waits on Redis.
 
 Settings (environment of the processes and of `redray start`/`redray node`):
 - REDRAY_TASK_EVENTS=0 (or Ray's RAY_task_events_report_interval_ms=0): record nothing;
