@@ -16,20 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import socket
-import subprocess
 import time
 
 from redray.gcs import Gcs
-from redray.node.redis_server import find_redis_server
+from redray.node.redis_server import RedisServer
 from redray.state import events, keys
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 RESOURCES = {"CPU": 1.0}
 
@@ -71,22 +62,10 @@ def main() -> None:
         help="each attempt is first reported pending (a queued task), then finished",
     )
     args = parser.parse_args()
-    port = free_port()
-    server = subprocess.Popen(
-        [find_redis_server(), "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
+    server = RedisServer.start()
     try:
-        gcs = Gcs(f"redis://127.0.0.1:{port}", cluster="bench")
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                gcs.redis.ping()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        server.wait_ready()
+        gcs = Gcs(server.url, cluster="bench")
         node, worker = "ab" * 14, "cd" * 14
         process = {"worker_id": worker, "pid": 4242}
         measured = max(1, args.batches // 2)  # (the second half: retention at work)
@@ -128,8 +107,7 @@ def main() -> None:
             f"{memory / stored * 1e-3 if stored else 0:.2f} KB per kept attempt"
         )
     finally:
-        server.kill()
-        server.wait()
+        server.stop()
 
 
 if __name__ == "__main__":
