@@ -322,28 +322,25 @@ def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch
     statics: dict[tuple, tuple] = {}
     for (task_id, attempt), seen in by_attempt.items():
         if type(seen) is tuple and seen[1][0] == PENDING:
-            _add_pending(batch, seen[1], statics)
+            _add_pending(batch, seen[1], statics, resources_json)
         else:
             _merge_slow(batch, task_id, attempt, seen, node_id, resources_json)
     return batch
 
 
-def _add_pending(batch: keys.TaskEventBatch, event: tuple, statics: dict[tuple, tuple]) -> None:
+def _add_pending(
+    batch: keys.TaskEventBatch,
+    event: tuple,
+    statics: dict[tuple, tuple],
+    resources_json: dict[int, str],
+) -> None:
     """An attempt reported pending, alone in the batch (a queued task, the common case of
     reports): its record formatted straight away, as `_apply` would build it."""
     _, task_id, attempt, created, name, job_id, actor_id, parent, resources, state = event
     key = (name, job_id, actor_id, id(resources))
     static = statics.get(key)
     if static is None:
-        fields: dict[str, Any] = {
-            "name": name,
-            "job_id": job_id,
-            "type": "ACTOR_TASK" if actor_id else "NORMAL_TASK",
-        }
-        if actor_id:
-            fields["actor_id"] = actor_id.hex()
-        if resources:
-            fields["required_resources"] = json.dumps(resources)
+        fields = _identity(name, job_id, actor_id, resources, resources_json)
         counted = keys.counted_indexes(job_id, name, fields.get("actor_id"))
         static = statics[key] = (_ENCODE(fields)[1:-1], counted)
     text, counted = static
@@ -450,28 +447,36 @@ def _merge_slow(
             segment.indexes.add("node_id:" + fields["node_id"])
 
 
-def _ended(event: tuple, resources_json: dict[int, str]) -> dict[str, Any]:
-    """The fields of an attempt from its end event alone."""
-    (kind, _, _, created, pushed, ended, name, job_id, actor_id, parent, resources, run, error,
-     _) = event  # fmt: skip
+def _identity(
+    name: str, job_id: str, actor_id: bytes | None, resources: Any, resources_json: dict[int, str]
+) -> dict[str, Any]:
+    """The fields that say what an attempt runs (the same in each of its events)."""
     fields: dict[str, Any] = {
         "name": name,
         "job_id": job_id,
         "type": "ACTOR_TASK" if actor_id else "NORMAL_TASK",
-        "creation_time_ms": int(created * 1000),
-        "end_time_ms": int(ended * 1000),
     }
-    if pushed:
-        fields["submitted_time_ms"] = int(pushed * 1000)
     if actor_id:
         fields["actor_id"] = actor_id.hex()
-    if parent:
-        fields["parent_task_id"] = parent.hex()
     if resources:
         text = resources_json.get(id(resources))
         if text is None:
             text = resources_json[id(resources)] = json.dumps(resources)
         fields["required_resources"] = text
+    return fields
+
+
+def _ended(event: tuple, resources_json: dict[int, str]) -> dict[str, Any]:
+    """The fields of an attempt from its end event alone."""
+    (kind, _, _, created, pushed, ended, name, job_id, actor_id, parent, resources, run, error,
+     _) = event  # fmt: skip
+    fields = _identity(name, job_id, actor_id, resources, resources_json)
+    fields["creation_time_ms"] = int(created * 1000)
+    fields["end_time_ms"] = int(ended * 1000)
+    if pushed:
+        fields["submitted_time_ms"] = int(pushed * 1000)
+    if parent:
+        fields["parent_task_id"] = parent.hex()
     if run is not None:
         if run[0]:
             fields["start_time_ms"] = int(run[0] * 1000)
@@ -497,16 +502,10 @@ def _apply(
         return fields["state"]
     if kind == PENDING:
         _, _, _, created, name, job_id, actor_id, parent, resources, state = event
+        fields.update(_identity(name, job_id, actor_id, resources, resources_json))
         fields["creation_time_ms"] = int(created * 1000)
-        fields["name"] = name
-        fields["job_id"] = job_id
-        fields["type"] = "ACTOR_TASK" if actor_id else "NORMAL_TASK"
-        if actor_id:
-            fields["actor_id"] = actor_id.hex()
         if parent:
             fields["parent_task_id"] = parent.hex()
-        if resources:
-            fields["required_resources"] = json.dumps(resources)
         return state
     if kind == PUSHED:
         fields["submitted_time_ms"] = int(event[3] * 1000)

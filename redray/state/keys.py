@@ -49,6 +49,7 @@ SWEEP_CURSOR = "te:sweep"
 WRITE_CHUNK = 5000  # attempts per script call
 DROPPED = "te:dropped"
 INDEXED_COLUMNS = ("state", "job_id", "name", "node_id", "actor_id")
+COUNTED_COLUMNS = ("job_id", "name", "actor_id")  # (a segment's entries share these)
 # A record stored complete (a finished attempt of which nothing was reported before, most of
 # them) is a JSON array of these fields' values; its entry gives its task id and attempt.
 COMPLETE_FIELDS = (
@@ -373,7 +374,7 @@ def is_scored(index: str) -> bool:
 
 def counted_indexes(job: str | None, name: str | None, actor: str | None) -> str:
     """The indexes whose counts an attempt of this job, function and actor is in."""
-    values = (("job_id", job), ("name", name), ("actor_id", actor))
+    values = zip(COUNTED_COLUMNS, (job, name, actor), strict=True)
     return " ".join(f"{column}:{value}" for column, value in values if value)
 
 
@@ -490,9 +491,6 @@ def index_page(gcs: Gcs, key: str, start: int, count: int) -> tuple[list[str], i
             ids.reverse()
             entries += ids
     return entries, len(segments)
-
-
-COUNTED_COLUMNS = ("job_id", "name", "actor_id")  # (a segment's entries share these)
 
 
 def index_sizes(gcs: Gcs, keys: list[str]) -> list[int]:
