@@ -26,7 +26,7 @@ from typing import Any
 from redray import exceptions
 from redray import gcs as gcs_schema
 from redray.core.actor_submitter import ActorSubmitter
-from redray.core.ids import IdSource
+from redray.core.ids import OWNER_BYTES, IdSource
 from redray.core.jobs import Jobs
 from redray.core.object_io import ObjectIO
 from redray.core.ownership import Ownership
@@ -65,7 +65,7 @@ class CoreWorker:
     ):
         self.mode = mode
         self.worker_id = worker_id
-        self.ids = IdSource(worker_id[:8])
+        self.ids = IdSource(worker_id[:OWNER_BYTES])
         self.reactor = Reactor(token, name=f"redray-io-{mode}")
         # Drivers' and workers' calls that need Redis wait out an outage (the control
         # loop's own client rides outages out itself).

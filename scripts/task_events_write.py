@@ -14,10 +14,10 @@ microbenchmark's ops/s do not (see scripts/task_events_cost.py for whole workloa
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import time
 
+from redray.core.ids import IdSource
 from redray.gcs import Gcs
 from redray.node.redis_server import RedisServer
 from redray.state import events, keys
@@ -72,8 +72,9 @@ def main() -> None:
         owner = merging = writing = 0.0
         redis_before = 0.0
         queued: list[bytes] = []
+        owner_ids = IdSource()  # (one driver's calls)
         for n in range(args.batches):
-            ids = [os.urandom(24) for _ in range(args.batch)]
+            ids = [owner_ids.task_id() for _ in range(args.batch)]
             batch = finished_attempts(queued, node, worker, True) + pending_reports(ids)
             if not args.queued:
                 batch = finished_attempts(ids, node, worker, False)
@@ -93,7 +94,7 @@ def main() -> None:
                 writing += t3 - t2
         attempts = measured * args.batch
         redis = redis_cpu(gcs) - redis_before
-        stored = gcs.redis.hlen(gcs.key(keys.DATA))
+        stored = keys.task_count(gcs)
         memory = gcs.redis.info("memory")["used_memory"]
 
         def us(seconds: float) -> str:

@@ -11,7 +11,9 @@ import itertools
 import os
 import threading
 
-TASK_ID_BYTES = 14
+OWNER_BYTES = 8  # a task id's prefix: the process that submitted it
+COUNTER_BYTES = 6
+TASK_ID_BYTES = OWNER_BYTES + COUNTER_BYTES
 OBJECT_ID_BYTES = 16
 
 
@@ -19,14 +21,14 @@ class IdSource:
     """Unique task and object ids for one process."""
 
     def __init__(self, prefix: bytes | None = None):
-        self.prefix = prefix or os.urandom(8)
+        self.prefix = prefix or os.urandom(OWNER_BYTES)
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
 
     def task_id(self) -> bytes:
         with self._lock:
             n = next(self._counter)
-        return self.prefix + n.to_bytes(6, "big")
+        return self.prefix + n.to_bytes(COUNTER_BYTES, "big")
 
     def put_id(self) -> bytes:
         return self.task_id() + b"\x00\x00"

@@ -339,8 +339,7 @@ def _log_target(
             raise ValueError(f"actor {actor_id} is unknown or was never placed on a node")
         return _node_for(gcs, info["node_id"], None), None, f"worker-*-{info.get('pid')}.{suffix}"
     if task_id is not None:
-        entries = keys.attempts_of(gcs, task_id)
-        records = [r for r in keys.read_tasks(gcs, entries) if r]
+        records = keys.read_attempts(gcs, task_id)
         record = next((r for r in records if r.get("attempt_number") == attempt_number), None)
         record = record or (records[-1] if records else None)
         if record is None or not record.get("worker_id"):

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redray.state import keys
+from redray.state import columns, keys
 
 log = logging.getLogger(__name__)
 
@@ -357,45 +357,40 @@ def _add_pending(
 
 
 def add_complete(batch: keys.TaskEventBatch, events: list) -> list:
-    """Add the attempts complete in their one event to the batch; the other events. An
-    attempt is complete when it finished and its worker's reply said how it ran: the end
-    event then carries all there is to know of it (what was reported of it before, pending
-    or running, only goes out of date), and its record takes the short form
-    (keys.COMPLETE_FIELDS)."""
+    """Add the attempts complete in their one event to the batch, as pieces (columns.py);
+    the other events. An attempt is complete when it finished and its worker's reply said how
+    it ran: the end event then carries all there is to know of it (what was reported of it
+    before, pending or running, only goes out of date)."""
     rest = []
-    statics: dict[tuple, tuple] = {}  # what tasks of one function share
-    nodes: set[tuple[int, str]] = set()  # (segment, node) pairs indexed
+    groups: dict[tuple, list] = {}  # the end events of one owner's calls of one function
+    owner = columns.OWNER_BYTES
     for event in events:
         run = event[11] if event[0] == FINISHED else None
         if not run:
             rest.append(event)
             continue
-        name, job_id, actor_id, resources = event[6], event[7], event[8], event[10]
-        reported = bool(run[1] or event[13])
-        key = (name, job_id, actor_id, id(resources), reported)
-        static = statics.get(key)
-        if static is None:
-            static = statics[key] = _static(batch, name, job_id, actor_id, resources, reported)
-        text, segment = static
-        created = int(event[3] * 1000)
-        parent = "null" if event[9] is None else f'"{event[9].hex()}"'
-        segment.lines.append(
-            f"{event[1].hex()}:{event[2]}\t[{text}{created},"
-            f"{int(event[4] * 1000) if event[4] else created},{int(run[0] * 1000)},"
-            f'{int(event[5] * 1000)},"{run[2]}","{run[3]}",{int(run[4])},{parent}]'
-        )
-        if (id(segment), run[2]) not in nodes:
-            nodes.add((id(segment), run[2]))
-            segment.indexes.add("node_id:" + run[2])
+        reported = run[1] or event[13]
+        key = (event[6], event[7], event[8], id(event[10]), event[1][:owner], reported)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [event]
+        else:
+            group.append(event)
+    for (name, job_id, actor_id, _, _, reported), group in groups.items():
+        resources = group[0][10]
+        resources_json = json.dumps(resources) if resources else None
+        counted = keys.counted_indexes(job_id, name, actor_id.hex() if actor_id else None)
+        for part in columns.cut(group, keys.WRITE_CHUNK):
+            try:
+                ids, body, nodes = columns.encode(part, resources_json)
+            except ValueError:  # (ids that are not task ids: stored one by one)
+                rest += part
+                continue
+            entries = " ".join(f"{e[1].hex()}:{e[2]}" for e in part) if reported else ""
+            indexes = {"all", *("node_id:" + node for node in nodes)}
+            span = columns.span_of(part)
+            batch.pieces.append(keys.Piece(counted, ids, span, body, entries, indexes))
     return rest
-
-
-def _static(batch: keys.TaskEventBatch, name, job_id, actor_id, resources, reported) -> tuple:
-    """The leading values (JSON, with a trailing comma) of the complete records of one
-    function's tasks, and the segment they go to."""
-    actor = actor_id.hex() if actor_id else None
-    values = [name, job_id, actor, json.dumps(resources) if resources else None]
-    return _ENCODE(values)[1:-1] + ",", batch.segment(job_id, name, actor, reported)
 
 
 def _merge_slow(

@@ -1,21 +1,27 @@
 """Redis layout of the state API: task events and user metrics (key templates and scripts).
 
 Task events (one entry per task attempt, written by raylets in batches):
-- ``te:data``: hash ``<task_id>:<attempt>`` -> its record: the JSON of its TaskState fields
-  (Ray's names) with ``rank`` (how far it got: late reports never move it back), or, for an
-  attempt stored complete (it ended before anything of it was reported: most of them), a
-  JSON array of COMPLETE_FIELDS' values, a third of the size;
-- ``te:seg``: hash ``<segment>`` -> ``<job>\t<entry> <entry> ...``: the attempts of one job
-  one write stored, oldest first (a segment loses its oldest as retention drops them);
+- ``te:seg``: hash ``<segment>`` -> the attempts of one job's function that one write stored,
+  oldest first (a segment loses its oldest as retention drops them), in one of two forms:
+  - a *piece* (most attempts: those that finished with their worker's reply, see
+    columns.py): ``#<counted indexes>\t<rows dropped>\t<rows>\t<span><segment><ids>``,
+    its body in ``te:rec`` under the same name; ``te:own``, a sorted set ordered by member,
+    holds ``<span><segment>`` of each piece, so a task is found by its owner and counter;
+    ``te:done`` (by time) the entries of attempts reported pending or running before they
+    were stored in a piece, so that a report arriving late is recognised;
+  - otherwise ``<counted indexes>\t<entry> <entry> ...``, each entry (``<task_id>:<attempt>``)
+    a field of ``te:data``: its record, the JSON of its TaskState fields (Ray's names) with
+    ``rank`` (how far it got: late reports never move it back);
 - ``te:i:all``, ``te:i:job_id:<job>``, ``te:i:name:<name>``, ``te:i:node_id:<node>``,
   ``te:i:actor_id:<actor>``: lists of the segments holding such attempts, in the order they
   were stored (newest last): a write appends one element per index, not one per attempt,
-  and a filter reads its index's segments and checks each record (a segment of several
-  functions lists them all in each function's index);
-- ``te:i:state:<STATE>``: sorted sets (by creation time) of the attempts pending, running or
+  and a filter reads its index's segments and checks each record;
+- ``te:i:state:<STATE>``: sorted sets (by creation time) of the entries pending, running or
   failed: entries move between them as attempts advance. Finished attempts, most of what is
   stored, are found by reading ``te:i:all``;
-- ``te:jobs``: hash job -> attempts stored (the per-job cap);
+- ``te:counts``: hash counted index (``job_id:<job>``, ``name:<name>``, ``actor_id:<actor>``)
+  -> attempts stored (exact counts for readers, and the per-job cap), and ``pieces`` ->
+  attempts stored in pieces;
 - ``te:indexes``: the index names; ``te:dropped``: counters of what was not kept:
   ``retention`` (past the cluster's cap: the oldest stored go), ``job_cap`` and ``job:<job>``
   (past a job's cap), ``buffer`` (lost before reaching Redis). Indexes lose the segments of
@@ -32,6 +38,7 @@ Every key is under the cluster prefix of ``Gcs.key``; every call goes through th
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import time
@@ -39,33 +46,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redray.gcs import Gcs
+from redray.state import columns
 
 DATA = "te:data"
 SEGMENTS = "te:seg"
+RECORDS = "te:rec"
+OWNERS = "te:own"
+DONE = "te:done"
+PIECE_ROWS = "pieces"  # (the field of COUNTS counting the attempts stored in pieces)
+DONE_SECONDS = 300  # how long a late report of an attempt stored in a piece is recognised
 COUNTS = "te:counts"
 INDEX = "te:i:{name}"
 INDEXES = "te:indexes"
 SWEEP_CURSOR = "te:sweep"
 WRITE_CHUNK = 5000  # attempts per script call
+SEGMENT_ID_CHARS = 16
 DROPPED = "te:dropped"
 INDEXED_COLUMNS = ("state", "job_id", "name", "node_id", "actor_id")
 COUNTED_COLUMNS = ("job_id", "name", "actor_id")  # (a segment's entries share these)
-# A record stored complete (a finished attempt of which nothing was reported before, most of
-# them) is a JSON array of these fields' values; its entry gives its task id and attempt.
-COMPLETE_FIELDS = (
-    "name",
-    "job_id",
-    "actor_id",
-    "required_resources",
-    "creation_time_ms",
-    "submitted_time_ms",
-    "start_time_ms",
-    "end_time_ms",
-    "node_id",
-    "worker_id",
-    "worker_pid",
-    "parent_task_id",
-)
+PIECE_MARK = b"#"  # (a segment's value that starts with it is a piece)
 METRICS_PROCESS = "metrics:p:{process}"
 METRICS_PROCESSES = "metrics:procs"
 
@@ -85,12 +84,14 @@ TERMINAL_STATES = ("FINISHED", "FAILED")
 
 # KEYS[1]: the task-events prefix ("<cluster prefix>te:").
 # ARGV: max tasks kept, max per job, events lost before Redis (to count), then
+#   n pieces (see columns.py), then n x (segment id, counted indexes ("job_id:<job>
+#     name:<name> [actor_id:<actor>]": every attempt of the segment is in each), rows, its
+#     entry in te:own (its span and segment id), ids, body, entries ("id id ...": its attempts
+#     that may have been stored as pending or running before, and leave te:data and those
+#     states' indexes; "" when none), k, k more list indexes the segment joins);
 #   n segments of complete entries (every event of the attempt was in this batch: nothing to
-#     merge), then n x (segment id, counted indexes ("job_id:<job> name:<name>
-#     [actor_id:<actor>]": every entry of the segment is in each), "id\trecord\n..." (JSON
-#     never holds a raw tab or newline), reported ("1": its attempts may have been stored as
-#     pending or running before, and leave those states' indexes), k, k more list indexes
-#     the segment joins);
+#     merge), then n x (segment id, counted indexes, "id\trecord\n..." (JSON never holds a
+#     raw tab or newline), k, k more list indexes the segment joins);
 #   the prefix of this write's segments of partial entries;
 #   n partial entries, then n x (id, score, rank, state, json, mode, counted indexes (as a
 #     segment's), node):
@@ -102,6 +103,9 @@ _WRITE_TASK_EVENTS = r"""
 local p = KEYS[1]
 local data = p .. 'data'
 local segs = p .. 'seg'
+local recs = p .. 'rec'
+local own = p .. 'own'
+local done = p .. 'done'
 local counts = p .. 'counts'
 local max_total = tonumber(ARGV[1])
 local max_job = tonumber(ARGV[2])
@@ -128,11 +132,25 @@ local function store_segment(seg, header, ids, from)
   redis.call('HSET', segs, seg, header .. '\t' .. table.concat(ids, ' ', from or 1))
 end
 
+-- A piece's value: "#<counted>\t<rows dropped>\t<rows>\t<its entry in te:own><ids>".
+local function store_piece(seg, header, skip, rows, member, ids)
+  redis.call('HSET', segs, seg, '#' .. header .. '\t' .. skip .. '\t' .. rows .. '\t' .. member .. ids)
+end
+
+local function parse_piece(content)
+  local t1 = string.find(content, '\t', 2, true)
+  local t2 = string.find(content, '\t', t1 + 1, true)
+  local t3 = string.find(content, '\t', t2 + 1, true)
+  return string.sub(content, 2, t1 - 1), tonumber(string.sub(content, t1 + 1, t2 - 1)),
+    tonumber(string.sub(content, t2 + 1, t3 - 1)), string.sub(content, t3 + 1, t3 + __MEMBER__),
+    string.sub(content, t3 + __MEMBER__ + 1)
+end
+
 -- A segment's entries were stored: count them in its counted indexes, list it in those
 -- and in the others it joins.
 local function listed(seg, header, new, others)
   for _, name in ipairs(split(header, 1, #header)) do
-    if new > 0 then
+    if new ~= 0 then
       redis.call('HINCRBY', counts, name, new)
       if string.sub(name, 1, 7) == 'job_id:' then jobs[string.sub(name, 8)] = true end
     end
@@ -146,10 +164,41 @@ local function listed(seg, header, new, others)
   added = added + new
 end
 
+-- The state index an entry stored in te:data is in (nil: none).
+local function stored_state(old)
+  return old and string.match(old, '"state":"([A-Z_]+)"')
+end
+
+local now = tonumber(redis.call('TIME')[1])
 local i = 4
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
-  local seg, header, text, reported, k = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3] == '1', tonumber(ARGV[i + 4])
+  local seg, header, rows, member, ids, body, entries, k = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], tonumber(ARGV[i + 7])
+  redis.call('ZADD', own, 0, member)
+  store_piece(seg, header, 0, rows, member, ids)
+  redis.call('HSET', recs, seg, body)
+  redis.call('HINCRBY', counts, '__PIECE_ROWS__', rows)
+  local new = rows
+  if entries ~= '' then
+    -- What was stored of these attempts before (pending or running) goes: they are here now;
+    -- reports of them still on their way are recognised for a while (te:done).
+    for _, id in ipairs(split(entries, 1, #entries)) do
+      local state = stored_state(redis.call('HGET', data, id))
+      if state then redis.call('ZREM', p .. 'i:state:' .. state, id) end
+      new = new - redis.call('HDEL', data, id)
+      redis.call('ZADD', done, now, id)
+    end
+  end
+  local others = {}
+  for m = i + 8, i + 7 + k do others[ARGV[m]] = true end
+  listed(seg, header, new, others)
+  i = i + 8 + k
+end
+redis.call('ZREMRANGEBYSCORE', done, '-inf', now - __DONE_SECONDS__)
+
+n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  local seg, header, text, k = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   local ids, pairs_, new = {}, {}, 0
   local pos, len = 1, #text
   while pos <= len do
@@ -157,11 +206,6 @@ for _ = 1, n do
     local stop = string.find(text, '\n', tab, true) or (len + 1)
     local id = string.sub(text, pos, tab - 1)
     ids[#ids + 1] = id
-    if reported then
-      local old = redis.call('HGET', data, id)
-      local state = old and string.match(old, '"state":"([A-Z_]+)"')
-      if state then redis.call('ZREM', p .. 'i:state:' .. state, id) end
-    end
     pairs_[#pairs_ + 1] = id; pairs_[#pairs_ + 1] = string.sub(text, tab + 1, stop - 1)
     if #pairs_ >= 4000 then new = new + redis.call('HSET', data, unpack(pairs_)); pairs_ = {} end
     pos = stop + 1
@@ -169,9 +213,9 @@ for _ = 1, n do
   if #pairs_ > 0 then new = new + redis.call('HSET', data, unpack(pairs_)) end
   store_segment(seg, header, ids)
   local others = {}
-  for m = i + 5, i + 4 + k do others[ARGV[m]] = true end
+  for m = i + 4, i + 3 + k do others[ARGV[m]] = true end
   listed(seg, header, new, others)
-  i = i + 5 + k
+  i = i + 4 + k
 end
 
 -- Partial entries new here join this write's segment of their job, name and actor; the
@@ -221,9 +265,12 @@ for _ = 1, n do
     for _, s in ipairs(live) do redis.call('ZREM', p .. 'i:state:' .. s, id) end
     if state ~= 'FINISHED' then redis.call('ZADD', p .. 'i:state:' .. state, score, id) end
   elseif not old then
-    redis.call('HSET', data, id, with_segment(blob, join(header, node, id)))
-    redis.call('ZADD', p .. 'i:state:' .. state, score, id)
-  elseif string.sub(old, 1, 1) ~= '[' then  -- (a complete record is final: nothing to add)
+    -- (a report that comes after its attempt was stored finished, in a piece, is out of date)
+    if not redis.call('ZSCORE', done, id) then
+      redis.call('HSET', data, id, with_segment(blob, join(header, node, id)))
+      redis.call('ZADD', p .. 'i:state:' .. state, score, id)
+    end
+  else
     node_learned(old, node)
     local rec = cjson.decode(old)
     local new = cjson.decode(blob)
@@ -276,14 +323,32 @@ local function drop_oldest(key, count)
     if not content then
       redis.call('LPOP', key)
     else
-      local tab = string.find(content, '\t', 1, true)
-      local header = string.sub(content, 1, tab - 1)
-      local ids = split(content, tab + 1, #content)
-      local take = math.min(#ids, count - dropped, budget)
-      budget = budget - take
-      local gone = 0
-      for s = 1, take, 4000 do
-        gone = gone + redis.call('HDEL', data, unpack(ids, s, math.min(s + 3999, take)))
+      local header, gone, finished
+      if string.sub(content, 1, 1) == '#' then
+        local skip, rows, member, ids
+        header, skip, rows, member, ids = parse_piece(content)
+        gone = math.min(rows - skip, count - dropped, budget)
+        budget = budget - gone
+        redis.call('HINCRBY', counts, '__PIECE_ROWS__', -gone)
+        finished = skip + gone == rows
+        if finished then
+          redis.call('HDEL', recs, seg)
+          redis.call('ZREM', own, member)
+        else
+          store_piece(seg, header, skip + gone, rows, member, ids)
+        end
+      else
+        local tab = string.find(content, '\t', 1, true)
+        header = string.sub(content, 1, tab - 1)
+        local ids = split(content, tab + 1, #content)
+        local take = math.min(#ids, count - dropped, budget)
+        budget = budget - take
+        gone = 0
+        for s = 1, take, 4000 do
+          gone = gone + redis.call('HDEL', data, unpack(ids, s, math.min(s + 3999, take)))
+        end
+        finished = take == #ids
+        if not finished then store_segment(seg, header, ids, take + 1) end
       end
       dropped = dropped + gone
       if gone > 0 then
@@ -291,11 +356,9 @@ local function drop_oldest(key, count)
           if redis.call('HINCRBY', counts, name, -gone) <= 0 then redis.call('HDEL', counts, name) end
         end
       end
-      if take == #ids then
+      if finished then
         redis.call('HDEL', segs, seg)
         redis.call('LPOP', key)
-      else
-        store_segment(seg, header, ids, take + 1)
       end
     end
   end
@@ -317,7 +380,7 @@ for job, _ in pairs(jobs) do
     count_dropped('job:' .. job, dropped)
   end
 end
-local over = redis.call('HLEN', data) - max_total
+local over = redis.call('HLEN', data) + tonumber(redis.call('HGET', counts, '__PIECE_ROWS__') or '0') - max_total
 if over > 0 then count_dropped('retention', drop_oldest(p .. 'i:all', over)) end
 if trimmed then redis.call('SET', p .. 'trimmed', '1') end
 
@@ -356,7 +419,14 @@ if redis.call('EXISTS', p .. 'trimmed') == 1 then
 end
 if lost > 0 then redis.call('HINCRBY', p .. 'dropped', 'buffer', lost) end
 return added
-""".replace("__RANKS__", ", ".join(f"{state} = {rank}" for state, rank in STATE_RANK.items()))
+"""
+for _name, _value in {
+    "__RANKS__": ", ".join(f"{state} = {rank}" for state, rank in STATE_RANK.items()),
+    "__MEMBER__": str(columns.SPAN_BYTES + SEGMENT_ID_CHARS),
+    "__PIECE_ROWS__": PIECE_ROWS,
+    "__DONE_SECONDS__": str(DONE_SECONDS),
+}.items():
+    _WRITE_TASK_EVENTS = _WRITE_TASK_EVENTS.replace(_name, _value)
 
 
 def task_prefix(gcs: Gcs) -> str:
@@ -380,51 +450,72 @@ def counted_indexes(job: str | None, name: str | None, actor: str | None) -> str
 
 @dataclass
 class Segment:
-    """Complete entries of one job, function and actor that one write stores: lines
-    "id\trecord" (oldest first), and the list indexes the segment joins besides those it
-    counts in (see _WRITE_TASK_EVENTS)."""
+    """Complete entries of one job, function and actor that one write stores in te:data:
+    lines "id\trecord" (oldest first), and the list indexes the segment joins besides those
+    it counts in (see _WRITE_TASK_EVENTS)."""
 
     counted: str
-    reported: bool = False  # its attempts may be stored as pending or running already
     lines: list[str] = field(default_factory=list)
     indexes: set[str] = field(default_factory=lambda: {"all"})
+
+
+@dataclass
+class Piece:
+    """Finished attempts of one job, function and actor stored as columns (columns.py)."""
+
+    counted: str
+    ids: bytes
+    span: bytes
+    body: bytes
+    entries: str  # "id id ...": those that may be stored as pending or running already
+    indexes: set[str]
+
+    def __len__(self) -> int:
+        return len(self.ids) // columns.ID_BYTES
 
 
 @dataclass
 class TaskEventBatch:
     """What one write stores: see _WRITE_TASK_EVENTS for each part."""
 
-    segments: dict[tuple, Segment] = field(default_factory=dict)  # (job, name, actor, reported)
+    pieces: list[Piece] = field(default_factory=list)
+    segments: dict[tuple, Segment] = field(default_factory=dict)  # (job, name, actor)
     partial: list[tuple] = field(default_factory=list)
     scored: dict[str, list[str]] = field(default_factory=dict)  # state index -> "score id"s
     lost: int = 0
 
     def __len__(self) -> int:
         """Attempts in the batch."""
-        return sum(len(s.lines) for s in self.segments.values()) + len(self.partial)
+        return (
+            sum(map(len, self.pieces))
+            + sum(len(s.lines) for s in self.segments.values())
+            + len(self.partial)
+        )
 
-    def segment(self, job: str, name: str, actor: str | None, reported: bool = False) -> Segment:
+    def segment(self, job: str, name: str, actor: str | None) -> Segment:
         """The segment of the complete entries of a job's function (or actor method)."""
-        found = self.segments.get((job, name, actor, reported))
+        found = self.segments.get((job, name, actor))
         if found is None:
-            found = self.segments[(job, name, actor, reported)] = Segment(
-                counted_indexes(job, name, actor), reported
-            )
+            found = self.segments[(job, name, actor)] = Segment(counted_indexes(job, name, actor))
         return found
 
     def add_scored(self, index: str, score: float, entry: str) -> None:
         self.scored.setdefault(index, []).append(f"{score} {entry}")
 
 
+def _segment_id() -> str:
+    return secrets.token_hex(SEGMENT_ID_CHARS // 2)
+
+
 def write_task_events(gcs: Gcs, batch: TaskEventBatch, max_tasks: int, max_per_job: int) -> int:
     """Store a batch of attempts, keep the indexes, apply the caps (one script call per
-    WRITE_CHUNK attempts, so no call runs long); returns how many attempts were new."""
+    WRITE_CHUNK attempts or so, so no call runs long); returns how many attempts were new."""
     calls = _calls(batch)
     added = 0
-    for n, (segments, partial) in enumerate(calls):
+    for n, (pieces, segments, partial) in enumerate(calls):
         last = n == len(calls) - 1
-        args: list[Any] = [max_tasks, max_per_job, batch.lost if last else 0, *segments]
-        args += (secrets.token_hex(8) + ".", *partial)
+        args: list[Any] = [max_tasks, max_per_job, batch.lost if last else 0, *pieces, *segments]
+        args += (_segment_id() + ".", *partial)
         # (the state indexes go with the last call: after the records they point to)
         present = {name: members for name, members in batch.scored.items() if members and last}
         args.append(len(present))
@@ -434,28 +525,41 @@ def write_task_events(gcs: Gcs, batch: TaskEventBatch, max_tasks: int, max_per_j
     return added
 
 
-def _calls(batch: TaskEventBatch) -> list[tuple[list[Any], list[Any]]]:
-    """The batch cut into script calls of at most WRITE_CHUNK attempts: the arguments of
-    each call's segments and of its partial entries."""
-    calls: list[tuple[list[Any], list[Any]]] = []
-    segments: list[Any] = []
+def _calls(batch: TaskEventBatch) -> list[tuple[list[Any], list[Any], list[Any]]]:
+    """The batch cut into script calls of about WRITE_CHUNK attempts: the arguments of each
+    call's pieces, segments and partial entries."""
+    calls: list[tuple[list[Any], list[Any], list[Any]]] = []
+    pieces: list[Any] = []
     count = size = 0
+    for piece in batch.pieces:
+        if size and size + len(piece) > WRITE_CHUNK:
+            calls.append(([count, *pieces], [0], [0]))
+            pieces, count, size = [], 0, 0
+        segment = _segment_id()
+        member = piece.span + segment.encode()
+        pieces += (segment, piece.counted, len(piece), member, piece.ids, piece.body)
+        pieces += (piece.entries, len(piece.indexes), *piece.indexes)
+        count += 1
+        size += len(piece)
+    segments: list[Any] = []
+    count_segments = 0
     for segment in batch.segments.values():
         for start in range(0, len(segment.lines), WRITE_CHUNK):
             lines = segment.lines[start : start + WRITE_CHUNK]
             if size and size + len(lines) > WRITE_CHUNK:
-                calls.append(([count, *segments], [0]))
-                segments, count, size = [], 0, 0
-            segments += (secrets.token_hex(8), segment.counted, "\n".join(lines))
-            segments += ("1" if segment.reported else "", len(segment.indexes), *segment.indexes)
-            count += 1
+                calls.append(([count, *pieces], [count_segments, *segments], [0]))
+                pieces, segments, count, count_segments, size = [], [], 0, 0, 0
+            segments += (_segment_id(), segment.counted, "\n".join(lines))
+            segments += (len(segment.indexes), *segment.indexes)
+            count_segments += 1
             size += len(lines)
-    if count:
-        calls.append(([count, *segments], [0]))
+    if count or count_segments:
+        calls.append(([count, *pieces], [count_segments, *segments], [0]))
     for start in range(0, len(batch.partial), WRITE_CHUNK):
         part = batch.partial[start : start + WRITE_CHUNK]
-        calls.append(([0], [len(part), *(value for partial in part for value in partial)]))
-    return calls or [([0], [0])]
+        values = (value for partial in part for value in partial)
+        calls.append(([0], [0], [len(part), *values]))
+    return calls or [([0], [0], [0])]
 
 
 def index_key(gcs: Gcs, column: str, value: str | None = None) -> str:
@@ -473,24 +577,55 @@ def is_scored_key(gcs: Gcs, key: str) -> bool:
     return is_scored(index_name(gcs, key))
 
 
-def index_page(gcs: Gcs, key: str, start: int, count: int) -> tuple[list[str], int]:
-    """Entries of an index, newest first, at its `count` positions from `start` (a list's
-    positions are segments of entries, and may repeat an entry); and how many positions
-    there were."""
+def index_page(gcs: Gcs, key: str, start: int, count: int) -> tuple[list[dict[str, Any]], int]:
+    """Records of an index's attempts still stored, newest first, at its `count` positions
+    from `start` (a list's positions are segments of attempts, and may repeat one); and how
+    many positions there were."""
     if is_scored_key(gcs, key):
         raw = gcs.redis.zrevrange(key, start, start + count - 1)
-        return [r.decode() for r in raw], len(raw)
+        records = read_tasks(gcs, [r.decode() for r in raw])
+        return [r for r in records if r is not None], len(raw)
     segments = gcs.redis.lrange(key, -(start + count), -(start + 1))
     if not segments:
         return [], 0
     segments.reverse()
-    entries: list[str] = []
-    for content in gcs.redis.hmget(gcs.key(SEGMENTS), segments):
-        if content:  # "job\tid id ...", oldest first
+    return read_segments(gcs, segments), len(segments)
+
+
+def _piece(content: bytes) -> tuple[int, bytes, bytes]:
+    """(rows dropped, its entry in te:own, ids) of a piece's segment value."""
+    _, skip, _, rest = content[1:].split(b"\t", 3)
+    member = columns.SPAN_BYTES + SEGMENT_ID_CHARS
+    return int(skip), rest[:member], rest[member:]
+
+
+def read_segments(gcs: Gcs, segments: list[bytes]) -> list[dict[str, Any]]:
+    """The records of these segments' attempts still stored, each segment's newest first."""
+    contents = gcs.redis.hmget(gcs.key(SEGMENTS), segments)
+    pieces = [s for s, c in zip(segments, contents, strict=True) if c and c[:1] == PIECE_MARK]
+    bodies: dict[bytes, bytes | None] = {}
+    if pieces:
+        bodies = dict(zip(pieces, gcs.redis.hmget(gcs.key(RECORDS), pieces), strict=True))
+    entries: list[str] = []  # of the other segments, newest first
+    for content in contents:
+        if content and content[:1] != PIECE_MARK:  # "counted\tid id ...", oldest first
             ids = content.decode().split("\t", 1)[1].split(" ")
-            ids.reverse()
-            entries += ids
-    return entries, len(segments)
+            entries += reversed(ids)
+    stored = iter(read_tasks(gcs, entries))
+    records: list[dict[str, Any]] = []
+    for segment, content in zip(segments, contents, strict=True):
+        if not content:
+            continue
+        if content[:1] != PIECE_MARK:
+            count = content.count(b" ") + 1
+            records += (r for r in itertools.islice(stored, count) if r is not None)
+            continue
+        body = bodies.get(segment)
+        if body:
+            skip, _, ids = _piece(content)
+            rows = range(len(ids) // columns.ID_BYTES - 1, skip - 1, -1)
+            records += columns.decode(ids, body, rows)
+    return records
 
 
 def index_sizes(gcs: Gcs, keys: list[str]) -> list[int]:
@@ -503,11 +638,14 @@ def index_sizes(gcs: Gcs, keys: list[str]) -> list[int]:
             commands.append(("ZCARD", key))
         elif name.split(":", 1)[0] in COUNTED_COLUMNS:
             commands.append(("HGET", gcs.key(COUNTS), name))
-        elif name == "all":
+        elif name == "all":  # (attempts in te:data, and in pieces)
             commands.append(("HLEN", gcs.key(DATA)))
+            commands.append(("HGET", gcs.key(COUNTS), PIECE_ROWS))
         else:
             commands.append(("LLEN", key))
-    return [int(r or 0) for r in gcs.round_trip(*commands)]
+    replies = iter([int(r or 0) for r in gcs.round_trip(*commands)])
+    names = [index_name(gcs, key) for key in keys]
+    return [next(replies) + next(replies) if n == "all" else next(replies) for n in names]
 
 
 def index_is_exact(name: str) -> bool:
@@ -516,32 +654,56 @@ def index_is_exact(name: str) -> bool:
 
 
 def read_tasks(gcs: Gcs, entries: list[str]) -> list[dict[str, Any] | None]:
-    """The stored record of each attempt (None for attempts no longer stored)."""
+    """The records of attempts stored in te:data (None for those no longer stored)."""
     if not entries:
         return []
     raw = gcs.redis.hmget(gcs.key(DATA), entries)
-    records: list[dict[str, Any] | None] = []
-    for entry, blob in zip(entries, raw, strict=True):
-        if not blob:
-            records.append(None)
-            continue
-        record = json.loads(blob)
-        if type(record) is list:  # complete: its values, in COMPLETE_FIELDS' order
-            record = {k: v for k, v in zip(COMPLETE_FIELDS, record, strict=True) if v is not None}
-            task_id, _, attempt = entry.rpartition(":")
-            record["task_id"] = task_id
-            record["attempt_number"] = int(attempt)
-            record["type"] = "ACTOR_TASK" if record.get("actor_id") else "NORMAL_TASK"
-            record["state"] = "FINISHED"
-        records.append(record)
-    return records
+    return [json.loads(blob) if blob else None for blob in raw]
 
 
-def attempts_of(gcs: Gcs, task_id: str, most: int = 64) -> list[str]:
-    """The stored attempts of a task (entries), in attempt order."""
+def read_attempts(gcs: Gcs, task_id: str, most: int = 64) -> list[dict[str, Any]]:
+    """The records of a task's stored attempts (hex id), in attempt order."""
     entries = [entry_id(task_id, n) for n in range(most)]
-    raw = gcs.redis.hmget(gcs.key(DATA), entries)
-    return [e for e, blob in zip(entries, raw, strict=True) if blob]
+    records = {
+        n: json.loads(blob)
+        for n, blob in enumerate(gcs.redis.hmget(gcs.key(DATA), entries))
+        if blob
+    }
+    try:
+        binary = bytes.fromhex(task_id)
+    except ValueError:
+        binary = b""
+    if len(binary) == columns.TASK_ID_BYTES:
+        for record in _located(gcs, binary):
+            records[record["attempt_number"]] = record
+    return [records[n] for n in sorted(records)]
+
+
+def _located(gcs: Gcs, task_id: bytes, page: int = 256) -> list[dict[str, Any]]:
+    """The records of a task's attempts stored in pieces (found by the task's owner and
+    counter: see columns.py)."""
+    high, low = columns.search_bounds(task_id)
+    candidates: list[bytes] = []
+    offset = 0
+    while True:
+        members = gcs.redis.zrevrangebylex(gcs.key(OWNERS), high, low, offset, page)
+        span = columns.SPAN_BYTES
+        candidates += (m[span:] for m in members if columns.may_hold(m[:span], task_id))
+        if len(members) < page:
+            break
+        offset += page
+    if not candidates:
+        return []
+    contents, bodies = gcs.round_trip(
+        ("HMGET", gcs.key(SEGMENTS), *candidates), ("HMGET", gcs.key(RECORDS), *candidates)
+    )
+    records: list[dict[str, Any]] = []
+    for content, body in zip(contents, bodies, strict=True):
+        if content and body:
+            skip, _, ids = _piece(content)
+            rows = [row for row in columns.rows_of(ids, task_id) if row >= skip]
+            records += columns.decode(ids, body, rows)
+    return records
 
 
 def dropped_counts(gcs: Gcs) -> dict[str, int]:
@@ -550,7 +712,8 @@ def dropped_counts(gcs: Gcs) -> dict[str, int]:
 
 
 def task_count(gcs: Gcs) -> int:
-    return int(gcs.redis.hlen(gcs.key(DATA)))
+    """Attempts stored."""
+    return index_sizes(gcs, [index_key(gcs, "all")])[0]
 
 
 # -- user metrics -------------------------------------------------------------------------

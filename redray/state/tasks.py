@@ -110,8 +110,7 @@ def list_tasks(
     total = keys.task_count(gcs)
     task_ids = [str(v) for k, p, v in checked if k == "task_id" and p == "="]
     if task_ids:
-        entries = keys.attempts_of(gcs, task_ids[0])
-        records = [r for r in keys.read_tasks(gcs, entries) if r is not None]
+        records = keys.read_attempts(gcs, task_ids[0])
         found = [
             t for t in (task_state(r, detail) for r in records) if filters_mod.matches(t, checked)
         ]
@@ -130,9 +129,7 @@ def list_tasks(
     found: list[TaskState] = []
     exhausted = False
     for page in _pages(gcs, index, max(PAGE, limit)):
-        for record in keys.read_tasks(gcs, page):
-            if record is None:
-                continue  # dropped since (its index entry is swept later)
+        for record in page:
             task = task_state(record, detail=True)
             if filters_mod.matches(task, checked):
                 found.append(task if detail else TaskState.brief(task))
@@ -149,25 +146,27 @@ def list_tasks(
     return ListResult(found, total, num_filtered, warnings)
 
 
-def _pages(gcs: Gcs, index: str, page: int) -> Iterator[list[str]]:
-    """The entries of an index, newest first, each once, in pages of at most `page`
-    entries (a list's segments are read a few at a time, more as the reading goes on)."""
+def _pages(gcs: Gcs, index: str, page: int) -> Iterator[list[dict[str, Any]]]:
+    """The records of an index's attempts, newest first, each once, in pages of at most
+    `page` (a list's segments are read a few at a time, more as the reading goes on)."""
     scored = keys.is_scored_key(gcs, index)
     positions = page if scored else 2
-    seen: set[str] = set()
-    pending: list[str] = []
+    seen: set[tuple[str, int]] = set()
+    pending: list[dict[str, Any]] = []
     start = 0
     more = True
     while True:
         while more and len(pending) < page:
-            entries, read = keys.index_page(gcs, index, start, positions)
+            records, read = keys.index_page(gcs, index, start, positions)
             more = read == positions
             start += read
             if not scored:
                 positions = min(positions * 2, 64)
-            fresh = [e for e in dict.fromkeys(entries) if e not in seen]
-            seen.update(fresh)
-            pending += fresh
+            for record in records:
+                attempt = (record.get("task_id", ""), record.get("attempt_number", 0))
+                if attempt not in seen:
+                    seen.add(attempt)
+                    pending.append(record)
         if not pending:
             return
         yield pending[:page]
@@ -176,18 +175,15 @@ def _pages(gcs: Gcs, index: str, page: int) -> Iterator[list[str]]:
 
 def get_task(gcs: Gcs, task_id: str) -> TaskState | None:
     """The latest stored attempt of a task (hex id), or None."""
-    entries = keys.attempts_of(gcs, task_id)
-    if not entries:
-        return None
-    record = keys.read_tasks(gcs, entries[-1:])[0]
-    return task_state(record) if record is not None else None
+    records = keys.read_attempts(gcs, task_id)
+    return task_state(records[-1]) if records else None
 
 
 def all_tasks(gcs: Gcs, most: int | None = None) -> list[dict[str, Any]]:
     """Every stored attempt's record (newest first), for summaries and the timeline."""
     records: list[dict[str, Any]] = []
     for page in _pages(gcs, keys.index_key(gcs, "all"), PAGE * 5):
-        records.extend(r for r in keys.read_tasks(gcs, page) if r is not None)
+        records.extend(page)
         if most is not None and len(records) >= most:
             return records[:most]
     return records
