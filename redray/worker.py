@@ -160,7 +160,7 @@ class CoreWorker:
             recorder = task_events.TaskEventRecorder(
                 self.reactor.call_later, self._ship_task_events, _describe_error
             )
-            recorder.pending_state = self.submitter.pending_state
+            recorder.still_pending = self.submitter.still_pending
             self.submitter.events = recorder
 
     def _on_state_objects(self, conn: Connection, message: tuple) -> None:

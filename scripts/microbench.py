@@ -48,6 +48,7 @@ import multiprocessing
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -953,8 +954,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--task-events-cost",
         action="store_true",
-        help="run redray with task events on and off (alternating, twice each), one table",
+        help="run redray with task events on and off (in pairs of runs), one table",
     )
+    p.add_argument("--pairs", type=int, default=4, help="--task-events-cost: pairs of runs (4)")
     p.add_argument("--quick", action="store_true", help="short durations for a smoke run")
     p.add_argument("--sleep", type=float, help="pause before each row (Ray: 10 s)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per row (Ray: 1)")
@@ -1003,40 +1005,57 @@ def main_vs(args: argparse.Namespace) -> None:
 
 def main_task_events_cost(args: argparse.Namespace) -> None:
     """The cost of recording task events: each row with REDRAY_TASK_EVENTS=1 and =0, in
-    fresh processes, in the order on, off, off, on (so a drifting machine load affects both
-    sides alike); each side's trials are pooled."""
+    fresh processes, `--pairs` pairs of runs in turn (on off, off on, on off, ...). Each
+    pair gives a ratio per row; the median of those is the figure (pairing keeps it
+    meaningful when the machine's speed drifts; the median keeps one disturbed pair from
+    moving it). The means of all runs of each side are shown beside it."""
     runs: dict[str, list[dict[str, Any]]] = {"1": [], "0": []}
-    for setting in ("1", "0", "0", "1"):
-        runs[setting].append(
-            run_child(sys.executable, "redray", args, {"REDRAY_TASK_EVENTS": setting})
-        )
+    for pair in range(args.pairs):
+        for setting in ("1", "0") if pair % 2 == 0 else ("0", "1"):
+            runs[setting].append(
+                run_child(sys.executable, "redray", args, {"REDRAY_TASK_EVENTS": setting})
+            )
+
+    def rows_of(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {row["name"]: row for row in report["rows"]}
 
     def pooled(reports: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         merged: dict[str, dict[str, Any]] = {}
         for rep in reports:
-            for row in rep["rows"]:
-                if row["error"] or row["name"] in merged and merged[row["name"]]["error"]:
-                    merged[row["name"]] = row
-                    continue
-                if row["name"] not in merged:
-                    merged[row["name"]] = {**row, "_means": [row["mean"]]}
+            for name, row in rows_of(rep).items():
+                if row["error"] or name in merged and merged[name]["error"]:
+                    merged[name] = row
+                elif name not in merged:
+                    merged[name] = {**row, "_means": [row["mean"]]}
                 else:
-                    merged[row["name"]]["_means"].append(row["mean"])
+                    merged[name]["_means"].append(row["mean"])
         for row in merged.values():
             means = row.pop("_means", None)
             if means:
-                row["mean"] = sum(means) / len(means)
-                row["std"] = (sum((m - row["mean"]) ** 2 for m in means) / len(means)) ** 0.5
+                row["mean"] = statistics.fmean(means)
+                row["std"] = statistics.pstdev(means)
         return merged
 
+    def paired(name: str) -> str:
+        ratios = []
+        for on_run, off_run in zip(runs["1"], runs["0"], strict=True):
+            on_row, off_row = rows_of(on_run).get(name), rows_of(off_run).get(name)
+            if on_row and off_row and not on_row["error"] and not off_row["error"]:
+                if off_row["mean"]:
+                    ratios.append(on_row["mean"] / off_row["mean"])
+        if not ratios:
+            return "-"
+        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        return f"{statistics.median(ratios):.2f}x{spread}"
+
     on, off = pooled(runs["1"]), pooled(runs["0"])
-    table = [
-        [name, fmt_cell(on[name]), fmt_cell(off.get(name)), fmt_ratio(on[name], off.get(name))]
-        for name in on
-    ]
+    table = [[name, fmt_cell(on[name]), fmt_cell(off.get(name)), paired(name)] for name in on]
     print(header_line(runs["1"][0]))
     print(render_table(["row", "events on", "events off", "on/off"], table))
-    print("on/off: ops/s with task events recorded over ops/s without (1.00x: no cost)")
+    print(
+        f"on/off: ops/s with task events recorded over ops/s without (1.00x: no cost), the "
+        f"median of {args.pairs} pairs of runs (lowest-highest)"
+    )
     if args.json or args.json_out:
         write_json({"on": runs["1"], "off": runs["0"]}, args.json_out or "-")
 

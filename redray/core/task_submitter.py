@@ -294,17 +294,24 @@ class TaskSubmitter:
             cache[job.job_id] = in_env
         return in_env
 
-    def pending_state(self, task: _Task) -> str | None:
-        """(reactor thread, task events) The state to report a task in, once it has been
-        pending for an interval: None when it has finished meanwhile. Marks it reported
+    def still_pending(self, tasks: list[_Task]) -> list[tuple[_Task, str]]:
+        """(reactor thread, task events) Those of these tasks not finished, with the state
+        to report each in (they have been pending for an interval). Each is marked reported
         first, so its end is recorded as following this report (see `finish`)."""
-        task.reported = True
-        if task.task_id not in self._tasks:
-            return None
-        actor = task.actor
-        if task.lease is not None or (actor is not None and task.task_id in actor.inflight):
-            return "SUBMITTED_TO_WORKER"
-        return "PENDING_ARGS_AVAIL" if task.unresolved else "PENDING_NODE_ASSIGNMENT"
+        in_flight = self._tasks
+        found = []
+        for task in [t for t in tasks if t.task_id in in_flight]:
+            task.reported = True
+            if task.task_id not in in_flight:  # (it finished meanwhile)
+                continue
+            actor = task.actor
+            if task.lease is not None or (actor is not None and task.task_id in actor.inflight):
+                found.append((task, "SUBMITTED_TO_WORKER"))
+            elif task.unresolved:
+                found.append((task, "PENDING_ARGS_AVAIL"))
+            else:
+                found.append((task, "PENDING_NODE_ASSIGNMENT"))
+        return found
 
     def record_retry(self, task: _Task, failure: Any) -> None:
         """A task or call is tried again: its attempt failed with `failure` (an error payload
@@ -756,7 +763,7 @@ class TaskSubmitter:
                     if not siblings:
                         del self._children[task.parent]
         events = self.events
-        if events is not None:  # (after the pop: see pending_state)
+        if events is not None:  # (after the pop: see still_pending)
             first = results[0] if results else None
             events.add(
                 task_events.done_event(

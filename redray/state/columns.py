@@ -66,20 +66,25 @@ def _counter(task_id: bytes) -> int:
 
 
 def cut(events: list[tuple], most: int) -> list[list[tuple]]:
-    """End events of one owner's tasks, as the events of pieces of at most `most` attempts
-    whose counters lie within SPAN (in the order given, unless they must be cut by span)."""
+    """End events as the events of pieces of at most `most` attempts, each of one owner
+    whose task counters lie within SPAN (in the order given, unless they must be cut)."""
     task_ids = [e[1] for e in events]
-    if _counter(max(task_ids)) - _counter(min(task_ids)) <= SPAN:
+    low, high = min(task_ids), max(task_ids)
+    if low[:OWNER_BYTES] == high[:OWNER_BYTES] and _counter(high) - _counter(low) <= SPAN:
         return [events[start : start + most] for start in range(0, len(events), most)]
     events = sorted(events, key=operator.itemgetter(1))
     pieces: list[list[tuple]] = []
     first = 0
-    low = _counter(events[0][1])
+    low = events[0][1]
     for n, event in enumerate(events):
-        counter = _counter(event[1])
-        if n - first >= most or counter - low > SPAN:
+        task_id = event[1]
+        if (
+            n - first >= most
+            or task_id[:OWNER_BYTES] != low[:OWNER_BYTES]
+            or _counter(task_id) - _counter(low) > SPAN
+        ):
             pieces.append(events[first:n])
-            first, low = n, counter
+            first, low = n, task_id
     pieces.append(events[first:])
     return pieces
 

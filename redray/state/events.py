@@ -24,8 +24,10 @@ Settings (environment of the processes and of `redray start`/`redray node`):
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import logging
+import operator
 import os
 import threading
 import time
@@ -47,6 +49,7 @@ RUNNING = 2  # (RUNNING, task_id, attempt, started, name, job_id) from the execu
 #  [error_type, message]; reported: the owner reported the attempt pending before.
 FINISHED = 4
 FAILED = 5
+_KIND = operator.itemgetter(0)
 WALL_OFFSET = time.time() - time.monotonic()  # monotonic + WALL_OFFSET: wall-clock time
 
 # Ray's ErrorType names for redray's exception classes (by class name, most specific first).
@@ -118,8 +121,8 @@ class TaskEventRecorder:
 
     `ship(events, dropped)` runs on the reactor thread at most once per interval with what
     was recorded since; `describe_error(payload)` turns a failure's pickled error into
-    (error_type, message) there, off the task's path. `pending()` and `running()` (reactor
-    thread, each tick) return the work to report as still pending or running."""
+    (error_type, message) there, off the task's path. `still_pending(tasks)` and `running()`
+    (reactor thread, each tick) return the work to report as still pending or running."""
 
     def __init__(
         self,
@@ -141,7 +144,7 @@ class TaskEventRecorder:
         # pending at the next tick if still not finished: they are one interval old then).
         self.new: list = []
         self._aging: list = []
-        self.pending_state: Callable[[Any], str | None] | None = None
+        self.still_pending: Callable[[list], list[tuple[Any, str]]] | None = None
         self.running: Callable[[], tuple[list[tuple], bool]] | None = None
 
     def arm(self) -> None:
@@ -165,6 +168,8 @@ class TaskEventRecorder:
         events = self._events
         taken = [events.popleft() for _ in range(len(events))]
         dropped, self.dropped = self.dropped, 0
+        if FAILED not in map(_KIND, taken):
+            return taken, dropped
         for i, event in enumerate(taken):
             if event[0] == FAILED and type(event[12]) is tuple:  # an error payload
                 try:
@@ -179,11 +184,10 @@ class TaskEventRecorder:
         ship what was recorded; come again while anything may need reporting."""
         self._armed = False
         try:
-            if self.pending_state is not None:
+            if self.still_pending is not None:
                 aging, self._aging, self.new = self._aging, self.new, []
-                for task in aging:
-                    state = self.pending_state(task)
-                    if state is not None:
+                if aging:
+                    for task, state in self.still_pending(aging):
                         self.add(pending_event(task, state))
             busy = False
             if self.running is not None:
@@ -356,27 +360,38 @@ def _add_pending(
     batch.partial.append((entry, created_ms, rank, state, blob, "m", counted, ""))
 
 
+# What the end events of one function's calls share: name, job, actor, resources, reported
+# by the owner.
+_SHARED = operator.itemgetter(6, 7, 8, 10, 13)
+_RUN = operator.itemgetter(11)
+_REPORTED_RUNNING = operator.itemgetter(1)
+
+
 def add_complete(batch: keys.TaskEventBatch, events: list) -> list:
     """Add the attempts complete in their one event to the batch, as pieces (columns.py);
     the other events. An attempt is complete when it finished and its worker's reply said how
     it ran: the end event then carries all there is to know of it (what was reported of it
     before, pending or running, only goes out of date)."""
     rest = []
-    groups: dict[tuple, list] = {}  # the end events of one owner's calls of one function
-    owner = columns.OWNER_BYTES
-    for event in events:
-        run = event[11] if event[0] == FINISHED else None
-        if not run:
-            rest.append(event)
+    groups: dict[tuple, list] = {}  # the end events of one function's calls
+    # (a process ships its calls' events in the order they ended: runs of one function)
+    for kind, same_kind in itertools.groupby(events, _KIND):
+        if kind != FINISHED:
+            rest += same_kind
             continue
-        reported = run[1] or event[13]
-        key = (event[6], event[7], event[8], id(event[10]), event[1][:owner], reported)
-        group = groups.get(key)
-        if group is None:
-            groups[key] = [event]
-        else:
-            group.append(event)
-    for (name, job_id, actor_id, _, _, reported), group in groups.items():
+        for shared, same in itertools.groupby(same_kind, _SHARED):
+            ended = list(same)
+            if not all(map(_RUN, ended)):  # (some ended without their worker's reply)
+                rest += (e for e in ended if not e[11])
+                ended = [e for e in ended if e[11]]
+            name, job_id, actor_id, resources, reported = shared
+            key = (name, job_id, actor_id, id(resources), bool(reported))
+            group = groups.get(key)
+            if group is None:
+                groups[key] = ended
+            else:
+                group += ended
+    for (name, job_id, actor_id, _, reported), group in groups.items():
         resources = group[0][10]
         resources_json = json.dumps(resources) if resources else None
         counted = keys.counted_indexes(job_id, name, actor_id.hex() if actor_id else None)
@@ -386,10 +401,13 @@ def add_complete(batch: keys.TaskEventBatch, events: list) -> list:
             except ValueError:  # (ids that are not task ids: stored one by one)
                 rest += part
                 continue
-            entries = " ".join(f"{e[1].hex()}:{e[2]}" for e in part) if reported else ""
+            running = any(map(_REPORTED_RUNNING, map(_RUN, part)))
+            entries = ""
+            if reported or running:  # (stored as pending or running before)
+                entries = " ".join(f"{e[1].hex()}:{e[2]}" for e in part)
             indexes = {"all", *("node_id:" + node for node in nodes)}
             span = columns.span_of(part)
-            batch.pieces.append(keys.Piece(counted, ids, span, body, entries, indexes))
+            batch.pieces.append(keys.Piece(counted, ids, span, body, entries, running, indexes))
     return rest
 
 

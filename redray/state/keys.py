@@ -88,7 +88,8 @@ TERMINAL_STATES = ("FINISHED", "FAILED")
 #     name:<name> [actor_id:<actor>]": every attempt of the segment is in each), rows, its
 #     entry in te:own (its span and segment id), ids, body, entries ("id id ...": its attempts
 #     that may have been stored as pending or running before, and leave te:data and those
-#     states' indexes; "" when none), k, k more list indexes the segment joins);
+#     states' indexes; "" when none), late ("1": some were reported running by their worker,
+#     whose reports may come after this), k, k more list indexes the segment joins);
 #   n segments of complete entries (every event of the attempt was in this batch: nothing to
 #     merge), then n x (segment id, counted indexes, "id\trecord\n..." (JSON never holds a
 #     raw tab or newline), k, k more list indexes the segment joins);
@@ -166,33 +167,45 @@ end
 
 -- The state index an entry stored in te:data is in (nil: none).
 local function stored_state(old)
-  return old and string.match(old, '"state":"([A-Z_]+)"')
+  if not old then return nil end
+  local at = string.find(old, '"state":"', 1, true)
+  if at then return string.sub(old, at + 9, string.find(old, '"', at + 9, true) - 1) end
+  return nil
 end
 
 local now = tonumber(redis.call('TIME')[1])
 local i = 4
 local n = tonumber(ARGV[i]); i = i + 1
 for _ = 1, n do
-  local seg, header, rows, member, ids, body, entries, k = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], tonumber(ARGV[i + 7])
+  local seg, header, rows, member, ids, body = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local entries, late, k = ARGV[i + 6], ARGV[i + 7] == '1', tonumber(ARGV[i + 8])
   redis.call('ZADD', own, 0, member)
   store_piece(seg, header, 0, rows, member, ids)
   redis.call('HSET', recs, seg, body)
   redis.call('HINCRBY', counts, '__PIECE_ROWS__', rows)
   local new = rows
   if entries ~= '' then
-    -- What was stored of these attempts before (pending or running) goes: they are here now;
-    -- reports of them still on their way are recognised for a while (te:done).
-    for _, id in ipairs(split(entries, 1, #entries)) do
-      local state = stored_state(redis.call('HGET', data, id))
-      if state then redis.call('ZREM', p .. 'i:state:' .. state, id) end
-      new = new - redis.call('HDEL', data, id)
-      redis.call('ZADD', done, now, id)
+    -- What was stored of these attempts before (pending or running) goes: they are here now.
+    -- Reports from their workers (another raylet's) may still be on their way: te:done
+    -- recognises them for a while.
+    local ids_ = split(entries, 1, #entries)
+    local by_state, gone, stored = {}, {}, redis.call('HMGET', data, unpack(ids_))
+    for n, id in ipairs(ids_) do
+      local state = stored_state(stored[n])
+      if state then
+        by_state[state] = by_state[state] or {}
+        table.insert(by_state[state], id)
+        gone[#gone + 1] = id
+      end
+      if late then redis.call('ZADD', done, now, id) end
     end
+    for state, members in pairs(by_state) do redis.call('ZREM', p .. 'i:state:' .. state, unpack(members)) end
+    if #gone > 0 then new = new - redis.call('HDEL', data, unpack(gone)) end
   end
   local others = {}
-  for m = i + 8, i + 7 + k do others[ARGV[m]] = true end
+  for m = i + 9, i + 8 + k do others[ARGV[m]] = true end
   listed(seg, header, new, others)
-  i = i + 8 + k
+  i = i + 9 + k
 end
 redis.call('ZREMRANGEBYSCORE', done, '-inf', now - __DONE_SECONDS__)
 
@@ -468,6 +481,7 @@ class Piece:
     span: bytes
     body: bytes
     entries: str  # "id id ...": those that may be stored as pending or running already
+    reported_running: bool  # some were reported running by their worker (reports may be late)
     indexes: set[str]
 
     def __len__(self) -> int:
@@ -538,7 +552,8 @@ def _calls(batch: TaskEventBatch) -> list[tuple[list[Any], list[Any], list[Any]]
         segment = _segment_id()
         member = piece.span + segment.encode()
         pieces += (segment, piece.counted, len(piece), member, piece.ids, piece.body)
-        pieces += (piece.entries, len(piece.indexes), *piece.indexes)
+        pieces += (piece.entries, "1" if piece.reported_running else "")
+        pieces += (len(piece.indexes), *piece.indexes)
         count += 1
         size += len(piece)
     segments: list[Any] = []
