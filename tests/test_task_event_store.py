@@ -129,6 +129,28 @@ def test_a_report_arriving_after_its_attempt_finished_does_not_revive_it(gcs):
     assert keys.task_count(gcs) == 1
 
 
+def test_reports_shipped_with_their_attempts_end_are_out_of_date(gcs):
+    owner = IdSource()
+    queued, running = owner.task_id(), owner.task_id()
+    # A tick's shipment: the owner's pending report, then the end of the same attempt (it
+    # ended between the two); a worker's running report in the same write.
+    store(
+        gcs,
+        [
+            reported(queued, "PENDING_NODE_ASSIGNMENT"),
+            ended(queued, reported=True),
+            reported(running, "RUNNING"),
+            ended(running, running_reported=True),
+        ],
+    )
+    assert state_of(gcs, queued) == "FINISHED" and state_of(gcs, running) == "FINISHED"
+    for state in ("PENDING_NODE_ASSIGNMENT", "RUNNING"):
+        assert tasks.list_tasks(gcs, [("state", "=", state)]).items == []
+    assert keys.task_count(gcs) == 2
+    assert tasks.list_tasks(gcs, [("name", "=", "f")], limit=1).num_filtered == 2
+    assert tasks.list_tasks(gcs, [("job_id", "=", "01000000")], limit=1).num_filtered == 2
+
+
 def test_retention_drops_the_oldest_attempts_of_a_piece_first(gcs):
     owner = IdSource()
     ids = [owner.task_id() for _ in range(300)]

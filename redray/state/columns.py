@@ -161,6 +161,17 @@ def encode(events: list[tuple], resources_json: str | None) -> tuple[bytes, byte
     return ids, body, nodes
 
 
+def attempts(ids: bytes) -> list[tuple[bytes, int]]:
+    """(task id, attempt number) of each attempt in a piece's ids."""
+    return [
+        (
+            ids[at : at + TASK_ID_BYTES],
+            int.from_bytes(ids[at + TASK_ID_BYTES : at + ID_BYTES], "big"),
+        )
+        for at in range(0, len(ids), ID_BYTES)
+    ]
+
+
 def rows_of(ids: bytes, task_id: bytes) -> list[int]:
     """The rows of a piece's ids that are attempts of the task."""
     rows = []

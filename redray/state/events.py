@@ -312,16 +312,21 @@ def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch
     write: see keys.write_task_events."""
     by_attempt: dict[tuple[bytes, int], Any] = {}
     batch = keys.TaskEventBatch()
-    for process, events in batches:
-        for event in add_complete(batch, events):
-            key = (event[1], event[2])
-            seen = by_attempt.get(key)
-            if seen is None:
-                by_attempt[key] = (process, event)
-            elif type(seen) is list:
-                seen.append((process, event))
-            else:
-                by_attempt[key] = [seen, (process, event)]
+    rest = [
+        (process, event) for process, events in batches for event in add_complete(batch, events)
+    ]
+    if rest:  # (what else was reported of an attempt stored complete now is out of date)
+        complete = {attempt for piece in batch.pieces for attempt in columns.attempts(piece.ids)}
+        rest = [(p, e) for p, e in rest if (e[1], e[2]) not in complete]
+    for process, event in rest:
+        key = (event[1], event[2])
+        seen = by_attempt.get(key)
+        if seen is None:
+            by_attempt[key] = (process, event)
+        elif type(seen) is list:
+            seen.append((process, event))
+        else:
+            by_attempt[key] = [seen, (process, event)]
     resources_json: dict[int, str] = {}
     statics: dict[tuple, tuple] = {}
     for (task_id, attempt), seen in by_attempt.items():
