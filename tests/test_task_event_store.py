@@ -151,6 +151,17 @@ def test_reports_shipped_with_their_attempts_end_are_out_of_date(gcs):
     assert tasks.list_tasks(gcs, [("job_id", "=", "01000000")], limit=1).num_filtered == 2
 
 
+def test_records_of_an_older_layout_are_skipped_not_fatal(gcs):
+    task_id = IdSource().task_id()
+    store(gcs, [ended(task_id)])
+    old = IdSource().task_id().hex()
+    gcs.redis.hset(gcs.key(keys.DATA), f"{old}:0", '["f","01000000",null]')
+    gcs.redis.hset(gcs.key(keys.SEGMENTS), "old", f"name:f\t{old}:0")
+    gcs.redis.rpush(keys.index_key(gcs, "all"), "old")
+    assert [t.task_id for t in tasks.list_tasks(gcs).items] == [task_id.hex()]
+    assert tasks.get_task(gcs, old) is None
+
+
 def test_retention_drops_the_oldest_attempts_of_a_piece_first(gcs):
     owner = IdSource()
     ids = [owner.task_id() for _ in range(300)]

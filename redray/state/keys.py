@@ -673,17 +673,15 @@ def read_tasks(gcs: Gcs, entries: list[str]) -> list[dict[str, Any] | None]:
     if not entries:
         return []
     raw = gcs.redis.hmget(gcs.key(DATA), entries)
-    return [json.loads(blob) if blob else None for blob in raw]
+    records = [json.loads(blob) if blob else None for blob in raw]
+    # (a record that is not an object was stored by an older version: not read)
+    return [r if type(r) is dict else None for r in records]
 
 
 def read_attempts(gcs: Gcs, task_id: str, most: int = 64) -> list[dict[str, Any]]:
     """The records of a task's stored attempts (hex id), in attempt order."""
     entries = [entry_id(task_id, n) for n in range(most)]
-    records = {
-        n: json.loads(blob)
-        for n, blob in enumerate(gcs.redis.hmget(gcs.key(DATA), entries))
-        if blob
-    }
+    records = {n: r for n, r in enumerate(read_tasks(gcs, entries)) if r is not None}
     try:
         binary = bytes.fromhex(task_id)
     except ValueError:
