@@ -361,7 +361,7 @@ def _add_pending(
         f'{{{text},"creation_time_ms":{created_ms}{parent_field},"task_id":"{task_hex}",'
         f'"attempt_number":{attempt},"state":"{state}","rank":{rank}}}'
     )
-    entry = f"{task_hex}:{attempt}"
+    entry = keys.entry_id(task_hex, attempt)
     batch.partial.append((entry, created_ms, rank, state, blob, "m", counted, ""))
 
 
@@ -409,7 +409,7 @@ def add_complete(batch: keys.TaskEventBatch, events: list) -> list:
             running = any(map(_REPORTED_RUNNING, map(_RUN, part)))
             entries = ""
             if reported or running:  # (stored as pending or running before)
-                entries = " ".join(f"{e[1].hex()}:{e[2]}" for e in part)
+                entries = " ".join(keys.entry_id(e[1].hex(), e[2]) for e in part)
             indexes = {"all", *("node_id:" + node for node in nodes)}
             span = columns.span_of(part)
             batch.pieces.append(keys.Piece(counted, ids, span, body, entries, running, indexes))
@@ -425,7 +425,7 @@ def _merge_slow(
     resources_json: dict[int, str],
 ) -> None:
     """An attempt whose events need merging (here, and with what Redis holds)."""
-    entry = f"{task_id.hex()}:{attempt}"
+    entry = keys.entry_id(task_id.hex(), attempt)
     only = type(seen) is tuple
     if only and seen[1][0] >= FINISHED and not seen[1][13] and not (seen[1][11] and seen[1][11][1]):
         fields = _ended(seen[1], resources_json)  # ended, never reported: complete

@@ -607,11 +607,10 @@ def index_page(gcs: Gcs, key: str, start: int, count: int) -> tuple[list[dict[st
     return read_segments(gcs, segments), len(segments)
 
 
-def _piece(content: bytes) -> tuple[int, bytes, bytes]:
-    """(rows dropped, its entry in te:own, ids) of a piece's segment value."""
+def _piece(content: bytes) -> tuple[int, bytes]:
+    """(rows dropped, ids) of a piece's segment value (see _WRITE_TASK_EVENTS)."""
     _, skip, _, rest = content[1:].split(b"\t", 3)
-    member = columns.SPAN_BYTES + SEGMENT_ID_CHARS
-    return int(skip), rest[:member], rest[member:]
+    return int(skip), rest[columns.SPAN_BYTES + SEGMENT_ID_CHARS :]
 
 
 def read_segments(gcs: Gcs, segments: list[bytes]) -> list[dict[str, Any]]:
@@ -637,7 +636,7 @@ def read_segments(gcs: Gcs, segments: list[bytes]) -> list[dict[str, Any]]:
             continue
         body = bodies.get(segment)
         if body:
-            skip, _, ids = _piece(content)
+            skip, ids = _piece(content)
             rows = range(len(ids) // columns.ID_BYTES - 1, skip - 1, -1)
             records += columns.decode(ids, body, rows)
     return records
@@ -646,9 +645,9 @@ def read_segments(gcs: Gcs, segments: list[bytes]) -> list[dict[str, Any]]:
 def index_sizes(gcs: Gcs, keys: list[str]) -> list[int]:
     """Attempts in each index: exact for the state, job, name and actor indexes, the
     segments of a node's (whose segments also hold other nodes' attempts)."""
+    names = [index_name(gcs, key) for key in keys]
     commands: list[tuple] = []
-    for key in keys:
-        name = index_name(gcs, key)
+    for key, name in zip(keys, names, strict=True):
         if is_scored(name):
             commands.append(("ZCARD", key))
         elif name.split(":", 1)[0] in COUNTED_COLUMNS:
@@ -659,7 +658,6 @@ def index_sizes(gcs: Gcs, keys: list[str]) -> list[int]:
         else:
             commands.append(("LLEN", key))
     replies = iter([int(r or 0) for r in gcs.round_trip(*commands)])
-    names = [index_name(gcs, key) for key in keys]
     return [next(replies) + next(replies) if n == "all" else next(replies) for n in names]
 
 
@@ -713,7 +711,7 @@ def _located(gcs: Gcs, task_id: bytes, page: int = 256) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for content, body in zip(contents, bodies, strict=True):
         if content and body:
-            skip, _, ids = _piece(content)
+            skip, ids = _piece(content)
             rows = [row for row in columns.rows_of(ids, task_id) if row >= skip]
             records += columns.decode(ids, body, rows)
     return records
