@@ -913,7 +913,7 @@ class Raylet:
         """A process's task events since its last shipment (written by the sink's thread)."""
         worker_id = conn.info.get("worker_id")
         process = {"worker_id": worker_id.hex() if worker_id else "", "pid": conn.info.get("pid")}
-        self.task_events.ingest(process, message[1], message[2])
+        self.task_events.ingest(process, message[1], message[3], message[2])
 
     def _on_store_stats(self, conn: Connection, message: tuple) -> None:
         conn.send(("reply", message[1], self.store.stats()))

@@ -161,6 +161,7 @@ class CoreWorker:
                 self.reactor.call_later, self._ship_task_events, _describe_error
             )
             recorder.still_pending = self.submitter.still_pending
+            recorder.issued = self.ids.issued
             self.submitter.events = recorder
 
     def _on_state_objects(self, conn: Connection, message: tuple) -> None:
@@ -169,18 +170,18 @@ class CoreWorker:
             ("reply", message[1], state_objects.process_objects(self.refs, self.mode, message[2]))
         )
 
-    def _ship_task_events(self, events: list, dropped: int) -> None:
+    def _ship_task_events(self, events: list, ended: list, dropped: int) -> None:
         """(reactor thread) This process's task events go to its raylet, which writes them."""
-        self.raylet.send(("task_events", events, dropped))
+        self.raylet.send(("task_events", events, dropped, ended))
 
     def flush_task_events(self) -> None:
         """Ship the task events recorded so far now (before leaving, or for a reader that
         wants its own tasks' latest states)."""
         recorder = self.submitter.events
         if recorder is not None and not self.raylet.closed:
-            events, dropped = recorder.take()
-            if events or dropped:
-                self.raylet.send(("task_events", events, dropped))
+            events, ended, dropped = recorder.take()
+            if events or ended or dropped:
+                self._ship_task_events(events, ended, dropped)
 
     # -- what the API asks of the process ---------------------------------------------------
     @property

@@ -1,10 +1,10 @@
 """What storing task events costs a raylet and Redis, per task attempt, in steady state.
 
-Feeds batches of finished attempts (as a driver ships them) through the raylet's merge and
-write (redray.state.events.merge, keys.write_task_events) into a private redis-server, past
-the retention cap so that every write also drops the oldest, and prints the CPU time per
-attempt of each step: the owner's pickling, the raylet's merge and its Redis call, and
-Redis itself (INFO cpu). No cluster runs, so the figures hold on a busy machine where the
+Records batches of finished calls with an owner's recorder, ships them (pickled) and feeds
+them through the raylet's merge and write (redray.state.events.merge, keys.write_task_events)
+into a private redis-server, past the retention cap so that every write also drops the
+oldest, and prints the CPU time per attempt of each step: the owner's recording, the
+shipment's pickling, the raylet's merge and its Redis call, and Redis itself (INFO cpu). No cluster runs, so the figures hold on a busy machine where the
 microbenchmark's ops/s do not (see scripts/task_events_cost.py for whole workloads).
 
     python scripts/task_events_write.py [--batch 1000] [--batches 300] [--cap 100000]
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import time
+from types import SimpleNamespace
 
 from redray.core.ids import IdSource
 from redray.gcs import Gcs
@@ -25,13 +26,17 @@ from redray.state import events, keys
 RESOURCES = {"CPU": 1.0}
 
 
-def finished_attempts(ids: list[bytes], node: str, worker: str, reported: bool) -> list[tuple]:
-    """End events of tasks of one function, as an owner records them."""
+def finished_calls(ids: list[bytes], node: str, worker: str, reported: bool) -> list:
+    """Calls of one function that ended with their worker's reply, as their owner holds them."""
     now = time.time()
     run = (now, False, node, worker, 4242)
+    options = SimpleNamespace(name="f", resources=RESOURCES)
+    job = SimpleNamespace(job_id="01000000")
     return [
-        (events.FINISHED, task_id, 0, now, now, now, "f", "01000000", None, None, RESOURCES,
-         run, None, reported)
+        SimpleNamespace(
+            task_id=task_id, attempt=0, created=now, pushed=time.monotonic(), run=run,
+            options=options, job=job, actor=None, parent=None, reported=reported,
+        )
         for task_id in ids
     ]  # fmt: skip
 
@@ -69,29 +74,37 @@ def main() -> None:
         node, worker = "ab" * 14, "cd" * 14
         process = {"worker_id": worker, "pid": 4242}
         measured = max(1, args.batches // 2)  # (the second half: retention at work)
-        owner = merging = writing = 0.0
+        recording = shipping = merging = writing = 0.0
         redis_before = 0.0
         queued: list[bytes] = []
         owner_ids = IdSource()  # (one driver's calls)
         for n in range(args.batches):
             ids = [owner_ids.task_id() for _ in range(args.batch)]
-            batch = finished_attempts(queued, node, worker, True) + pending_reports(ids)
+            calls = finished_calls(queued, node, worker, True) + pending_reports(ids)
             if not args.queued:
-                batch = finished_attempts(ids, node, worker, False)
+                calls = finished_calls(ids, node, worker, False)
             queued = ids
             if n == args.batches - measured:
                 redis_before = redis_cpu(gcs)
+            recorder = events.TaskEventRecorder(lambda *_: None, None, None)
             t0 = time.process_time()
-            shipped = pickle.loads(pickle.dumps(("task_events", batch, 0), protocol=5))[1]
+            for call in calls:
+                if type(call) is tuple:
+                    recorder.add(call)
+                else:
+                    recorder.ended(call, None)
             t1 = time.process_time()
-            merged = events.merge([(process, shipped)], node)
+            shipped, ended, _ = pickle.loads(pickle.dumps(recorder.take(), protocol=5))
             t2 = time.process_time()
-            keys.write_task_events(gcs, merged, args.cap, args.cap)
+            merged = events.merge([(process, shipped, ended)], node)
             t3 = time.process_time()
+            keys.write_task_events(gcs, merged, args.cap, args.cap)
+            t4 = time.process_time()
             if n >= args.batches - measured:
-                owner += t1 - t0
-                merging += t2 - t1
-                writing += t3 - t2
+                recording += t1 - t0
+                shipping += t2 - t1
+                merging += t3 - t2
+                writing += t4 - t3
         attempts = measured * args.batch
         redis = redis_cpu(gcs) - redis_before
         stored = keys.task_count(gcs)
@@ -103,7 +116,8 @@ def main() -> None:
         what = "queued (reported pending, then finished)" if args.queued else "finished"
         print(
             f"{attempts:,} {what} attempts in writes of {args.batch:,}, {stored:,} kept: CPU us per "
-            f"attempt: pickle+unpickle {us(owner)}, raylet merge {us(merging)}, raylet "
+            f"attempt: owner's recording {us(recording)} (pending reports included), "
+            f"pickle+unpickle {us(shipping)}, raylet merge {us(merging)}, raylet "
             f"Redis call {us(writing)}, Redis {us(redis)}; Redis memory "
             f"{memory / stored * 1e-3 if stored else 0:.2f} KB per kept attempt"
         )

@@ -1,11 +1,14 @@
 """How raylets store task attempts in Redis and how the state API reads them back
-(redray/state/columns.py, keys.py): end events go through a raylet's merge and write into a
-real redis-server, no cluster, so each case can set up exactly the order of events it needs."""
+(redray/state/columns.py, keys.py): calls are recorded by an owner's recorder, shipped
+(pickled) and go through a raylet's merge and write into a real redis-server, no cluster, so
+each case can set up exactly the order of events it needs."""
 
 from __future__ import annotations
 
 import itertools
+import pickle
 import time
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -40,14 +43,23 @@ def gcs(redis_url):
 
 
 def ended(task_id, attempt=0, name="f", reported=False, running_reported=False, **fields):
-    """A task's end event, as its owner records it (worker's run info included)."""
+    """A call that ended with its worker's reply, as its owner holds it (pushed: wall-clock
+    time or None)."""
     now = time.time()
-    run = (now - 0.002, running_reported, fields.get("node", NODE), WORKER, 4242)
-    return (
-        events.FINISHED, task_id, attempt, now - 0.005, fields.get("pushed", now - 0.004),
-        now, name, "01000000", fields.get("actor"), fields.get("parent"),
-        RESOURCES, run, None, reported,
-    )  # fmt: skip
+    pushed = fields.get("pushed", now - 0.004)
+    actor = fields.get("actor")
+    return SimpleNamespace(
+        task_id=task_id,
+        attempt=attempt,
+        created=now - 0.005,
+        pushed=pushed - events.WALL_OFFSET if pushed else 0.0,
+        run=(now - 0.002, running_reported, fields.get("node", NODE), WORKER, 4242),
+        options=SimpleNamespace(name=name, resources=RESOURCES),
+        job=SimpleNamespace(job_id="01000000"),
+        actor=SimpleNamespace(actor_id=actor) if actor else None,
+        parent=fields.get("parent"),
+        reported=reported,
+    )
 
 
 def reported(task_id, state="RUNNING", name="f"):
@@ -58,8 +70,20 @@ def reported(task_id, state="RUNNING", name="f"):
     return (events.PENDING, task_id, 0, now, name, "01000000", None, None, RESOURCES, state)
 
 
-def store(gcs, shipped, cap=100_000):
-    batch = events.merge([({"worker_id": WORKER, "pid": 4242}, shipped)], NODE)
+def shipment(recorded) -> tuple[list, list, int]:
+    """What an owner's recorder ships of these calls and reports, as its raylet gets it."""
+    recorder = events.TaskEventRecorder(lambda *_: None, None, None)
+    for item in recorded:
+        if type(item) is tuple:
+            recorder.add(item)
+        else:
+            recorder.ended(item, None)
+    return pickle.loads(pickle.dumps(recorder.take(), protocol=5))
+
+
+def store(gcs, recorded, cap=100_000):
+    shipped, ended_calls, _ = shipment(recorded)
+    batch = events.merge([({"worker_id": WORKER, "pid": 4242}, shipped, ended_calls)], NODE)
     keys.write_task_events(gcs, batch, cap, 100_000)
 
 
@@ -177,47 +201,53 @@ def test_retention_drops_the_oldest_attempts_of_a_piece_first(gcs):
 
 
 @st.composite
-def end_events(draw):
+def calls(draw):
     owner = IdSource()
     count = draw(st.integers(1, 40))
     times = st.floats(1e9, 2e9, allow_nan=False)
     result = []
     for _ in range(count):
-        created = draw(times)
-        run = (
-            created + draw(st.floats(0, 10)),
+        call = ended(owner.task_id(), attempt=draw(st.integers(0, 300)))
+        call.created = draw(times)
+        call.run = (
+            call.created + draw(st.floats(0, 10)),
             False,
             draw(st.sampled_from([NODE, OTHER_NODE])),
             draw(st.sampled_from([WORKER, "12" * 14, "34" * 14])),
             draw(st.integers(1, 2**22)),
         )
-        pushed = draw(st.one_of(st.none(), st.floats(created, created + 1)))
-        parent = draw(st.one_of(st.none(), st.binary(min_size=14, max_size=14)))
-        attempt = draw(st.integers(0, 300))
-        result.append(
-            (events.FINISHED, owner.task_id(), attempt, created, pushed, run[0] + 1, "g",
-             "02000000", None, parent, None, run, None, False)
-        )  # fmt: skip
+        pushed = draw(st.one_of(st.none(), st.floats(call.created, call.created + 1)))
+        call.pushed = pushed - events.WALL_OFFSET if pushed else 0.0
+        call.parent = draw(st.one_of(st.none(), st.binary(min_size=14, max_size=14)))
+        result.append(call)
     return result
 
 
 @settings(max_examples=60, deadline=None)
-@given(end_events())
-def test_the_columns_give_back_what_the_events_said(shipped):
-    ids, body, nodes = columns.encode(shipped, None)
-    assert set(nodes) == {e[11][2] for e in shipped}
-    records = columns.decode(ids, body)
-    assert len(records) == len(shipped)
-    for event, record in zip(shipped, records, strict=True):
-        assert record["task_id"] == event[1].hex()
-        assert record["attempt_number"] == event[2]
-        assert record["creation_time_ms"] == int(event[3] * 1000)
-        assert record["submitted_time_ms"] == int((event[4] or event[3]) * 1000)
-        assert record["start_time_ms"] == int(event[11][0] * 1000)
-        assert record["end_time_ms"] == int(event[5] * 1000)
-        assert (record["node_id"], record["worker_id"]) == event[11][2:4]
-        assert record["worker_pid"] == event[11][4]
-        assert record.get("parent_task_id") == (event[9].hex() if event[9] else None)
-    row = len(shipped) // 2
-    assert columns.rows_of(ids, shipped[row][1]) == [row]
-    assert columns.decode(ids, body, [row]) == [records[row]]
+@given(calls(), st.integers(1, 40))
+def test_the_columns_give_back_what_the_owner_recorded(recorded, most):
+    before = time.time()
+    _, (gathered,), _ = shipment(recorded)
+    pieces = columns.cut(gathered, most)
+    sizes = [min(most, len(recorded) - start) for start in range(0, len(recorded), most)]
+    assert [len(p) for p in pieces] == sizes
+    records = []
+    for piece in pieces:
+        ids, body, nodes = columns.encode(piece, None)
+        assert set(nodes) == {r["node_id"] for r in columns.decode(ids, body)}
+        records += columns.decode(ids, body)
+        row = len(piece) // 2
+        assert columns.rows_of(ids, piece.task_ids()[row]) == [row]
+        assert columns.decode(ids, body, [row]) == [columns.decode(ids, body)[row]]
+    assert len(records) == len(recorded)
+    for call, record in zip(recorded, records, strict=True):
+        assert record["task_id"] == call.task_id.hex()
+        assert record["attempt_number"] == call.attempt
+        assert record["creation_time_ms"] == int(call.created * 1000)
+        pushed = call.pushed + events.WALL_OFFSET if call.pushed else call.created
+        assert record["submitted_time_ms"] == int(pushed * 1000)
+        assert record["start_time_ms"] == int(call.run[0] * 1000)
+        assert (record["node_id"], record["worker_id"]) == call.run[2:4]
+        assert record["worker_pid"] == call.run[4]
+        assert record.get("parent_task_id") == (call.parent.hex() if call.parent else None)
+        assert int(before * 1000) <= record["end_time_ms"] <= time.time() * 1000

@@ -7,7 +7,6 @@ which task made it. A generator task's items have ids of their own (`item_id`).
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 
@@ -22,13 +21,20 @@ class IdSource:
 
     def __init__(self, prefix: bytes | None = None):
         self.prefix = prefix or os.urandom(OWNER_BYTES)
-        self._counter = itertools.count(1)
+        self._issued = 0
         self._lock = threading.Lock()
 
     def task_id(self) -> bytes:
         with self._lock:
-            n = next(self._counter)
+            self._issued = n = self._issued + 1
         return self.prefix + n.to_bytes(COUNTER_BYTES, "big")
+
+    def issued(self) -> int:
+        """The counter of the last id made (0: none yet); ids are made in counter order."""
+        return self._issued
+
+    def task_id_at(self, counter: int) -> bytes:
+        return self.prefix + counter.to_bytes(COUNTER_BYTES, "big")
 
     def put_id(self) -> bytes:
         return self.task_id() + b"\x00\x00"
@@ -43,6 +49,11 @@ def item_id(task_id: bytes, index: int) -> bytes:
     """The id of the index-th item (from 0) a generator task yields: its task id, the
     index field 0xffff (never a return's) and a 4-byte item index."""
     return task_id + b"\xff\xff" + index.to_bytes(4, "big")
+
+
+def counter_of(task_id: bytes) -> int:
+    """A task id's counter (ids of one owner compare as their counters do)."""
+    return int.from_bytes(task_id[OWNER_BYTES:TASK_ID_BYTES], "big")
 
 
 def task_of(object_id: bytes) -> bytes:

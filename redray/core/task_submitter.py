@@ -22,7 +22,7 @@ from typing import Any
 from redray import exceptions
 from redray.core import serialization
 from redray.core.generators import STREAMING, ItemStream, ObjectRefGenerator
-from redray.core.ids import IdSource, return_id, task_of
+from redray.core.ids import IdSource, counter_of, return_id, task_of
 from redray.core.jobs import Jobs
 from redray.core.object_io import ObjectIO
 from redray.core.object_ref import Address, ObjectRef
@@ -275,8 +275,7 @@ class TaskSubmitter:
             if parent is not None:
                 self._children.setdefault(parent, []).append(task_id)
         events = self.events
-        if events is not None:
-            events.new.append(task)
+        if events is not None:  # (it checks for tasks still pending: see still_pending)
             events.arm()
         return task, refs, deps
 
@@ -294,15 +293,23 @@ class TaskSubmitter:
             cache[job.job_id] = in_env
         return in_env
 
-    def still_pending(self, tasks: list[_Task]) -> list[tuple[_Task, str]]:
-        """(reactor thread, task events) Those of these tasks not finished, with the state
-        to report each in (they have been pending for an interval). Each is marked reported
-        first, so its end is recorded as following this report (see `finish`)."""
-        in_flight = self._tasks
+    def still_pending(self, low: int, high: int, retried: list[_Task]) -> list[tuple[_Task, str]]:
+        """(reactor thread, task events) Those of the tasks numbered low+1..high and of the
+        retried ones not finished, with the state to report each in (they have been pending
+        for an interval). Each is marked reported first, so its end is recorded as
+        following this report (see `finish`)."""
+        with self._lock:
+            in_flight = self._tasks
+            if high - low > len(in_flight):
+                tasks = [t for t in in_flight.values() if low < counter_of(t.task_id) <= high]
+            else:
+                numbered = map(self._ids.task_id_at, range(low + 1, high + 1))
+                tasks = [t for t in map(in_flight.get, numbered) if t is not None]
+            tasks += [t for t in retried if t.task_id in in_flight]
         found = []
-        for task in [t for t in tasks if t.task_id in in_flight]:
+        for task in tasks:
             task.reported = True
-            if task.task_id not in in_flight:  # (it finished meanwhile)
+            if task.task_id not in self._tasks:  # (it finished meanwhile)
                 continue
             actor = task.actor
             if task.lease is not None or (actor is not None and task.task_id in actor.inflight):
@@ -320,14 +327,14 @@ class TaskSubmitter:
         if events is not None:
             if isinstance(failure, BaseException):
                 failure = [task_events.error_type_of(failure), str(failure)]
-            events.add(task_events.done_event(task, failure))
+            events.ended(task, failure)
         task.attempt += 1
         task.created = time.time()
         task.reported = False
         task.run = None
         task.pushed = 0.0
         if events is not None:
-            events.new.append(task)
+            events.retried.append(task)
             events.arm()
 
     def _captured(self, options: TaskOptions, running: Any) -> TaskOptions:
@@ -765,11 +772,7 @@ class TaskSubmitter:
         events = self.events
         if events is not None:  # (after the pop: see still_pending)
             first = results[0] if results else None
-            events.add(
-                task_events.done_event(
-                    task, first if first is not None and first[0] == "e" else None
-                )
-            )
+            events.ended(task, first if first is not None and first[0] == "e" else None)
         for rid, payload in zip(task.return_ids, results, strict=False):
             if payload[0] in ("v", "s") and payload[-1]:
                 nested = ownership.pin_nested(payload[-1], registered=True)

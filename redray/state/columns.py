@@ -22,12 +22,11 @@ keeps recording task events cheap (see events.py). Readers expand a piece into t
 from __future__ import annotations
 
 import json
-import operator
 import sys
 from array import array
 from typing import Any
 
-from redray.core.ids import COUNTER_BYTES, OWNER_BYTES, TASK_ID_BYTES
+from redray.core.ids import COUNTER_BYTES, OWNER_BYTES, TASK_ID_BYTES, counter_of
 
 ATTEMPT_BYTES = 2
 ID_BYTES = TASK_ID_BYTES + ATTEMPT_BYTES
@@ -54,52 +53,153 @@ def _column(kind: str, data: bytes, offset: int, rows: int) -> tuple[array, int]
     return column, end
 
 
-def _table(values: tuple) -> tuple[list, array]:
-    """The distinct values (in order of appearance) and each row's position among them."""
-    distinct = list(dict.fromkeys(values))
-    position = {value: n for n, value in enumerate(distinct)}
-    return distinct, array("H", map(position.__getitem__, values))
+class Ended:
+    """Finished attempts of one owner's calls of one job's function (or actor method), each
+    with its worker's reply, gathered as columns: the owner appends each call's fields as it
+    ends (no object per call stays alive until the shipment, which would make the garbage
+    collector's work grow with the call rate), its raylet stores them as pieces.
+
+    `reported`: the attempts were reported pending or running before (their records in
+    Redis go out of date); `running`: some were reported running by their worker."""
+
+    __slots__ = (
+        "name",
+        "job_id",
+        "actor_id",
+        "resources",
+        "reported",
+        "running",
+        "ids",
+        "created",
+        "pushed",
+        "started",
+        "ended",
+        "worker_rows",
+        "parent_rows",
+        "workers",
+        "parents",
+        "low",
+        "high",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        job_id: str,
+        actor_id: bytes | None,
+        resources: dict | None,
+        reported: bool,
+    ):
+        self.name = name
+        self.job_id = job_id
+        self.actor_id = actor_id
+        self.resources = resources
+        self.reported = reported
+        self.running = False
+        self.ids = bytearray()  # task id and attempt (ATTEMPT_BYTES, big-endian) per row
+        self.created = array("d")
+        self.pushed = array("d")  # 0.0: never pushed
+        self.started = array("d")
+        self.ended = array("d")
+        self.worker_rows = array("H")
+        self.parent_rows = array("I")  # 0: no parent, k: the k-th of `parents`
+        self.workers: dict[tuple[str, str, int], int] = {}  # (node, worker, pid) -> row
+        self.parents: dict[bytes | None, int] = {None: 0}
+        self.low = self.high = b""  # the lowest and highest task id
+
+    def add(
+        self,
+        task_id: bytes,
+        attempt: int,
+        created: float,
+        pushed: float,
+        ended: float,
+        run: tuple,
+        parent: bytes | None,
+    ) -> None:
+        """One more attempt (run: its worker's (started, reported running, node, worker,
+        pid)); attempt below 2**16, task_id of TASK_ID_BYTES."""
+        self.ids += task_id
+        self.ids += _ATTEMPTS[attempt] if attempt < 256 else attempt.to_bytes(ATTEMPT_BYTES, "big")
+        self.created.append(created)
+        self.pushed.append(pushed)
+        self.started.append(run[0])
+        self.ended.append(ended)
+        host = run[2:]
+        row = self.workers.get(host)
+        if row is None:
+            row = self.workers[host] = len(self.workers)
+        self.worker_rows.append(row)
+        row = self.parents.get(parent)
+        if row is None:
+            row = self.parents[parent] = len(self.parents)
+        self.parent_rows.append(row)
+        if run[1]:
+            self.running = True
+        if not self.low or task_id < self.low:
+            self.low = task_id
+        if task_id > self.high:
+            self.high = task_id
+
+    def __len__(self) -> int:
+        return len(self.created)
+
+    def task_ids(self) -> list[bytes]:
+        ids = self.ids
+        return [bytes(ids[at : at + TASK_ID_BYTES]) for at in range(0, len(ids), ID_BYTES)]
+
+    def take(self, rows: list[int]) -> Ended:
+        """The attempts at these rows (the same tables)."""
+        part = Ended(self.name, self.job_id, self.actor_id, self.resources, self.reported)
+        part.running = self.running
+        ids = self.ids
+        part.ids = bytearray(b"".join(ids[r * ID_BYTES : (r + 1) * ID_BYTES] for r in rows))
+        for name in ("created", "pushed", "started", "ended", "worker_rows", "parent_rows"):
+            column = getattr(self, name)
+            setattr(part, name, array(column.typecode, map(column.__getitem__, rows)))
+        part.workers, part.parents = self.workers, self.parents
+        task_ids = part.task_ids()
+        part.low, part.high = min(task_ids), max(task_ids)
+        return part
 
 
-def _counter(task_id: bytes) -> int:
-    return int.from_bytes(task_id[OWNER_BYTES:], "big")
-
-
-def cut(events: list[tuple], most: int) -> list[list[tuple]]:
-    """End events as the events of pieces of at most `most` attempts, each of one owner
-    whose task counters lie within SPAN (in the order given, unless they must be cut)."""
-    task_ids = [e[1] for e in events]
-    low, high = min(task_ids), max(task_ids)
-    if low[:OWNER_BYTES] == high[:OWNER_BYTES] and _counter(high) - _counter(low) <= SPAN:
-        return [events[start : start + most] for start in range(0, len(events), most)]
-    events = sorted(events, key=operator.itemgetter(1))
-    pieces: list[list[tuple]] = []
+def cut(ended: Ended, most: int) -> list[Ended]:
+    """The attempts as pieces of at most `most` attempts, each of one owner whose task
+    counters lie within SPAN (in the order given, unless they must be cut)."""
+    low, high = ended.low, ended.high
+    rows = len(ended)
+    if low[:OWNER_BYTES] == high[:OWNER_BYTES] and counter_of(high) - counter_of(low) <= SPAN:
+        if rows <= most:
+            return [ended]
+        return [ended.take(list(range(s, min(s + most, rows)))) for s in range(0, rows, most)]
+    task_ids = ended.task_ids()
+    order = sorted(range(rows), key=task_ids.__getitem__)
+    pieces: list[Ended] = []
     first = 0
-    low = events[0][1]
-    for n, event in enumerate(events):
-        task_id = event[1]
+    low = task_ids[order[0]]
+    for n, row in enumerate(order):
+        task_id = task_ids[row]
         if (
             n - first >= most
             or task_id[:OWNER_BYTES] != low[:OWNER_BYTES]
-            or _counter(task_id) - _counter(low) > SPAN
+            or counter_of(task_id) - counter_of(low) > SPAN
         ):
-            pieces.append(events[first:n])
+            pieces.append(ended.take(order[first:n]))
             first, low = n, task_id
-    pieces.append(events[first:])
+    pieces.append(ended.take(order[first:]))
     return pieces
 
 
-def span_of(events: list[tuple]) -> bytes:
-    """The span of a piece of these end events: their owner, their lowest task counter and
+def span_of(ended: Ended) -> bytes:
+    """The span of a piece of these attempts: their owner, their lowest task counter and
     their highest (see above)."""
-    task_ids = [e[1] for e in events]
-    return min(task_ids) + max(task_ids)[OWNER_BYTES:]
+    return ended.low + ended.high[OWNER_BYTES:]
 
 
 def search_bounds(task_id: bytes) -> tuple[bytes, bytes]:
     """(highest, lowest): ZREVRANGEBYLEX bounds of the spans of the pieces that may hold the
     task (the same owner, the lowest counter at most the task's and at most SPAN below)."""
-    counter = _counter(task_id)
+    counter = counter_of(task_id)
     owner = task_id[:OWNER_BYTES]
     high = owner + (counter + 1).to_bytes(COUNTER_BYTES, "big")
     low = owner + max(0, counter - SPAN).to_bytes(COUNTER_BYTES, "big")
@@ -115,50 +215,42 @@ def may_hold(span: bytes, task_id: bytes) -> bool:
     )
 
 
-def encode(events: list[tuple], resources_json: str | None) -> tuple[bytes, bytes, list[str]]:
-    """(ids, body, nodes) of a piece holding these end events (events.FINISHED tuples of one
-    owner's calls of one job's function, each with its worker's run info); ValueError if a
-    task id is not a task id (of TASK_ID_BYTES)."""
-    columns = list(zip(*events, strict=True))
-    task_ids, attempts = columns[1], columns[2]
-    try:
-        suffixes = list(map(_ATTEMPTS.__getitem__, attempts))
-    except IndexError:  # (an attempt numbered 256 or more)
-        suffixes = [n.to_bytes(ATTEMPT_BYTES, "big") for n in attempts]
-    ids = b"".join(map(bytes.__add__, task_ids, suffixes))
-    if len(ids) != len(events) * ID_BYTES:
-        raise ValueError("task ids of another length")
-    runs = list(zip(*columns[11], strict=True))  # (started, reported, node, worker, pid)
-    nodes, node_rows = _table(runs[2])
-    workers, worker_rows = _table(runs[3])
-    parents = [p for p in dict.fromkeys(columns[9]) if p is not None]
-    parent_row = {p: n for n, p in enumerate(parents, 1)}
-    parent_row[None] = 0
-    first = events[0]
+def encode(ended: Ended, resources_json: str | None) -> tuple[bytes, bytes, list[str]]:
+    """(ids, body, nodes) of a piece holding these attempts."""
+    hosts = list(ended.workers)  # (node, worker, pid) by row
+    used = list(dict.fromkeys(ended.worker_rows))  # (a piece cut from more: not every worker)
+    nodes = list(dict.fromkeys(hosts[row][0] for row in used))
+    node_row, worker_row, pid = [0] * len(hosts), [0] * len(hosts), [0] * len(hosts)
+    for n, row in enumerate(used):
+        node_row[row] = nodes.index(hosts[row][0])
+        worker_row[row] = n
+        pid[row] = hosts[row][2]
+    parents = [parent for parent in ended.parents if parent is not None]
     shared = {
-        "name": first[6],
-        "job_id": first[7],
-        "actor_id": first[8].hex() if first[8] else None,
+        "name": ended.name,
+        "job_id": ended.job_id,
+        "actor_id": ended.actor_id.hex() if ended.actor_id else None,
         "required_resources": resources_json,
         "nodes": nodes,
-        "workers": workers,
+        "workers": [hosts[row][1] for row in used],
         "parents": [p.hex() for p in parents],
     }
+    rows = ended.worker_rows
     body = b"".join(
         (
             _ENCODE(shared).encode(),
             b"\n",
-            _bytes(array("d", columns[3])),
-            _bytes(array("d", [p or 0.0 for p in columns[4]])),
-            _bytes(array("d", runs[0])),
-            _bytes(array("d", columns[5])),
-            _bytes(node_rows),
-            _bytes(worker_rows),
-            _bytes(array("I", runs[4])),
-            _bytes(array("I", map(parent_row.__getitem__, columns[9]))),
+            _bytes(array("d", ended.created)),
+            _bytes(array("d", ended.pushed)),
+            _bytes(array("d", ended.started)),
+            _bytes(array("d", ended.ended)),
+            _bytes(array("H", map(node_row.__getitem__, rows))),
+            _bytes(array("H", map(worker_row.__getitem__, rows))),
+            _bytes(array("I", map(pid.__getitem__, rows))),
+            _bytes(array("I", ended.parent_rows)),
         )
     )
-    return ids, body, nodes
+    return bytes(ended.ids), body, nodes
 
 
 def attempts(ids: bytes) -> list[tuple[bytes, int]]:

@@ -24,7 +24,6 @@ Settings (environment of the processes and of `redray start`/`redray node`):
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import logging
 import operator
@@ -67,6 +66,7 @@ _ERROR_TYPES = {
     "RayTaskError": "TASK_EXECUTION_EXCEPTION",
 }
 MAX_ERROR_MESSAGE = 4096
+MAX_ATTEMPT = 1 << (8 * columns.ATTEMPT_BYTES)  # (attempts past it are stored one by one)
 
 
 def _env_int(names: tuple[str, ...], default: int) -> int:
@@ -117,17 +117,24 @@ def error_type_of(error: BaseException) -> str:
 
 
 class TaskEventRecorder:
-    """A process's buffer of task events (any thread appends; the reactor thread ships).
+    """A process's buffer of task events (any thread records; the reactor thread ships).
 
-    `ship(events, dropped)` runs on the reactor thread at most once per interval with what
-    was recorded since; `describe_error(payload)` turns a failure's pickled error into
-    (error_type, message) there, off the task's path. `still_pending(tasks)` and `running()`
-    (reactor thread, each tick) return the work to report as still pending or running."""
+    Most calls end with their worker's reply: those are gathered as columns per function
+    (`ended`, columns.Ended), so nothing of a call outlives it until the shipment; the
+    rest are event tuples. `ship(events, ended, dropped)` runs on the reactor thread at most
+    once per interval with what was recorded since; `describe_error(payload)` turns a
+    failure's pickled error into (error_type, message) there, off the task's path.
+
+    Work still pending after an interval is found without holding on to each task: task ids
+    are made in counter order, so `issued()` at each tick marks what was submitted before
+    it, and at the tick after next `still_pending(low, high, retried)` (reactor thread)
+    returns those of the tasks numbered low+1..high (and of the retried ones) not finished.
+    `running()` returns the calls this process has been running for an interval."""
 
     def __init__(
         self,
         call_later: Callable[[float, Callable], None],
-        ship: Callable[[list, int], None],
+        ship: Callable[[list, list, int], None],
         describe_error: Callable[[Any], tuple[str, str]],
         interval: float | None = None,
         capacity: int | None = None,
@@ -138,14 +145,18 @@ class TaskEventRecorder:
         self.interval = report_interval() if interval is None else interval
         self.capacity = buffer_capacity() if capacity is None else capacity
         self._events: collections.deque = collections.deque()
+        self._lock = threading.Lock()  # guards _ended and _ended_rows
+        self._ended: dict[tuple, columns.Ended] = {}  # (name, job, actor, resources, reported)
+        self._ended_rows = 0
         self._armed = False
         self.dropped = 0  # since the last shipment
-        # Tasks submitted since the last tick, and those of the tick before (reported as
-        # pending at the next tick if still not finished: they are one interval old then).
-        self.new: list = []
-        self._aging: list = []
-        self.still_pending: Callable[[list], list[tuple[Any, str]]] | None = None
+        self.issued: Callable[[], int] | None = None
+        self.still_pending: Callable[[int, int, list], list[tuple[Any, str]]] | None = None
         self.running: Callable[[], tuple[list[tuple], bool]] | None = None
+        self._marks = (0, 0)  # issued() at the tick before last and at the last one
+        # Tasks tried again since the last tick, and those of the tick before.
+        self.retried: list = []
+        self._aging_retried: list = []
 
     def arm(self) -> None:
         """Make sure a tick comes (any thread; cheap when one is due)."""
@@ -163,13 +174,50 @@ class TaskEventRecorder:
             self._armed = True
             self._call_later(self.interval, self.tick)
 
-    def take(self) -> tuple[list, int]:
-        """Everything recorded so far, failures described; and how many were dropped."""
+    def ended(self, task: Any, error: Any) -> None:
+        """(any thread) A task attempt ended (error: an error payload, [type, message], or
+        None when it succeeded)."""
+        run = task.run
+        attempt = task.attempt
+        if error is not None or run is None or attempt >= MAX_ATTEMPT:
+            self.add(done_event(task, error))
+            return
+        options = task.options
+        actor = task.actor
+        actor_id = actor.actor_id if actor is not None else None
+        job_id = task.job.job_id
+        reported = task.reported or run[1]
+        # (the group holds the resources: their id stays theirs while it is in the key)
+        key = (options.name, job_id, actor_id, id(options.resources), reported)
+        pushed = task.pushed + WALL_OFFSET if task.pushed else 0.0
+        now = time.time()
+        with self._lock:
+            if self._ended_rows >= self.capacity:
+                self.dropped += 1
+                return
+            self._ended_rows += 1
+            group = self._ended.get(key)
+            if group is None:
+                group = self._ended[key] = columns.Ended(
+                    options.name, job_id, actor_id, options.resources, reported
+                )
+            group.add(task.task_id, attempt, task.created, pushed, now, run, task.parent)
+        if not self._armed:
+            self._armed = True
+            self._call_later(self.interval, self.tick)
+
+    def take(self) -> tuple[list, list, int]:
+        """Everything recorded so far (event tuples, failures described; columns.Ended of
+        calls that ended with their worker's reply); and how many were dropped."""
         events = self._events
         taken = [events.popleft() for _ in range(len(events))]
+        with self._lock:
+            ended = list(self._ended.values())
+            self._ended = {}
+            self._ended_rows = 0
         dropped, self.dropped = self.dropped, 0
         if FAILED not in map(_KIND, taken):
-            return taken, dropped
+            return taken, ended, dropped
         for i, event in enumerate(taken):
             if event[0] == FAILED and type(event[12]) is tuple:  # an error payload
                 try:
@@ -177,30 +225,32 @@ class TaskEventRecorder:
                 except Exception as exc:  # an error that cannot be unpickled here
                     described = [type(exc).__name__, f"(error not readable here: {exc})"]
                 taken[i] = (*event[:12], described, *event[13:])
-        return taken, dropped
+        return taken, ended, dropped
 
     def tick(self) -> None:
         """(reactor thread) Report what has been pending or running for an interval, then
         ship what was recorded; come again while anything may need reporting."""
         self._armed = False
         try:
-            if self.still_pending is not None:
-                aging, self._aging, self.new = self._aging, self.new, []
-                if aging:
-                    for task, state in self.still_pending(aging):
+            if self.still_pending is not None and self.issued is not None:
+                (low, high), self._marks = self._marks, (self._marks[1], self.issued())
+                retried, self._aging_retried, self.retried = self._aging_retried, self.retried, []
+                if high > low or retried:
+                    for task, state in self.still_pending(low, high, retried):
                         self.add(pending_event(task, state))
             busy = False
             if self.running is not None:
                 events, busy = self.running()
                 for event in events:
                     self.add(event)
-            events, dropped = self.take()
-            if events or dropped:
+            events, ended, dropped = self.take()
+            if events or ended or dropped:
                 try:
-                    self._ship(events, dropped)
+                    self._ship(events, ended, dropped)
                 except Exception:
                     log.debug("shipping task events failed", exc_info=True)
-            if self._aging or self.new or self._events or busy:
+            pending = self._marks[0] != self._marks[1] or self._aging_retried or self.retried
+            if pending or self._events or self._ended or busy:
                 self.arm()
         except Exception:
             self.arm()
@@ -262,7 +312,7 @@ class TaskEventSink:
         self.max_per_job = max_tasks_per_job()
         self._stopping = stopping
         self._lock = threading.Lock()
-        self._batches: list[tuple[dict, list]] = []
+        self._batches: list[tuple[dict, list, list]] = []
         self._buffered = 0
         self._lost = 0
         self._thread = threading.Thread(target=self._run, daemon=True, name="task-events")
@@ -270,15 +320,17 @@ class TaskEventSink:
     def start(self) -> None:
         self._thread.start()
 
-    def ingest(self, process: dict, events: list, dropped: int) -> None:
-        """(reactor thread) A process's shipment; `process`: worker_id (hex) and pid."""
+    def ingest(self, process: dict, events: list, ended: list, dropped: int) -> None:
+        """(reactor thread) A process's shipment (see TaskEventRecorder.take); `process`:
+        worker_id (hex) and pid."""
+        size = len(events) + sum(map(len, ended))
         with self._lock:
             self._lost += dropped
-            if self._buffered + len(events) > self.capacity:
-                self._lost += len(events)
+            if self._buffered + size > self.capacity:
+                self._lost += size
                 return
-            self._buffered += len(events)
-            self._batches.append((process, events))
+            self._buffered += size
+            self._batches.append((process, events, ended))
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):
@@ -307,15 +359,16 @@ STATE_RANK = keys.STATE_RANK
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def merge(batches: list[tuple[dict, list]], node_id: str) -> keys.TaskEventBatch:
-    """The attempts described by the events processes shipped (in arrival order), ready to
-    write: see keys.write_task_events."""
+def merge(batches: list[tuple[dict, list, list]], node_id: str) -> keys.TaskEventBatch:
+    """The attempts described by what processes shipped (in arrival order; each shipment:
+    process, event tuples, columns.Ended), ready to write: see keys.write_task_events."""
     by_attempt: dict[tuple[bytes, int], Any] = {}
     batch = keys.TaskEventBatch()
-    rest = [
-        (process, event) for process, events in batches for event in add_complete(batch, events)
-    ]
-    if rest:  # (what else was reported of an attempt stored complete now is out of date)
+    for _, _, ended in batches:
+        for group in ended:
+            add_complete(batch, group)
+    rest = [(process, event) for process, events, _ in batches for event in events]
+    if rest and batch.pieces:  # (what else was reported of them is out of date now)
         complete = {attempt for piece in batch.pieces for attempt in columns.attempts(piece.ids)}
         rest = [(p, e) for p, e in rest if (e[1], e[2]) not in complete]
     for process, event in rest:
@@ -365,55 +418,21 @@ def _add_pending(
     batch.partial.append((entry, created_ms, rank, state, blob, "m", counted, ""))
 
 
-# What the end events of one function's calls share: name, job, actor, resources, reported
-# by the owner.
-_SHARED = operator.itemgetter(6, 7, 8, 10, 13)
-_RUN = operator.itemgetter(11)
-_REPORTED_RUNNING = operator.itemgetter(1)
-
-
-def add_complete(batch: keys.TaskEventBatch, events: list) -> list:
-    """Add the attempts complete in their one event to the batch, as pieces (columns.py);
-    the other events. An attempt is complete when it finished and its worker's reply said how
-    it ran: the end event then carries all there is to know of it (what was reported of it
-    before, pending or running, only goes out of date)."""
-    rest = []
-    groups: dict[tuple, list] = {}  # the end events of one function's calls
-    # (a process ships its calls' events in the order they ended: runs of one function)
-    for kind, same_kind in itertools.groupby(events, _KIND):
-        if kind != FINISHED:
-            rest += same_kind
-            continue
-        for shared, same in itertools.groupby(same_kind, _SHARED):
-            ended = list(same)
-            if not all(map(_RUN, ended)):  # (some ended without their worker's reply)
-                rest += (e for e in ended if not e[11])
-                ended = [e for e in ended if e[11]]
-            name, job_id, actor_id, resources, reported = shared
-            key = (name, job_id, actor_id, id(resources), bool(reported))
-            group = groups.get(key)
-            if group is None:
-                groups[key] = ended
-            else:
-                group += ended
-    for (name, job_id, actor_id, _, reported), group in groups.items():
-        resources = group[0][10]
-        resources_json = json.dumps(resources) if resources else None
-        counted = keys.counted_indexes(job_id, name, actor_id.hex() if actor_id else None)
-        for part in columns.cut(group, keys.WRITE_CHUNK):
-            try:
-                ids, body, nodes = columns.encode(part, resources_json)
-            except ValueError:  # (ids that are not task ids: stored one by one)
-                rest += part
-                continue
-            running = any(map(_REPORTED_RUNNING, map(_RUN, part)))
-            entries = ""
-            if reported or running:  # (stored as pending or running before)
-                entries = " ".join(keys.entry_id(e[1].hex(), e[2]) for e in part)
-            indexes = {"all", *("node_id:" + node for node in nodes)}
-            span = columns.span_of(part)
-            batch.pieces.append(keys.Piece(counted, ids, span, body, entries, running, indexes))
-    return rest
+def add_complete(batch: keys.TaskEventBatch, ended: columns.Ended) -> None:
+    """Add attempts that finished with their worker's reply to the batch, as pieces: each is
+    complete in what its owner gathered (what was reported of it before, pending or running,
+    only goes out of date)."""
+    resources_json = json.dumps(ended.resources) if ended.resources else None
+    actor_id = ended.actor_id.hex() if ended.actor_id else None
+    counted = keys.counted_indexes(ended.job_id, ended.name, actor_id)
+    for part in columns.cut(ended, keys.WRITE_CHUNK):
+        ids, body, nodes = columns.encode(part, resources_json)
+        entries = ""
+        if part.reported:  # (stored as pending or running before)
+            entries = " ".join(keys.entry_id(t.hex(), n) for t, n in columns.attempts(ids))
+        indexes = {"all", *("node_id:" + node for node in nodes)}
+        span = columns.span_of(part)
+        batch.pieces.append(keys.Piece(counted, ids, span, body, entries, part.running, indexes))
 
 
 def _merge_slow(
