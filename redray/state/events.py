@@ -15,7 +15,8 @@ path never waits on Redis.
 
 Settings (environment of the processes and of `redray start`/`redray node`):
 - REDRAY_TASK_EVENTS=0 (or Ray's RAY_task_events_report_interval_ms=0): record nothing;
-- REDRAY_TASK_EVENTS_INTERVAL_MS / RAY_task_events_report_interval_ms: how often (100);
+- REDRAY_TASK_EVENTS_INTERVAL_MS / RAY_task_events_report_interval_ms: how often (1000, as
+  Ray);
 - REDRAY_TASK_EVENTS_BUFFER: events a process holds before dropping (100,000);
 - REDRAY_TASK_EVENTS_MAX_TASKS / RAY_task_events_max_num_task_in_gcs: attempts kept in Redis
   for the cluster (100,000); REDRAY_TASK_EVENTS_MAX_TASKS_PER_JOB: per job (100,000).
@@ -89,7 +90,7 @@ def enabled() -> bool:
 
 def report_interval() -> float:
     """Seconds between shipments of a process's events."""
-    ms = _env_int(("REDRAY_TASK_EVENTS_INTERVAL_MS", "RAY_task_events_report_interval_ms"), 100)
+    ms = _env_int(("REDRAY_TASK_EVENTS_INTERVAL_MS", "RAY_task_events_report_interval_ms"), 1000)
     return ms / 1000.0
 
 
@@ -145,9 +146,10 @@ class TaskEventRecorder:
         self.interval = report_interval() if interval is None else interval
         self.capacity = buffer_capacity() if capacity is None else capacity
         self._events: collections.deque = collections.deque()
-        self._lock = threading.Lock()  # guards _ended and _ended_rows
+        self._lock = threading.Lock()  # guards _ended, _ended_rows and _last
         self._ended: dict[tuple, columns.Ended] = {}  # (name, job, actor, resources, reported)
         self._ended_rows = 0
+        self._last: tuple | None = None  # (options, job, actor, reported, its columns)
         self._armed = False
         self.dropped = 0  # since the last shipment
         self.issued: Callable[[], int] | None = None
@@ -182,29 +184,52 @@ class TaskEventRecorder:
         if error is not None or run is None or attempt >= MAX_ATTEMPT:
             self.add(done_event(task, error))
             return
-        options = task.options
-        actor = task.actor
-        actor_id = actor.actor_id if actor is not None else None
-        job_id = task.job.job_id
-        reported = task.reported or run[1]
-        # (the group holds the resources: their id stays theirs while it is in the key)
-        key = (options.name, job_id, actor_id, id(options.resources), reported)
-        pushed = task.pushed + WALL_OFFSET if task.pushed else 0.0
         now = time.time()
+        options, job, actor = task.options, task.job, task.actor
+        reported = task.reported or run[1]
         with self._lock:
             if self._ended_rows >= self.capacity:
                 self.dropped += 1
                 return
             self._ended_rows += 1
-            group = self._ended.get(key)
-            if group is None:
-                group = self._ended[key] = columns.Ended(
-                    options.name, job_id, actor_id, options.resources, reported
-                )
-            group.add(task.task_id, attempt, task.created, pushed, now, run, task.parent)
+            last = self._last
+            if (
+                last is not None
+                and last[0] is options
+                and last[1] is job
+                and last[2] is actor
+                and last[3] == reported
+            ):
+                group = last[4]
+            else:
+                group = self._group(options, job, actor, reported)
+            pushed = task.pushed
+            group.add(
+                task.task_id,
+                attempt,
+                task.created,
+                pushed + WALL_OFFSET if pushed else 0.0,
+                now,
+                run,
+                task.parent,
+            )
         if not self._armed:
             self._armed = True
             self._call_later(self.interval, self.tick)
+
+    def _group(self, options: Any, job: Any, actor: Any, reported: bool) -> columns.Ended:
+        """(lock held) The columns of the calls of this function, job and actor ended since
+        the last shipment; remembered as the last used (calls of one come in runs)."""
+        actor_id = actor.actor_id if actor is not None else None
+        # (the group holds the resources: their id stays theirs while it is in the key)
+        key = (options.name, job.job_id, actor_id, id(options.resources), reported)
+        group = self._ended.get(key)
+        if group is None:
+            group = self._ended[key] = columns.Ended(
+                options.name, job.job_id, actor_id, options.resources, reported
+            )
+        self._last = (options, job, actor, reported, group)
+        return group
 
     def take(self) -> tuple[list, list, int]:
         """Everything recorded so far (event tuples, failures described; columns.Ended of
@@ -215,6 +240,7 @@ class TaskEventRecorder:
             ended = list(self._ended.values())
             self._ended = {}
             self._ended_rows = 0
+            self._last = None
         dropped, self.dropped = self.dropped, 0
         if FAILED not in map(_KIND, taken):
             return taken, ended, dropped
