@@ -298,14 +298,15 @@ class TaskSubmitter:
         retried ones not finished, with the state to report each in (they have been pending
         for an interval). Each is marked reported first, so its end is recorded as
         following this report (see `finish`)."""
-        with self._lock:
-            in_flight = self._tasks
-            if high - low > len(in_flight):
-                tasks = [t for t in in_flight.values() if low < counter_of(t.task_id) <= high]
-            else:
-                numbered = map(self._ids.task_id_at, range(low + 1, high + 1))
-                tasks = [t for t in map(in_flight.get, numbered) if t is not None]
-            tasks += [t for t in retried if t.task_id in in_flight]
+        in_flight = self._tasks
+        if high - low > len(in_flight):
+            with self._lock:  # (a copy: submitting threads wait only for that)
+                candidates = list(in_flight.values())
+            tasks = [t for t in candidates if low < counter_of(t.task_id) <= high]
+        else:
+            numbered = map(self._ids.task_id_at, range(low + 1, high + 1))
+            tasks = [t for t in map(in_flight.get, numbered) if t is not None]
+        tasks += [t for t in retried if t.task_id in in_flight]
         found = []
         for task in tasks:
             task.reported = True

@@ -1,17 +1,16 @@
 """Task events: each process records its tasks' state changes; raylets write them to Redis.
 
-What a task or actor call costs its owner is one event, when it ends: its submission, push,
-start (reported by the executing worker with the reply it sends anyway), end, worker, node
-and error, all in one tuple. Work still pending or running after one report interval is
-also reported as it is then: owners report their tasks still pending (and then their push),
-workers the calls they have been running that long, so `list_tasks(filters=[("state", "=",
-"RUNNING")])` shows them. A process appends events to a bounded buffer (counting what it had
-to drop); a timer ships the buffer to the process's raylet every interval over the
-connection it already has, one message per interval. Each raylet merges what its processes
-sent into one record per task attempt (an attempt that finished with its worker's reply,
-most of them, is complete in its end event: formatted, not merged) and writes them with one
-script call per interval from its own thread (see keys.write_task_events): the task hot
-path never waits on Redis.
+What a task or actor call costs its owner is one row, when it ends: its submission, push,
+start (reported by the executing worker with the reply it sends anyway), end, worker and
+node, appended to the columns of its function (columns.Ended; a failure is an event tuple).
+Work still pending or running after one report interval is also reported as it is then:
+owners report their tasks still pending, workers the calls they have been running that
+long, so `list_tasks(filters=[("state", "=", "RUNNING")])` shows them. A process records
+into bounded buffers (counting what it had to drop); a timer ships them to the process's
+raylet every interval over the connection it already has, one message per interval. Each
+raylet stores the columns as pieces, merges the other events into one record per task
+attempt, and writes them with one script call per interval from its own thread (see
+keys.write_task_events): the task hot path never waits on Redis.
 
 Settings (environment of the processes and of `redray start`/`redray node`):
 - REDRAY_TASK_EVENTS=0 (or Ray's RAY_task_events_report_interval_ms=0): record nothing;
