@@ -310,7 +310,7 @@ class TaskSubmitter:
         found = []
         for task in tasks:
             task.reported = True
-            if task.task_id not in self._tasks:  # (it finished meanwhile)
+            if task.task_id not in in_flight:  # (it finished meanwhile)
                 continue
             actor = task.actor
             if task.lease is not None or (actor is not None and task.task_id in actor.inflight):

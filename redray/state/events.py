@@ -393,8 +393,9 @@ def merge(batches: list[tuple[dict, list, list]], node_id: str) -> keys.TaskEven
         for group in ended:
             add_complete(batch, group)
     rest = [(process, event) for process, events, _ in batches for event in events]
-    if rest and batch.pieces:  # (what else was reported of them is out of date now)
-        complete = {attempt for piece in batch.pieces for attempt in columns.attempts(piece.ids)}
+    reported = [piece for piece in batch.pieces if piece.entries]
+    if rest and reported:  # (what else was reported of them is out of date now)
+        complete = {attempt for piece in reported for attempt in columns.attempts(piece.ids)}
         rest = [(p, e) for p, e in rest if (e[1], e[2]) not in complete]
     for process, event in rest:
         key = (event[1], event[2])
